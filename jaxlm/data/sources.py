@@ -1,0 +1,202 @@
+"""Reads documents from text/JSONL/ArrayRecord/stdlib sources into one flat TokenStore.
+
+Documents are concatenated in a fixed order (sorted file names, then line or
+record order), each wrapped in BOS/EOS per `data.add_bos` / `data.add_eos`.
+Documents with no tokens are dropped, so no document is only specials.
+"""
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import sysconfig
+from pathlib import Path
+from typing import Iterable, Iterator, List, Sequence
+
+import numpy as np
+
+from jaxlm.errors import DataError
+
+_SOURCES = ('text', 'jsonl', 'arrayrecord', 'pystdlib')
+# Stdlib folders that are test suites or third-party code, not the library itself.
+_STDLIB_SKIP = {'test', 'tests', 'idle_test', 'site-packages', 'dist-packages', '__pycache__'}
+
+
+@dataclasses.dataclass
+class TokenStore:
+  """All documents as one stream.
+
+  Attributes:
+    tokens: int32 `[stream]`, documents back to back with their BOS/EOS.
+    doc_ids: int32 `[stream]`, index of the document each token belongs to (0-based, increasing).
+    num_docs: documents kept.
+    skipped: JSONL lines that were not JSON objects or lacked the text field.
+    description: where the tokens came from, for logs and errors.
+  """
+  tokens: np.ndarray
+  doc_ids: np.ndarray
+  num_docs: int
+  skipped: int
+  description: str
+
+  def __len__(self) -> int:
+    return len(self.tokens)
+
+
+def load_tokens(data_cfg, tokenizer) -> TokenStore:
+  """Reads `data_cfg.source` and tokenizes it into a TokenStore (see module doc)."""
+  source = data_cfg.source
+  if source not in _SOURCES:
+    raise DataError(f"data.source '{source}' is not one of {', '.join(map(repr, _SOURCES))}")
+  limit = int(data_cfg.max_docs) if data_cfg.max_docs > 0 else None
+  skipped = [0]
+  if source == 'pystdlib':
+    where = sysconfig.get_paths()['stdlib']
+    docs = (tokenizer.encode(_read_text(f)) for f in _stdlib_files(Path(where)))
+  elif source == 'text':
+    where = data_cfg.path
+    docs = (tokenizer.encode(_read_text(f)) for f in _match_files(where, ('*.txt',)))
+  elif source == 'jsonl':
+    where = data_cfg.path
+    texts = _jsonl_texts(_match_files(where, ('*.jsonl',)), data_cfg.jsonl_field, skipped)
+    docs = (tokenizer.encode(t) for t in texts)
+  else:
+    where = data_cfg.path
+    docs = _arrayrecord_docs(_match_files(where, ('*.array_record*', '*.arrayrecord')))
+  store = _concatenate(_take(docs, limit), tokenizer, data_cfg, skipped, where)
+  if skipped[0]:
+    logging.warning('%s: skipped %d JSONL lines without a %r string', where, skipped[0],
+                    data_cfg.jsonl_field)
+  if source == 'arrayrecord' and store.tokens.max() >= tokenizer.vocab_size:
+    raise DataError(f"data.path '{where}' has token id {store.tokens.max()} >= vocab size "
+                    f"{tokenizer.vocab_size} of tokenizer '{tokenizer.name}'")
+  return store
+
+
+def _take(docs: Iterable[np.ndarray], limit) -> Iterator[np.ndarray]:
+  """Yields the first `limit` non-empty documents (all if None); empty ones don't count."""
+  n = 0
+  for doc in docs:
+    if limit is not None and n >= limit:
+      return
+    if len(doc):
+      n += 1
+      yield doc
+
+
+def _concatenate(docs, tokenizer, data_cfg, skipped, where) -> TokenStore:
+  pieces: List[np.ndarray] = []
+  lengths: List[int] = []
+  bos = _special(tokenizer, 'bos') if data_cfg.add_bos else None
+  eos = _special(tokenizer, 'eos') if data_cfg.add_eos else None
+  for doc in docs:
+    parts = [p for p in (bos, doc.astype(np.int32, copy=False), eos) if p is not None]
+    pieces.extend(parts)
+    lengths.append(sum(len(p) for p in parts))
+  if not lengths:
+    raise DataError(f"data.path '{where}' yielded zero tokens")
+  tokens = np.concatenate(pieces)
+  doc_ids = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
+  return TokenStore(tokens, doc_ids, len(lengths), skipped[0], str(where))
+
+
+def _special(tokenizer, which: str) -> np.ndarray:
+  token = getattr(tokenizer, f'{which}_id')
+  if token is None:
+    raise DataError(f"data.add_{which} is set but tokenizer '{tokenizer.name}' has no "
+                    f"{which.upper()} token")
+  return np.asarray([token], dtype=np.int32)
+
+
+def _read_text(path: Path) -> str:
+  # A stray non-UTF-8 byte should cost one U+FFFD, not the whole run.
+  return path.read_bytes().decode('utf-8', errors='replace')
+
+
+def _match_files(path: str, patterns: Sequence[str]) -> List[Path]:
+  """`path` (file, directory searched recursively for `patterns`, or glob) -> sorted files."""
+  if not path:
+    raise DataError('data.path is empty; set it to a file, directory or glob')
+  p = Path(path).expanduser()
+  if glob.has_magic(path):
+    files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+  elif p.is_dir():
+    files = sorted({f for pat in patterns for f in p.rglob(pat) if f.is_file()})
+  elif p.is_file():
+    files = [p]
+  else:
+    raise DataError(f"data.path '{path}' does not exist")
+  if not files:
+    raise DataError(f"data.path '{path}' matched no files ({', '.join(patterns)})")
+  return files
+
+
+def _stdlib_files(root: Path) -> Iterator[Path]:
+  """Every stdlib `.py` file in sorted order; os.walk prunes site-packages (rglob would not)."""
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP)
+    for name in sorted(filenames):
+      if name.endswith('.py'):
+        yield Path(dirpath) / name
+
+
+def _jsonl_texts(files: Sequence[Path], field: str, skipped: List[int]) -> Iterator[str]:
+  """The `field` string of every JSON-object line; counts the other non-blank lines in skipped."""
+  for f in files:
+    with open(f, encoding='utf-8', errors='replace') as lines:
+      for line in lines:
+        if not line.strip():
+          continue
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError:
+          obj = None
+        text = obj.get(field) if isinstance(obj, dict) else None
+        if isinstance(text, str):
+          yield text
+        else:
+          skipped[0] += 1
+
+
+def _record_dtype(files: Sequence[Path]) -> np.dtype:
+  """Token dtype from a `manifest.json` beside the first file, else little-endian uint32."""
+  manifest = files[0].parent / 'manifest.json'
+  if not manifest.is_file():
+    return np.dtype('<u4')
+  try:
+    dtype = json.loads(manifest.read_text()).get('dtype', 'uint32')
+    return np.dtype(dtype).newbyteorder('<')
+  except (ValueError, TypeError, AttributeError) as e:
+    raise DataError(f"'{manifest}' has no valid dtype: {e}") from None
+
+
+def _arrayrecord_docs(files: Sequence[Path]) -> Iterator[np.ndarray]:
+  """Each record's bytes -> int32 token ids `[doc_tokens]`, read through Grain's source."""
+  import grain
+  dtype = _record_dtype(files)
+  try:
+    source = grain.sources.ArrayRecordDataSource([str(f) for f in files])
+  except Exception as e:  # array_record raises bare RuntimeError/ValueError on bad files
+    raise DataError(f"data.path '{files[0]}' is not readable ArrayRecord: {e}") from None
+  for i in range(len(source)):
+    yield np.frombuffer(source[i], dtype=dtype).astype(np.int32)
+
+
+def write_arrayrecord(path, docs: Iterable[Sequence[int]], dtype='uint32') -> Path:
+  """Writes one record per document: its token ids `[doc_tokens]` as little-endian `dtype` bytes.
+
+  Also writes `manifest.json` with the dtype beside `path`, which `load_tokens` reads back.
+  """
+  from array_record.python import array_record_module
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  dt = np.dtype(dtype).newbyteorder('<')
+  writer = array_record_module.ArrayRecordWriter(str(path), 'group_size:1')
+  try:
+    for doc in docs:
+      writer.write(np.asarray(doc).astype(dt).tobytes())
+  finally:
+    writer.close()
+  (path.parent / 'manifest.json').write_text(json.dumps({'dtype': np.dtype(dtype).name}))
+  return path

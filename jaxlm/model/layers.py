@@ -1,0 +1,100 @@
+"""Building blocks shared by the GPT-2 and Llama variants: dense, norm, MLP, RoPE.
+
+Every parameter is created through ``param_init`` with logical axis names;
+jaxlm.sharding maps those names to the mesh.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxlm.sharding import constrain
+
+
+def dtype_of(name: str):
+  return jnp.dtype(name)
+
+
+def param_init(std: float, axes: Sequence[str]):
+  """Normal(std) initializer tagged with logical axis names."""
+  return nn.with_logical_partitioning(nn.initializers.normal(std), tuple(axes))
+
+
+def zeros_init(axes: Sequence[str]):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(axes))
+
+
+def ones_init(axes: Sequence[str]):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), tuple(axes))
+
+
+def Dense(features, in_axes, out_axes, *, name, contract=(-1,), use_bias=False,
+          std=0.02, dtype='float32', param_dtype='float32') -> nn.DenseGeneral:
+  """DenseGeneral whose kernel ``[*in_dims, *features]`` and bias carry logical names.
+
+  ``in_axes`` names the contracted input axes, ``out_axes`` the produced ones.
+  """
+  return nn.DenseGeneral(
+      features=tuple(features), axis=contract, use_bias=use_bias,
+      dtype=dtype_of(dtype), param_dtype=dtype_of(param_dtype),
+      kernel_init=param_init(std, tuple(in_axes) + tuple(out_axes)),
+      bias_init=zeros_init(tuple(out_axes)), name=name)
+
+
+class Norm(nn.Module):
+  """LayerNorm (GPT-2) or RMSNorm (Llama) over the last axis, computed in fp32."""
+  kind: str = 'layernorm'
+  eps: float = 1e-5
+  use_bias: bool = True
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    pdt = dtype_of(self.param_dtype)
+    scale = self.param('scale', ones_init(('norm',)), (d,), pdt)
+    xf = x.astype(jnp.float32)
+    if self.kind == 'rmsnorm':
+      y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps)
+    else:
+      mean = jnp.mean(xf, -1, keepdims=True)
+      var = jnp.mean(jnp.square(xf - mean), -1, keepdims=True)
+      y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * scale.astype(jnp.float32)
+    if self.use_bias and self.kind == 'layernorm':
+      y = y + self.param('bias', zeros_init(('norm',)), (d,), pdt).astype(jnp.float32)
+    return y.astype(dtype_of(self.dtype))
+
+
+class Mlp(nn.Module):
+  """GELU MLP (GPT-2) or SwiGLU (Llama); column- then row-parallel over 'mlp'."""
+  cfg: object  # the model ConfigDict
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:  # [batch, length, embed]
+    c = self.cfg
+    kw = dict(use_bias=c.use_bias, std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype)
+    up = lambda name: Dense((c.mlp_dim,), ('embed',), ('mlp',), name=name, **kw)
+    if c.activation == 'swiglu':
+      h = nn.silu(up('gate')(x)) * up('up')(x)
+    else:
+      h = nn.gelu(up('up')(x), approximate=True)
+    h = constrain(h, ('act_batch', 'act_length', 'act_mlp'))
+    # GPT-2 scales the residual-output projections by 1/sqrt(2 * layers).
+    down_kw = {**kw, 'std': c.init_std / (2 * c.n_layers) ** 0.5}
+    return Dense((c.d_model,), ('mlp',), ('embed',), name='down', **down_kw)(h)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding. x: [batch, length, heads, head_dim]; positions: [batch, length]."""
+  d = x.shape[-1]
+  freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [head_dim/2]
+  angle = positions[..., None].astype(jnp.float32) * freq  # [batch, length, head_dim/2]
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+  # Half-split layout (as in HF Llama), so imported weights need no permutation.
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)

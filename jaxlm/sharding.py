@@ -6,6 +6,7 @@ which mesh axes each name is split over. Change parallelism here or through
 ``mesh.rules`` in the config, never inside a layer.
 """
 
+import contextlib
 from collections.abc import Sequence
 
 import jax
@@ -112,3 +113,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   """Pins an activation's layout at a block boundary (no-op outside a mesh)."""
   return nn.with_logical_constraint(x, logical)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules):
+  """Makes ``constrain`` live: layers traced inside see this mesh and these rules."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield

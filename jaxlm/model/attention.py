@@ -160,6 +160,6 @@ class Attention(nn.Module):
     o = attend(q, k, v, m, c.attention, c.attention_chunk)
     o = constrain(o, ('act_batch', 'act_length', 'act_heads', None))
     out_kw = {**kw, 'std': c.init_std / (2 * c.n_layers) ** 0.5}
-    out = Dense((c.d_model,), ('heads', 'head_dim'), ('embed',), contract=(-2, -1),
+    out = Dense((c.d_model,), ('heads', 'head_dim'), ('embed',),
                 name='out', **out_kw)(o)
     return out, new_cache

@@ -30,17 +30,33 @@ def ones_init(axes: Sequence[str]):
   return nn.with_logical_partitioning(nn.initializers.ones_init(), tuple(axes))
 
 
-def Dense(features, in_axes, out_axes, *, name, contract=(-1,), use_bias=False,
-          std=0.02, dtype='float32', param_dtype='float32') -> nn.DenseGeneral:
-  """DenseGeneral whose kernel ``[*in_dims, *features]`` and bias carry logical names.
+class Dense(nn.Module):
+  """x @ kernel (+ bias) over the last ``len(in_axes)`` axes of x.
 
-  ``in_axes`` names the contracted input axes, ``out_axes`` the produced ones.
+  kernel is ``[*in_dims, *features]`` named ``in_axes + out_axes``; bias is
+  ``[*features]``. Written out (rather than nn.DenseGeneral) so the kernel is
+  created in its final shape and its logical names always match its rank.
   """
-  return nn.DenseGeneral(
-      features=tuple(features), axis=contract, use_bias=use_bias,
-      dtype=dtype_of(dtype), param_dtype=dtype_of(param_dtype),
-      kernel_init=param_init(std, tuple(in_axes) + tuple(out_axes)),
-      bias_init=zeros_init(tuple(out_axes)), name=name)
+  features: tuple[int, ...]
+  in_axes: tuple[str, ...]
+  out_axes: tuple[str, ...]
+  use_bias: bool = False
+  std: float = 0.02
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n_in = len(self.in_axes)
+    shape = tuple(x.shape[-n_in:]) + tuple(self.features)
+    pdt, cdt = dtype_of(self.param_dtype), dtype_of(self.dtype)
+    kernel = self.param('kernel', param_init(self.std, self.in_axes + self.out_axes), shape, pdt)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(cdt), kernel.astype(cdt), (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param('bias', zeros_init(self.out_axes), tuple(self.features), pdt)
+      y = y + bias.astype(cdt)
+    return y
 
 
 class Norm(nn.Module):

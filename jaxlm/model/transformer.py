@@ -5,6 +5,7 @@ Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied head.
 """
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -127,3 +128,8 @@ def init_cache(cfg, batch: int, max_len: int, dtype=None):
 
 def param_count(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
+
+
+def build_model(model_cfg) -> Transformer:
+  """The Transformer for a ``model`` config section (frozen, so the module hashes)."""
+  return Transformer(ml_collections.FrozenConfigDict(model_cfg))

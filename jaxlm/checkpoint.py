@@ -1,0 +1,114 @@
+"""Orbax checkpoints of the train state plus the data iterator's position.
+
+Each step directory holds ``state`` (params, optimizer state, step; sharded
+arrays written by every process) and ``data`` (the Grain iterator state as
+JSON). Orbax writes into a temporary directory and renames it on commit, so a
+save killed half-way is never listed as a step.
+"""
+
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxlm.errors import CheckpointError
+
+log = logging.getLogger('jaxlm')
+
+
+def _is_remote(path: str) -> bool:
+  return '://' in path
+
+
+class Checkpointer:
+  """Saves and restores ``(state, data_state)`` under ``<workdir>/checkpoints``."""
+
+  def __init__(self, workdir: str, ckpt_cfg, read_only: bool = False):
+    self.directory = workdir.rstrip('/') + '/checkpoints'
+    if not _is_remote(workdir):
+      self.directory = str(Path(self.directory).absolute())
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=ckpt_cfg.keep,
+        keep_period=ckpt_cfg.keep_period or None,
+        enable_async_checkpointing=ckpt_cfg.async_save,
+        create=not read_only,
+        read_only=read_only,
+    )
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=('state', 'data'))
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_state: dict | None, force: bool = False) -> bool:
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=ocp.args.JsonSave(data_state or {}))
+    return self.manager.save(step, args=args, force=force)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+  def _check_shapes(self, step: int, abstract_state) -> None:
+    """Names the first parameter whose saved shape differs from the model's."""
+    try:
+      meta = self.manager.item_metadata(step)['state']
+    except Exception:  # noqa: BLE001  (unreadable metadata is reported by restore)
+      return
+    if meta is None:
+      return
+    meta_tree = getattr(meta, 'tree', meta)
+    saved = {jax.tree_util.keystr(p): getattr(v, 'shape', None)
+             for p, v in jax.tree_util.tree_flatten_with_path(meta_tree)[0]}
+    for p, v in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+      key = jax.tree_util.keystr(p)
+      if key in saved and saved[key] is not None and tuple(saved[key]) != tuple(v.shape):
+        raise CheckpointError(
+            f'checkpoint step {step} in {self.directory}: parameter {key} has shape '
+            f'{tuple(saved[key])} but the config gives {tuple(v.shape)}')
+
+  def restore(self, step: int, abstract_state, params_only: bool = False):
+    """Restores onto ``abstract_state``'s shardings (any mesh). Returns (state, data_state)."""
+    if step not in self.steps():
+      raise CheckpointError(f'no checkpoint for step {step} in {self.directory} '
+                            f'(available: {self.steps() or "none"})')
+    self._check_shapes(step, abstract_state)
+    try:
+      if params_only:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=abstract_state,
+                restore_args=jax.tree.map(_restore_arg, abstract_state),
+                partial_restore=True)))
+        return restored['state'], None
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    except CheckpointError:
+      raise
+    except Exception as e:  # noqa: BLE001  (tensorstore/orbax raise many types)
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise CheckpointError(
+          f'checkpoint step {step} in {self.directory} is corrupt or incomplete '
+          f'({type(e).__name__}: {first[:200]}); pass --restore_step=N to use an '
+          f'earlier one (available: {self.steps()})') from None
+    return restored['state'], restored['data'] or None
+
+
+def _restore_arg(x):
+  if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None:
+    return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
+  return ocp.RestoreArgs()
+
+
+def abstract_like(tree):
+  """ShapeDtypeStructs (with shardings) for every array in ``tree``."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None))
+      if isinstance(x, (jax.Array, np.ndarray)) else x, tree)

@@ -1,0 +1,124 @@
+"""``jaxlm <command> --flags``: train, eval, generate, plan.
+
+Every user error ends as one line on stderr and exit status 2; a traceback
+means a bug in jaxlm.
+"""
+
+import difflib
+import os
+import runpy
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from jaxlm.errors import ConfigError, JaxlmError
+
+COMMANDS = ('train', 'eval', 'generate', 'plan')
+USAGE = f"""usage: jaxlm {{{','.join(COMMANDS)}}} [--flags]
+
+  jaxlm train    --config=configs/demo.py --workdir=runs/demo [--config.train.steps=100 ...]
+  jaxlm eval     --workdir=runs/demo [--config=F] [--restore_step=N]
+  jaxlm generate --workdir=runs/demo --prompt='def ' [--max_new_tokens=200 --temperature=0.8
+                 --top_k=40 --top_p=1.0 --seed=0]
+  jaxlm plan     --config=configs/llama_70b.py [--config.mesh.fsdp=256]
+"""
+
+
+def _define(fv: flags.FlagValues, command: str) -> None:
+  config_flags.DEFINE_config_file('config', None, 'config file (configs/<size>.py)',
+                                  flag_values=fv, lock_config=True)
+  flags.DEFINE_string('workdir', None, 'run directory (config, checkpoints, metrics)',
+                      flag_values=fv)
+  flags.DEFINE_integer('restore_step', None, 'restore this checkpoint step, not the latest',
+                       flag_values=fv)
+  if command == 'train':
+    flags.DEFINE_string('coordinator_address', '', 'multi-host: host:port of process 0',
+                        flag_values=fv)
+    flags.DEFINE_integer('num_processes', 0, 'multi-host: number of processes', flag_values=fv)
+    flags.DEFINE_integer('process_id', -1, 'multi-host: this process index', flag_values=fv)
+  if command == 'generate':
+    flags.DEFINE_string('prompt', '', 'text to continue', flag_values=fv)
+    flags.DEFINE_integer('max_new_tokens', 200, 'tokens to generate', flag_values=fv)
+    flags.DEFINE_float('temperature', 0.8, 'sampling temperature (0 = greedy)', flag_values=fv)
+    flags.DEFINE_integer('top_k', 0, 'keep the k most likely tokens (0 = all)', flag_values=fv)
+    flags.DEFINE_float('top_p', 1.0, 'nucleus sampling mass (1 = off)', flag_values=fv)
+    flags.DEFINE_integer('seed', 0, 'sampling seed', flag_values=fv)
+
+
+def _config_path(argv: list[str]) -> str | None:
+  for i, a in enumerate(argv):
+    if a.startswith('--config='):
+      return a.split('=', 1)[1]
+    if a == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _unknown_override(path: str, argv: list[str]) -> str | None:
+  """Names the first --config.x.y override whose key the config does not have."""
+  try:
+    cfg = runpy.run_path(path.split(':')[0])['get_config']()
+  except Exception:  # noqa: BLE001  (the original error is reported instead)
+    return None
+  for a in argv:
+    if not a.startswith('--config.'):
+      continue
+    key = a[len('--config.'):].split('=', 1)[0]
+    node = cfg
+    parts = key.split('.')
+    for i, part in enumerate(parts):
+      if not hasattr(node, 'keys') or part not in node.keys():
+        known = list(node.keys()) if hasattr(node, 'keys') else []
+        hint = difflib.get_close_matches(part, known, n=1)
+        where = '.'.join(parts[:i]) or 'config'
+        return (f"unknown config key '{key}' ('{part}' is not in {where}"
+                + (f"; did you mean '{hint[0]}'?)" if hint else ')'))
+      node = node[part]
+  return None
+
+
+def parse(command: str, argv: list[str]) -> flags.FlagValues:
+  """Parses flags for ``command``; bad flags become a ConfigError naming the key."""
+  fv = flags.FlagValues()
+  _define(fv, command)
+  path = _config_path(argv)
+  if path is not None and not os.path.exists(path.split(':')[0]):
+    raise ConfigError(f"config file '{path}' does not exist")
+  if path is None and command in ('train', 'plan'):
+    raise ConfigError(f'jaxlm {command} needs --config=configs/<size>.py')
+  try:
+    fv(['jaxlm'] + argv)
+  except flags.Error as e:
+    msg = str(e).splitlines()[0]
+    raise ConfigError(msg.replace('flag --config.', 'config key ')) from None
+  except (AttributeError, KeyError) as e:
+    raise ConfigError(_unknown_override(path, argv) or f'bad config override: {e}') from None
+  except (OSError, TypeError, ValueError) as e:
+    raise ConfigError(f"cannot load config '{path}': {str(e).strip().splitlines()[-1]}") from None
+  return fv
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ('-h', '--help', 'help'):
+    print(USAGE)
+    return 0
+  command, rest = argv[0], argv[1:]
+  if command not in COMMANDS:
+    print(f"jaxlm: error: unknown command '{command}'\n{USAGE}", file=sys.stderr)
+    return 2
+  try:
+    fv = parse(command, rest)
+    from jaxlm import commands  # noqa: PLC0415  (imports jax; keep --help fast)
+    return getattr(commands, command)(fv) or 0
+  except JaxlmError as e:
+    print(f'jaxlm: error: {e}', file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print('jaxlm: interrupted', file=sys.stderr)
+    return 130
+
+
+if __name__ == '__main__':
+  sys.exit(main())

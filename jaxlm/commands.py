@@ -1,0 +1,149 @@
+"""What each CLI command does, given parsed flags (see jaxlm.cli)."""
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxlm import config as config_lib
+from jaxlm import mesh as mesh_lib
+from jaxlm import runtime
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.errors import CheckpointError, ConfigError
+
+log = logging.getLogger('jaxlm')
+
+
+def _workdir(fv) -> str:
+  if not fv.workdir:
+    raise ConfigError('--workdir is required')
+  return fv.workdir
+
+
+def train(fv) -> int:
+  from jaxlm.train.loop import Trainer  # noqa: PLC0415
+  runtime.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
+  summary = Trainer(fv.config, _workdir(fv), restore_step=fv.restore_step).run()
+  if runtime.is_main() and 'train/loss' in summary:
+    extra = f", eval/loss {summary['eval/loss']:.4f}" if 'eval/loss' in summary else ''
+    print(f"step {summary['step']}: train/loss {summary['train/loss']:.4f}{extra}")
+  return 0
+
+
+def _saved_run(fv):
+  """(config, Setup, restored state) for a trained workdir, on this machine's devices."""
+  from jaxlm.train.loop import Setup  # noqa: PLC0415
+  workdir = _workdir(fv)
+  runtime.initialize()
+  cfg = fv.config if fv.config is not None else config_lib.load_saved(workdir)
+  try:
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+  except ConfigError:
+    # Trained on another device count: the checkpoint reshards onto this one.
+    with cfg.unlocked():
+      for k in ('fsdp', 'tensor', 'sequence', 'dcn_data', 'dcn_fsdp'):
+        cfg.mesh[k] = 1
+      cfg.mesh.data = -1
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+  setup = Setup(cfg, mesh)
+  ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
+  step = fv.restore_step if fv.restore_step is not None else ckpt.latest_step()
+  if step is None:
+    raise CheckpointError(f"no checkpoint in '{ckpt.directory}' (train first)")
+  state, _ = ckpt.restore(step, setup.abstract_state)
+  ckpt.close()
+  return cfg, setup, state, step
+
+
+def eval(fv) -> int:  # noqa: A001  (the command's name)
+  from jaxlm.data.pipeline import make_pipeline  # noqa: PLC0415
+  cfg, setup, state, step = _saved_run(fv)
+  data = make_pipeline(cfg, jax.process_index(), jax.process_count())
+  loss = setup.eval_loss(state.params, data.eval_batches())
+  if runtime.is_main():
+    with open(Path(fv.workdir) / 'metrics.jsonl', 'a', encoding='utf-8') as f:
+      f.write(json.dumps({'step': step, 'eval/loss': loss}) + '\n')
+    print(f'step {step}: eval/loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.3f}')
+  return 0
+
+
+def generate(fv) -> int:
+  from jaxlm.data.tokenizers import get_tokenizer  # noqa: PLC0415
+  cfg, setup, state, _ = _saved_run(fv)
+  tokenizer = get_tokenizer(cfg.data)
+  text = setup.generate_text(state.params, tokenizer, [fv.prompt],
+                             max_new_tokens=fv.max_new_tokens, temperature=fv.temperature,
+                             top_k=fv.top_k, top_p=fv.top_p, seed=fv.seed)[0]
+  if runtime.is_main():
+    print(fv.prompt + text)
+  return 0
+
+
+def _gib(n: float) -> str:
+  return f'{n / 2**30:.2f} GiB'
+
+
+def plan(fv) -> int:
+  """Parameter count and per-device memory for the configured mesh, without training."""
+  from jaxlm.train.loop import Setup  # noqa: PLC0415
+  cfg = fv.config
+  config_lib.validate(cfg)
+  sizes = {k: int(cfg.mesh[k]) for k in mesh_lib.MESH_AXES}
+  dcn = int(cfg.mesh.dcn_data) * int(cfg.mesh.dcn_fsdp)
+  if -1 in sizes.values():
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+  else:
+    sizes['data'] *= max(dcn, 1)
+    mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), mesh_lib.MESH_AXES)
+  n_dev = math.prod(mesh.shape.values())
+  setup = Setup(cfg, mesh)
+  st = setup.abstract_state
+
+  def per_device(tree) -> float:
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
+
+  def total(tree) -> float:
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+  m = cfg.model
+  local_batch = cfg.train.batch_size // cfg.train.grad_accum // mesh_lib.data_parallel_size(mesh)
+  tokens = local_batch * cfg.data.seq_len // mesh.shape['sequence']
+  act_bytes = np.dtype(m.dtype).itemsize
+  hd = m.head_dim or m.d_model // m.n_heads
+  # Saved residual per layer (remat) or ~all intermediates of a block (no remat),
+  # plus one block's working set and fp32 logits; a first-order estimate.
+  per_layer_full = tokens * (10 * m.d_model + 3 * m.mlp_dim // mesh.shape['tensor']
+                             + 2 * m.n_heads * hd // mesh.shape['tensor'])
+  per_layer_saved = tokens * m.d_model if m.remat == 'full' else per_layer_full
+  acts = act_bytes * (m.n_layers * per_layer_saved + per_layer_full)
+  acts += 4 * 2 * tokens * m.vocab_size // mesh.shape['tensor']
+  params_dev, opt_dev = per_device(st.params), per_device(st.opt_state)
+  print(f'config      {cfg.name}')
+  print(f'mesh        {dict(mesh.shape)} = {n_dev} devices')
+  print(f'parameters  {setup.n_params:,} ({setup.n_params / 1e9:.2f}B)')
+  print(f'params      {_gib(total(st.params))} total, {_gib(params_dev)} per device')
+  print(f'opt state   {_gib(total(st.opt_state))} total, {_gib(opt_dev)} per device')
+  print(f'activations ~{_gib(acts)} per device (estimate: batch {local_batch}/device, '
+        f"remat '{m.remat}')")
+  print(f'per device  {_gib(params_dev + opt_dev)} params+opt state, '
+        f'~{_gib(params_dev + opt_dev + acts)} with activations')
+  if isinstance(mesh, jax.sharding.Mesh) and n_dev == jax.device_count() and setup.n_params < 5e9:
+    batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len),
+                                     np.float32 if k == 'loss_mask' else np.int32,
+                                     sharding=setup.batch_sharding)
+             for k in ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')}
+    from jaxlm import sharding  # noqa: PLC0415
+    with sharding.activate(setup.mesh, setup.rules):
+      mem = setup._train_step.lower(st, batch).compile().memory_analysis()  # noqa: SLF001
+    if mem is not None:
+      print(f'compiled    args {_gib(mem.argument_size_in_bytes)}, temps '
+            f'{_gib(mem.temp_size_in_bytes)}, outputs {_gib(mem.output_size_in_bytes)} '
+            f'(per device, from XLA)')
+  else:
+    print(f'compiled    skipped: the mesh needs {n_dev} devices, this host has '
+          f'{jax.device_count()} (or the model is too large to compile here)')
+  return 0

@@ -1,0 +1,128 @@
+"""Loading, checking and saving run configs.
+
+Validation happens here, once, before anything is compiled, so that bad input
+fails in a second with a message naming the key.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import ml_collections
+
+from jaxlm.errors import ConfigError
+
+CHOICES = {
+    'model.norm': ('layernorm', 'rmsnorm'),
+    'model.activation': ('gelu', 'swiglu'),
+    'model.position': ('learned', 'rope'),
+    'model.attention': ('xla', 'cudnn', 'chunked', 'splash'),
+    'model.remat': ('none', 'full', 'dots'),
+    'model.param_dtype': ('float32', 'bfloat16', 'float16'),
+    'model.dtype': ('float32', 'bfloat16', 'float16'),
+    'data.source': ('text', 'jsonl', 'arrayrecord', 'pystdlib'),
+    'data.tokenizer': ('byte', 'sentencepiece', 'hf'),
+    'optim.schedule': ('cosine', 'linear', 'constant'),
+    'optim.mu_dtype': ('', 'float32', 'bfloat16'),
+}
+
+# Keys that may change when resuming a run in an existing workdir: they alter
+# how the run is observed or laid out, not what it computes.
+RESUMABLE_KEYS = ('name', 'train.steps', 'train.log_every', 'train.peak_flops', 'train.profile_steps',
+                  'train.progress', 'eval.', 'checkpoint.', 'mesh.', 'data.worker_count',
+                  'data.prefetch', 'data.path', 'data.tokenizer_path')
+
+
+def _get(cfg, dotted: str):
+  for part in dotted.split('.'):
+    cfg = cfg[part]
+  return cfg
+
+
+def flatten(cfg, prefix: str = '') -> dict:
+  """{'model.d_model': 128, ...} for a (nested) ConfigDict or dict."""
+  out = {}
+  for k, v in (cfg.items() if hasattr(cfg, 'items') else []):
+    key = f'{prefix}{k}'
+    if isinstance(v, (ml_collections.ConfigDict, dict)):
+      out.update(flatten(v, key + '.'))
+    else:
+      out[key] = v
+  return out
+
+
+def validate(cfg) -> None:
+  """Raises ConfigError naming the first inconsistent key."""
+  for key, allowed in CHOICES.items():
+    if _get(cfg, key) not in allowed:
+      raise ConfigError(f"{key}='{_get(cfg, key)}' is not one of {', '.join(map(repr, allowed))}")
+  m, d, t = cfg.model, cfg.data, cfg.train
+  positive = ('model.vocab_size', 'model.d_model', 'model.n_layers', 'model.n_heads',
+              'model.n_kv_heads', 'model.mlp_dim', 'model.max_seq_len', 'data.seq_len',
+              'train.steps', 'train.batch_size', 'train.grad_accum', 'train.log_every',
+              'eval.batches', 'checkpoint.keep', 'model.attention_chunk')
+  for key in positive:
+    if _get(cfg, key) <= 0:
+      raise ConfigError(f'{key}={_get(cfg, key)} must be positive')
+  if m.n_heads % m.n_kv_heads:
+    raise ConfigError(f'model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}')
+  if not m.head_dim and m.d_model % m.n_heads:
+    raise ConfigError(f'model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}')
+  if m.position == 'rope' and (m.head_dim or m.d_model // m.n_heads) % 2:
+    raise ConfigError('model.head_dim must be even for RoPE')
+  if d.seq_len > m.max_seq_len:
+    raise ConfigError(f'data.seq_len={d.seq_len} is above model.max_seq_len={m.max_seq_len}')
+  if t.batch_size % t.grad_accum:
+    raise ConfigError(f'train.batch_size={t.batch_size} is not divisible by '
+                      f'train.grad_accum={t.grad_accum}')
+  if not 0.0 <= d.val_fraction < 1.0:
+    raise ConfigError(f'data.val_fraction={d.val_fraction} must be in [0, 1)')
+  if d.source != 'pystdlib' and not d.path:
+    raise ConfigError(f"data.path is empty but data.source='{d.source}' needs one")
+  if d.tokenizer != 'byte' and not d.tokenizer_path:
+    raise ConfigError(f"data.tokenizer_path is empty but data.tokenizer='{d.tokenizer}' needs one")
+  if t.profile_steps:
+    parts = t.profile_steps.split(',')
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+      raise ConfigError(f"train.profile_steps='{t.profile_steps}' must be 'start,stop'")
+
+
+def to_json(cfg) -> str:
+  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
+
+
+def save(cfg, workdir: str) -> None:
+  Path(workdir).mkdir(parents=True, exist_ok=True)
+  tmp = Path(workdir) / 'config.json.tmp'
+  tmp.write_text(to_json(cfg))
+  os.replace(tmp, Path(workdir) / 'config.json')
+
+
+def load_saved(workdir: str):
+  """The config a run was started with, as a locked ConfigDict."""
+  path = Path(workdir) / 'config.json'
+  if not path.exists():
+    raise ConfigError(f"workdir '{workdir}' has no config.json (was it trained with jaxlm?)")
+  try:
+    saved = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+  cfg = ml_collections.ConfigDict(saved)
+  cfg.lock()
+  return cfg
+
+
+def conflicts(cfg, workdir: str) -> list[str]:
+  """Keys whose value differs from the run already in ``workdir``."""
+  path = Path(workdir) / 'config.json'
+  if not path.exists():
+    return []
+  old = flatten(json.loads(path.read_text()))
+  new = flatten(cfg.to_dict())
+  out = []
+  for key in sorted(set(old) | set(new)):
+    if any(key == k or (k.endswith('.') and key.startswith(k)) for k in RESUMABLE_KEYS):
+      continue
+    if old.get(key) != new.get(key):
+      out.append(f'{key} ({old.get(key)!r} -> {new.get(key)!r})')
+  return out

@@ -1,0 +1,103 @@
+"""Train/validation split of the token stream, and packed fixed-length windows over a split.
+
+A window is `seq_len + 1` consecutive stream tokens, so neighbouring windows
+share one token (window i's last target is window i+1's first input) and no
+next-token pair is lost. Documents are packed back to back; `segment_ids`,
+`positions` and `loss_mask` keep attention and loss inside each document.
+
+The final partial window of a split is padded (token 0, segment 0, loss mask 0)
+rather than dropped, so every next-token pair of a split is trained or evaluated
+exactly once per epoch and a tiny validation split still yields a window.
+"""
+
+from typing import Dict, Tuple
+
+import numpy as np
+
+from jaxlm.data.sources import TokenStore
+from jaxlm.errors import DataError
+
+Stream = Tuple[np.ndarray, np.ndarray]  # (tokens int32 [n], doc_ids int32 [n])
+BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
+
+
+def train_val_split(store: TokenStore, val_fraction: float) -> Tuple[Stream, Stream]:
+  """Splits the stream: first `int(n * (1 - val_fraction))` tokens train, the rest validation.
+
+  The cut is by token, not by document (as nanoGPT's shakespeare split is), so
+  one document may straddle both; the doc_ids keep its two halves one segment each.
+  """
+  if not 0.0 <= val_fraction < 1.0:
+    raise DataError(f'data.val_fraction {val_fraction} must be in [0, 1)')
+  n_train = int(len(store.tokens) * (1.0 - val_fraction))
+  train = (store.tokens[:n_train], store.doc_ids[:n_train])
+  val = (store.tokens[n_train:], store.doc_ids[n_train:])
+  return train, val
+
+
+def num_windows(n_tokens: int, seq_len: int) -> int:
+  """Windows over `n_tokens` stream tokens, the final partial one included (it is padded)."""
+  return 0 if n_tokens < 2 else -(-(n_tokens - 1) // seq_len)
+
+
+def pack_window(tokens: np.ndarray, doc_ids: np.ndarray, seq_len: int) -> Dict[str, np.ndarray]:
+  """Turns up to `seq_len + 1` stream tokens into one training example.
+
+  Args:
+    tokens: int `[k]`, k <= seq_len + 1; fewer means the rest is padding.
+    doc_ids: int `[k]`, the document of each token (any ids; only equality matters).
+    seq_len: length of the example.
+
+  Returns:
+    A dict of `[seq_len]` arrays: `inputs`, `targets` (inputs shifted by one),
+    `segment_ids` (1, 2, ... per document within the window; 0 on padding),
+    `positions` (0-based within each segment), all int32; and `loss_mask`
+    (float32 1.0 where input and target are in the same document, else 0.0).
+  """
+  k = len(tokens)
+  t = np.zeros(seq_len + 1, np.int32)
+  d = np.full(seq_len + 1, -1, np.int64)  # -1 marks padding; never equal to a real id
+  t[:k] = tokens
+  d[:k] = doc_ids
+  d_in, d_tgt = d[:-1], d[1:]
+  real = d_in >= 0
+  starts = np.ones(seq_len, bool)
+  starts[1:] = d_in[1:] != d_in[:-1]
+  segment_ids = np.cumsum(starts).astype(np.int32) * real
+  idx = np.arange(seq_len)
+  positions = (idx - np.maximum.accumulate(np.where(starts, idx, 0))) * real
+  return {
+      'inputs': t[:-1].copy(),
+      'targets': t[1:].copy(),
+      'segment_ids': segment_ids.astype(np.int32),
+      'positions': positions.astype(np.int32),
+      'loss_mask': (real & (d_in == d_tgt)).astype(np.float32),
+  }
+
+
+class Windows:
+  """Random-access windows over one split; a Grain data source (`len`, `[i]`), picklable.
+
+  Window i is stream tokens `[i * seq_len, i * seq_len + seq_len + 1)`, packed
+  by `pack_window`.
+  """
+
+  def __init__(self, stream: Stream, seq_len: int):
+    if seq_len < 1:
+      raise DataError(f'data.seq_len {seq_len} must be >= 1')
+    self.tokens, self.doc_ids = stream
+    self.seq_len = seq_len
+    self._len = num_windows(len(self.tokens), seq_len)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, i: int) -> Dict[str, np.ndarray]:
+    if not 0 <= i < self._len:
+      raise IndexError(f'window {i} out of range [0, {self._len})')
+    lo = i * self.seq_len
+    hi = lo + self.seq_len + 1
+    return pack_window(self.tokens[lo:hi], self.doc_ids[lo:hi], self.seq_len)
+
+  def __repr__(self) -> str:
+    return f'Windows(n={self._len}, seq_len={self.seq_len}, tokens={len(self.tokens)})'

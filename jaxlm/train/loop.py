@@ -1,0 +1,300 @@
+"""The train loop: wires config -> mesh -> model -> data -> shardings -> state -> hooks.
+
+``Trainer(cfg, workdir).run()`` reads top to bottom in data-flow order. The
+pure step lives in jaxlm.train.step; everything with side effects (logging,
+checkpoints, hooks, signals) lives here.
+"""
+
+import logging
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from jaxlm import config as config_lib
+from jaxlm import hooks as hooks_lib
+from jaxlm import mesh as mesh_lib
+from jaxlm import runtime, sharding
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.data.pipeline import make_pipeline
+from jaxlm.errors import ConfigError
+from jaxlm.generate import generate
+from jaxlm.model.transformer import build_model, param_count
+from jaxlm.train import metrics as metrics_lib
+from jaxlm.train.optimizer import make_optimizer, schedule
+from jaxlm.train.step import TrainState, make_eval_step, make_train_step
+
+log = logging.getLogger('jaxlm')
+
+
+def check_divisibility(cfg, mesh) -> None:
+  """Batch and length must split evenly over the mesh; says which fields to change."""
+  dp = mesh_lib.data_parallel_size(mesh)
+  micro = cfg.train.batch_size // cfg.train.grad_accum
+  if micro % dp:
+    raise ConfigError(
+        f'train.batch_size={cfg.train.batch_size} (/ train.grad_accum={cfg.train.grad_accum}) '
+        f'does not divide over {dp} data-parallel devices (mesh.data x mesh.fsdp)')
+  eval_bs = cfg.eval.batch_size or cfg.train.batch_size
+  if eval_bs % dp:
+    raise ConfigError(f'eval.batch_size={eval_bs} does not divide over {dp} data-parallel devices')
+  if cfg.data.seq_len % mesh.shape['sequence']:
+    raise ConfigError(f"data.seq_len={cfg.data.seq_len} does not divide over "
+                      f"mesh.sequence={mesh.shape['sequence']}")
+  tensor = mesh.shape['tensor']
+  for key in ('n_heads', 'mlp_dim'):
+    if cfg.model[key] % tensor:
+      raise ConfigError(f'model.{key}={cfg.model[key]} does not divide over mesh.tensor={tensor}')
+
+
+class Setup:
+  """Model, optimizer, shardings and compiled steps for a config on a mesh (no data)."""
+
+  def __init__(self, cfg, mesh=None):
+    self.cfg = cfg
+    self.mesh = mesh or mesh_lib.make_mesh(cfg.mesh)
+    check_divisibility(cfg, self.mesh)
+    self.rules = sharding.rules_for(cfg.model, cfg.mesh, self.mesh)
+    self.model = build_model(cfg.model)
+    self.tx = make_optimizer(cfg.optim, cfg.train.steps)
+    self.lr = schedule(cfg.optim, cfg.train.steps)
+    # Init runs outside sharding.activate: DenseGeneral reshapes its kernel
+    # after init, which a live rank-3 constraint on a rank-2 array rejects.
+    boxed = jax.eval_shape(self._init_boxed, jax.random.key(cfg.train.seed))
+    self.state_shardings = nn.logical_to_mesh_sharding(
+        nn.get_partition_spec(boxed), self.mesh, self.rules)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.unbox(boxed), self.state_shardings)
+    self.n_params = param_count(self.abstract_state.params)
+    self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+    repl = sharding.replicated(self.mesh)
+    self._train_step = jax.jit(
+        make_train_step(self.model, self.tx, self.lr, cfg.train.grad_accum, cfg.train.z_loss),
+        in_shardings=(self.state_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
+    self._eval_step = jax.jit(make_eval_step(self.model),
+                              in_shardings=(self.state_shardings.params, self.batch_sharding),
+                              out_shardings=repl)
+
+  def _init_boxed(self, rng):
+    tokens = jnp.zeros((1, self.cfg.data.seq_len), jnp.int32)
+    params = self.model.init(rng, tokens)['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+  def init_state(self) -> TrainState:
+    return jax.jit(lambda r: nn.unbox(self._init_boxed(r)),
+                   out_shardings=self.state_shardings)(jax.random.key(self.cfg.train.seed))
+
+  def device_batch(self, local: dict) -> dict:
+    """Per-process numpy rows -> global arrays sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in local.items()}
+
+  def train_step(self, state, batch):
+    with sharding.activate(self.mesh, self.rules):
+      return self._train_step(state, batch)
+
+  def eval_loss(self, params, batches) -> float:
+    total, count = 0.0, 0.0
+    with sharding.activate(self.mesh, self.rules):
+      for b in batches:
+        t, c = self._eval_step(params, self.device_batch(b))
+        total, count = total + float(t), count + float(c)
+    return total / max(count, 1.0)
+
+  def generate_text(self, params, tokenizer, prompts, **kw) -> list[str]:
+    ids = [list(map(int, tokenizer.encode(p))) for p in prompts]
+    if tokenizer.bos_id is not None and self.cfg.data.add_bos:
+      ids = [[tokenizer.bos_id] + i for i in ids]
+    stops = tuple(t for t in (tokenizer.eos_id,) if t is not None)
+    limit = self.cfg.model.max_seq_len - max(len(i) for i in ids)
+    kw['max_new_tokens'] = max(1, min(kw.get('max_new_tokens', 64), limit))
+    with sharding.activate(self.mesh, self.rules):
+      out = generate(self.model, params, ids, stop_ids=stops, **kw)
+    return [tokenizer.decode(o) for o in out]
+
+
+class _Signals:
+  """First SIGTERM/SIGINT: finish the step, checkpoint, exit 0. Second SIGINT: abort now."""
+
+  def __init__(self):
+    self.stop = False
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.stop:
+      log.info('second interrupt: aborting without saving (the last checkpoint is intact)')
+      raise SystemExit(130)
+    self.stop = True
+    log.info('%s received: finishing this step and saving a checkpoint',
+             signal.Signals(signum).name)
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+  def preempted(self, step: int) -> bool:
+    if self.stop:
+      return True
+    if jax.process_count() > 1:
+      try:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+        return multihost_utils.reached_preemption_sync_point(step)
+      except Exception:  # noqa: BLE001  (no preemption service outside TPU pods)
+        return False
+    return False
+
+
+class Trainer:
+  """One training run in one workdir; resumes if the workdir has checkpoints."""
+
+  def __init__(self, cfg, workdir: str, restore_step: int | None = None):
+    self.cfg = cfg
+    self.workdir = workdir
+    self.restore_step = restore_step
+    self.hooks: list[hooks_lib.Hook] = []
+
+  def add_hook(self, hook: hooks_lib.Hook) -> None:
+    self.hooks.append(hook)
+
+  def run(self) -> dict:
+    cfg, workdir = self.cfg, self.workdir
+    runtime.initialize()
+    config_lib.validate(cfg)
+    changed = config_lib.conflicts(cfg, workdir)
+    if changed:
+      raise ConfigError(f"workdir '{workdir}' holds a run with a different config: "
+                        f"{'; '.join(changed[:5])} (use a new --workdir)")
+    if runtime.is_main():
+      config_lib.save(cfg, workdir)
+
+    log.info('mesh: building from %s', dict(cfg.mesh))
+    setup = Setup(cfg)
+    log.info('mesh: %s', dict(setup.mesh.shape))
+    log.info('model: %s params (%s, %d layers, d_model %d)', f'{setup.n_params:,}',
+             cfg.model.position, cfg.model.n_layers, cfg.model.d_model)
+
+    log.info('data: loading %s', cfg.data.source)
+    data = make_pipeline(cfg, jax.process_index(), jax.process_count())
+    tokenizer = data.tokenizer
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+      raise ConfigError(f'model.vocab_size={cfg.model.vocab_size} is smaller than the '
+                        f'tokenizer vocabulary ({tokenizer.vocab_size})')
+    it = data.train_iterator()
+
+    ckpt = Checkpointer(workdir, cfg.checkpoint)
+    step = self._restore_or_init(setup, ckpt, it)
+    state = self._state
+
+    writer = metrics_lib.MetricsWriter(workdir, enabled=runtime.is_main())
+    flops_tok = metrics_lib.flops_per_token(
+        cfg.model, metrics_lib.matmul_params(cfg.model, setup.n_params), cfg.data.seq_len)
+    peak = metrics_lib.device_peak_flops(cfg.train.peak_flops) * jax.device_count()
+    hooks = self._builtin_hooks(data) + self.hooks
+
+    def context(step):
+      return hooks_lib.HookContext(
+          step=step, cfg=cfg, mesh=setup.mesh, tokenizer=tokenizer, state=state,
+          model=setup.model, workdir=workdir, writer=writer,
+          eval_loss=lambda batches: setup.eval_loss(state.params, batches),
+          generate=lambda prompts, **kw: setup.generate_text(state.params, tokenizer, prompts, **kw))
+
+    profile = [int(s) for s in cfg.train.profile_steps.split(',')] if cfg.train.profile_steps else None
+    bar = None
+    if runtime.is_main() and cfg.train.progress:
+      from tqdm import tqdm  # noqa: PLC0415
+      bar = tqdm(total=cfg.train.steps, initial=step, desc='train', unit='step',
+                 dynamic_ncols=True)
+    last = {}
+    t_last, step_last = time.perf_counter(), step
+    log.info('train: steps %d -> %d', step, cfg.train.steps)
+    with _Signals() as signals:
+      while step < cfg.train.steps:
+        if profile and step == profile[0]:
+          jax.profiler.start_trace(f'{workdir}/profile')
+        batch = setup.device_batch(next(it))
+        state, m = setup.train_step(state, batch)
+        step += 1
+        if profile and step == profile[1]:
+          jax.block_until_ready(state)
+          jax.profiler.stop_trace()
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+          m = jax.device_get(m)
+          now = time.perf_counter()
+          tok_s = float(m['tokens']) * (step - step_last) / max(now - t_last, 1e-9)
+          t_last, step_last = now, step
+          last = {'train/loss': float(m['loss']), 'train/lr': float(m['lr']),
+                  'train/grad_norm': float(m['grad_norm']), 'train/tokens_per_sec': tok_s,
+                  'train/mfu': tok_s * flops_tok / peak}
+          if not np.isfinite(last['train/loss']):
+            log.info('train: loss is %s at step %d; stopping (last checkpoint kept)',
+                     last['train/loss'], step)
+            break
+          writer.write(step, last)
+          if bar is not None:
+            bar.set_postfix(loss=f"{last['train/loss']:.4f}", tok_s=f'{tok_s:,.0f}')
+        if bar is not None:
+          bar.update(1)
+        stopping = signals.preempted(step)
+        final = step == cfg.train.steps or stopping
+        self._state = state
+        out = hooks_lib.run_hooks(hooks, context(step), force=final)
+        if out:
+          writer.write(step, out)
+          last.update(out)
+          if bar is not None and 'eval/loss' in out:
+            bar.write(f"step {step}: eval/loss {out['eval/loss']:.4f}")
+        if final or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+          ckpt.save(step, state, it.get_state(), force=final)
+        if out or step == step_last:
+          # Keep eval and checkpoint time out of the next tokens/s figure.
+          jax.block_until_ready(state)
+          t_last, step_last = time.perf_counter(), step
+        if stopping:
+          break
+    if bar is not None:
+      bar.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    if hasattr(it, 'close'):
+      it.close()
+    if step < cfg.train.steps:
+      log.info('stopped at step %d; checkpoint saved in %s; rerun the same command to resume',
+               step, ckpt.directory)
+    else:
+      log.info('done: step %d, checkpoints in %s', step, ckpt.directory)
+    self._state = state
+    return {'step': step, **last}
+
+  def _restore_or_init(self, setup: Setup, ckpt: Checkpointer, it) -> int:
+    step = self.restore_step if self.restore_step is not None else ckpt.latest_step()
+    if step is None:
+      log.info('init: fresh parameters (seed %d)', self.cfg.train.seed)
+      self._state = setup.init_state()
+      return 0
+    log.info('resume: restoring step %d from %s', step, ckpt.directory)
+    self._state, data_state = ckpt.restore(step, setup.abstract_state)
+    if data_state:
+      it.set_state(data_state)
+    return int(jax.device_get(self._state.step))
+
+  def _builtin_hooks(self, data) -> list[hooks_lib.Hook]:
+    e = self.cfg.eval
+    every = e.every
+    hooks = [hooks_lib.eval_loss_hook({'val': data.eval_batches()}, every)]
+    prompts = [p for p in e.sample_prompts.split('|') if p]
+    if prompts and e.sample_every:
+      hooks.append(hooks_lib.sample_hook(prompts, e.sample_tokens, e.sample_every))
+    for spec in filter(None, (s.strip() for s in e.hooks.split(','))):
+      hooks.append(hooks_lib.load_user_hook(spec, every))
+    return hooks

@@ -34,10 +34,11 @@ class Checkpointer:
         keep_period=ckpt_cfg.keep_period or None,
         enable_async_checkpointing=ckpt_cfg.async_save,
         create=not read_only,
-        read_only=read_only,
     )
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=('state', 'data'))
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': ocp.JsonCheckpointHandler()})
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())

@@ -157,8 +157,9 @@ class _Signals:
 class Trainer:
   """One training run in one workdir; resumes if the workdir has checkpoints."""
 
-  def __init__(self, cfg, workdir: str, restore_step: int | None = None):
+  def __init__(self, cfg, workdir: str, restore_step: int | None = None, devices=None):
     self.cfg = cfg
+    self.devices = devices  # None = all devices; tests pass a subset
     self.workdir = workdir
     self.restore_step = restore_step
     self.hooks: list[hooks_lib.Hook] = []
@@ -174,11 +175,9 @@ class Trainer:
     if changed:
       raise ConfigError(f"workdir '{workdir}' holds a run with a different config: "
                         f"{'; '.join(changed[:5])} (use a new --workdir)")
-    if runtime.is_main():
-      config_lib.save(cfg, workdir)
 
     log.info('mesh: building from %s', dict(cfg.mesh))
-    setup = Setup(cfg)
+    setup = Setup(cfg, mesh_lib.make_mesh(cfg.mesh, self.devices))
     log.info('mesh: %s', dict(setup.mesh.shape))
     log.info('model: %s params (%s, %d layers, d_model %d)', f'{setup.n_params:,}',
              cfg.model.position, cfg.model.n_layers, cfg.model.d_model)
@@ -190,6 +189,8 @@ class Trainer:
       raise ConfigError(f'model.vocab_size={cfg.model.vocab_size} is smaller than the '
                         f'tokenizer vocabulary ({tokenizer.vocab_size})')
     it = data.train_iterator()
+    if runtime.is_main():  # only once the config has proved loadable
+      config_lib.save(cfg, workdir)
 
     ckpt = Checkpointer(workdir, cfg.checkpoint)
     step = self._restore_or_init(setup, ckpt, it)

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Train on a Cloud TPU VM slice: create it (or reuse it), install this repo on every worker,
+# and run the same `jaxlm train ARGS` on all workers at once.
+#
+# Usage (from the repo root, with gcloud authenticated):
+#   TPU_NAME=my-v5p ZONE=us-east5-a ACCELERATOR_TYPE=v5p-64 RUNTIME_VERSION=v2-alpha-tpuv5 \
+#     launch/tpu_pod.sh --config=configs/llama_8b.py --workdir=gs://my-bucket/runs/llama8b \
+#     --config.data.path=/mnt/data/tokens --config.data.tokenizer_path=/mnt/llama3/tokenizer.json
+#
+# Environment:
+#   TPU_NAME          slice name (required)
+#   ZONE              default us-central2-b
+#   ACCELERATOR_TYPE  default v4-8; e.g. v4-32, v5litepod-16, v5p-64, v6e-16
+#   RUNTIME_VERSION   default tpu-ubuntu2204-base (v4); v5e: v2-alpha-tpuv5-lite,
+#                     v5p: v2-alpha-tpuv5, v6e: v2-alpha-tpuv6e
+#   PROJECT           default: gcloud's configured project
+#   INSTALL           'copy' (default): copy this working tree (tracked + untracked, not
+#                     ignored files) to ~/jaxlm on every worker and `pip install -e` it;
+#                     'skip': already installed; anything else is a pip requirement,
+#                     e.g. INSTALL='git+https://github.com/you/jaxlm@main' (then --config
+#                     must name a file that exists on every worker)
+#   SPOT=1            create a Spot slice
+#
+# Every worker runs the same command; jax.distributed.initialize() finds the other workers
+# through the TPU metadata server, so no coordinator address is needed. A --workdir on GCS
+# (gs://...) or a shared disk is required on multi-host slices: all workers write one
+# checkpoint. Stop a run with Ctrl-C here, then kill leftovers on the workers with
+#   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command='pkill -f "jaxlm train"'
+# and delete the slice when done: gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone="$ZONE"
+#
+# Queued resources (how v5e/v5p/v6e capacity is usually granted): request the slice, wait
+# for ACTIVE, then run this script with the same TPU_NAME (it reuses an existing slice):
+#   gcloud compute tpus queued-resources create "$TPU_NAME-qr" --node-id="$TPU_NAME" \
+#     --zone="$ZONE" --accelerator-type="$ACCELERATOR_TYPE" --runtime-version="$RUNTIME_VERSION"
+#   gcloud compute tpus queued-resources describe "$TPU_NAME-qr" --zone="$ZONE"  # state: ACTIVE
+#
+# Multislice (N slices joined over the data-center network): request them together with
+#   gcloud compute tpus queued-resources create "$TPU_NAME-qr" --node-count=N \
+#     --node-prefix="$TPU_NAME" --zone="$ZONE" --accelerator-type=... --runtime-version=...
+# which creates slices "$TPU_NAME-0" ... "$TPU_NAME-<N-1>" and configures the MEGASCALE_*
+# variables JAX uses to connect them. Run this script once per slice, concurrently, with
+# TPU_NAME set to each slice's name and identical arguments, adding
+# --config.mesh.dcn_data=N (data parallel across slices; FSDP/tensor stay inside a slice).
+set -euo pipefail
+
+: "${TPU_NAME:?set TPU_NAME to the TPU VM slice name}"
+ZONE=${ZONE:-us-central2-b}
+ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v4-8}
+RUNTIME_VERSION=${RUNTIME_VERSION:-tpu-ubuntu2204-base}
+PROJECT=${PROJECT:-$(gcloud config get-value project 2>/dev/null)}
+INSTALL=${INSTALL:-copy}
+
+tpu() { gcloud compute tpus tpu-vm "$@" --zone="$ZONE" --project="$PROJECT"; }
+on_all_workers() { tpu ssh "$TPU_NAME" --worker=all --command="$1"; }
+
+if tpu describe "$TPU_NAME" --format='value(state)' >/dev/null 2>&1; then
+  echo "tpu_pod: reusing $TPU_NAME"
+else
+  echo "tpu_pod: creating $TPU_NAME ($ACCELERATOR_TYPE, $RUNTIME_VERSION) in $ZONE"
+  spot=()
+  [[ -n ${SPOT:-} ]] && spot=(--spot)
+  tpu create "$TPU_NAME" --accelerator-type="$ACCELERATOR_TYPE" \
+    --version="$RUNTIME_VERSION" "${spot[@]}"
+fi
+
+case $INSTALL in
+  skip) ;;
+  copy)
+    repo=$(git rev-parse --show-toplevel)
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    archive=$tmp/jaxlm.tar.gz
+    git -C "$repo" ls-files -z --cached --others --exclude-standard \
+      | tar -C "$repo" -czf "$archive" --null --ignore-failed-read -T -
+    tpu scp "$archive" "$TPU_NAME:jaxlm.tar.gz" --worker=all
+    on_all_workers 'set -e; rm -rf ~/jaxlm; mkdir ~/jaxlm; tar -xzf ~/jaxlm.tar.gz -C ~/jaxlm
+      pip install -q -U "jax[tpu]" && pip install -q -e ~/jaxlm'
+    ;;
+  *)
+    on_all_workers "set -e; pip install -q -U 'jax[tpu]' && pip install -q $(printf '%q' "$INSTALL")"
+    ;;
+esac
+
+# Quote each argument so the remote shell sees exactly what was typed here.
+args=$(printf ' %q' "$@")
+on_all_workers "cd ~/jaxlm 2>/dev/null || cd ~; PATH=\$HOME/.local/bin:\$PATH exec jaxlm train$args"

@@ -1,0 +1,65 @@
+"""launch/ scripts parse, pass shellcheck, and local_multiprocess.sh behaves as documented."""
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+LAUNCH = Path(__file__).resolve().parents[1] / 'launch'
+SCRIPTS = sorted(p for p in LAUNCH.iterdir() if p.suffix in ('.sh', '.sbatch'))
+
+
+def run(*cmd, timeout=30):
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_scripts_exist():
+  names = {p.name for p in SCRIPTS}
+  assert {'gpu_single_host.sh', 'tpu_pod.sh', 'slurm_gpu.sbatch', 'local_multiprocess.sh'} <= names
+
+
+@pytest.mark.parametrize('script', SCRIPTS, ids=lambda p: p.name)
+def test_bash_syntax(script):
+  out = run('bash', '-n', str(script))
+  assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize('script', SCRIPTS, ids=lambda p: p.name)
+def test_shellcheck(script):
+  if not shutil.which('shellcheck'):
+    pytest.skip('shellcheck not installed')
+  out = run('shellcheck', '--shell=bash', str(script))
+  assert out.returncode == 0, out.stdout
+
+
+@pytest.mark.parametrize('script', SCRIPTS, ids=lambda p: p.name)
+def test_usage_block_and_executable(script):
+  assert 'Usage' in script.read_text().split('set -euo pipefail')[0]
+  assert script.stat().st_mode & 0o111, f'{script.name} is not executable'
+
+
+def test_local_multiprocess_env_and_prefixes():
+  show = 'echo "$JAXLM_PROCESS_ID/$JAXLM_NUM_PROCESSES $JAXLM_COORDINATOR_ADDRESS $JAX_PLATFORMS $XLA_FLAGS"'
+  out = run(str(LAUNCH / 'local_multiprocess.sh'), '3', 'bash', '-c', show)
+  assert out.returncode == 0, out.stderr
+  lines = sorted(out.stdout.splitlines())
+  assert [line.split()[0] for line in lines] == ['[p0]', '[p1]', '[p2]']
+  assert [line.split()[1] for line in lines] == ['0/3', '1/3', '2/3']
+  assert len({line.split()[2] for line in lines}) == 1  # one coordinator address
+  assert all(line.split()[2].startswith('127.0.0.1:') for line in lines)
+  assert all('cpu --xla_force_host_platform_device_count=4' in line for line in lines)
+
+
+def test_local_multiprocess_failure_stops_the_rest():
+  fail_one = 'if [ "$JAXLM_PROCESS_ID" = 1 ]; then exit 3; fi; sleep 60'
+  start = time.monotonic()
+  out = run(str(LAUNCH / 'local_multiprocess.sh'), '3', 'bash', '-c', fail_one)
+  assert out.returncode == 3
+  assert time.monotonic() - start < 20, 'the sleeping processes were not stopped'
+
+
+def test_local_multiprocess_usage_error():
+  out = run(str(LAUNCH / 'local_multiprocess.sh'))
+  assert out.returncode == 2 and 'Usage' in out.stderr

@@ -105,4 +105,5 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.dcn_data = 1  # data-parallel replicas across slices/hosts (DCN)
   mesh.dcn_fsdp = 1  # FSDP across slices/hosts (DCN)
   mesh.rules = ''  # overrides of logical-axis rules, e.g. 'mlp=tensor;embed=fsdp'
+  c.lock()  # a mistyped key in a size file or override raises
   return c

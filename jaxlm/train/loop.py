@@ -163,9 +163,14 @@ class Trainer:
     self.workdir = workdir
     self.restore_step = restore_step
     self.hooks: list[hooks_lib.Hook] = []
+    self._stop_requested = False
 
   def add_hook(self, hook: hooks_lib.Hook) -> None:
     self.hooks.append(hook)
+
+  def request_stop(self) -> None:
+    """Stops after the current step with a checkpoint, as SIGTERM does (callable from hooks)."""
+    self._stop_requested = True
 
   def run(self) -> dict:
     cfg, workdir = self.cfg, self.workdir
@@ -245,10 +250,13 @@ class Trainer:
             bar.set_postfix(loss=f"{last['train/loss']:.4f}", tok_s=f'{tok_s:,.0f}')
         if bar is not None:
           bar.update(1)
-        stopping = signals.preempted(step)
-        final = step == cfg.train.steps or stopping
         self._state = state
-        out = hooks_lib.run_hooks(hooks, context(step), force=final)
+        out = hooks_lib.run_hooks(hooks, context(step))
+        stopping = self._stop_requested or signals.preempted(step)
+        final = step == cfg.train.steps or stopping
+        if final:  # every hook runs once more at the end (forced), e.g. final eval
+          out.update(hooks_lib.run_hooks([h for h in hooks if not h.due(step, False)],
+                                         context(step), force=True))
         if out:
           writer.write(step, out)
           last.update(out)

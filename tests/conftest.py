@@ -1,0 +1,37 @@
+"""Shared fixtures: 8 fake CPU devices, the tiny config, the shared corpus."""
+
+import os
+import runpy
+import sys
+from pathlib import Path
+
+# Must precede any jax import in the test process.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / 'shared' / 'data' / 'tinyshakespeare.txt'
+sys.path.insert(0, str(REPO))
+
+
+def load_config(name: str):
+  """configs/<name>.py's get_config(), as config_flags would load it."""
+  return runpy.run_path(str(REPO / 'configs' / f'{name}.py'))['get_config']()
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+  """The tiny config reading a small slice of Shakespeare (fast to tokenize)."""
+  text = SHAKESPEARE.read_text()[:60_000]
+  path = tmp_path / 'shakespeare.txt'
+  path.write_text(text)
+  cfg = load_config('tiny')
+  cfg.data.path = str(path)
+  return cfg
+
+
+@pytest.fixture
+def repo():
+  return REPO

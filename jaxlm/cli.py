@@ -81,7 +81,16 @@ def _unknown_override(path: str, argv: list[str]) -> str | None:
 def parse(command: str, argv: list[str]) -> flags.FlagValues:
   """Parses flags for ``command``; bad flags become a ConfigError naming the key."""
   fv = flags.FlagValues()
-  _define(fv, command)
+  # config_flags discovers --config.x overrides from sys.argv, so make it ours.
+  saved_argv, sys.argv = sys.argv, ['jaxlm'] + argv
+  try:
+    _define(fv, command)
+    return _parse(fv, command, argv)
+  finally:
+    sys.argv = saved_argv
+
+
+def _parse(fv: flags.FlagValues, command: str, argv: list[str]) -> flags.FlagValues:
   path = _config_path(argv)
   if path is not None and not os.path.exists(path.split(':')[0]):
     raise ConfigError(f"config file '{path}' does not exist")

@@ -16,9 +16,21 @@ log = logging.getLogger('jaxlm')
 _initialized = False
 
 
+class _CurrentStderr(logging.StreamHandler):
+  """Writes to whatever sys.stderr is now (it may be swapped, e.g. by tests)."""
+
+  @property
+  def stream(self):
+    return sys.stderr
+
+  @stream.setter
+  def stream(self, _):
+    pass
+
+
 def setup_logging() -> None:
   if not log.handlers:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr()
     handler.setFormatter(logging.Formatter('%(asctime)s jaxlm: %(message)s', '%H:%M:%S'))
     log.addHandler(handler)
     log.setLevel(logging.INFO)

@@ -90,7 +90,7 @@ def plan(fv) -> int:
   """Parameter count and per-device memory for the configured mesh, without training."""
   from jaxlm.train.loop import Setup  # noqa: PLC0415
   cfg = fv.config
-  config_lib.validate(cfg)
+  config_lib.validate(cfg, need_data=False)
   sizes = {k: int(cfg.mesh[k]) for k in mesh_lib.MESH_AXES}
   dcn = int(cfg.mesh.dcn_data) * int(cfg.mesh.dcn_fsdp)
   if -1 in sizes.values():

@@ -51,8 +51,8 @@ def flatten(cfg, prefix: str = '') -> dict:
   return out
 
 
-def validate(cfg) -> None:
-  """Raises ConfigError naming the first inconsistent key."""
+def validate(cfg, need_data: bool = True) -> None:
+  """Raises ConfigError naming the first inconsistent key (data paths only if need_data)."""
   for key, allowed in CHOICES.items():
     if _get(cfg, key) not in allowed:
       raise ConfigError(f"{key}='{_get(cfg, key)}' is not one of {', '.join(map(repr, allowed))}")
@@ -77,9 +77,9 @@ def validate(cfg) -> None:
                       f'train.grad_accum={t.grad_accum}')
   if not 0.0 <= d.val_fraction < 1.0:
     raise ConfigError(f'data.val_fraction={d.val_fraction} must be in [0, 1)')
-  if d.source != 'pystdlib' and not d.path:
+  if need_data and d.source != 'pystdlib' and not d.path:
     raise ConfigError(f"data.path is empty but data.source='{d.source}' needs one")
-  if d.tokenizer != 'byte' and not d.tokenizer_path:
+  if need_data and d.tokenizer != 'byte' and not d.tokenizer_path:
     raise ConfigError(f"data.tokenizer_path is empty but data.tokenizer='{d.tokenizer}' needs one")
   if t.profile_steps:
     parts = t.profile_steps.split(',')

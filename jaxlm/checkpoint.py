@@ -66,10 +66,10 @@ class Checkpointer:
     if meta is None:
       return
     meta_tree = getattr(meta, 'tree', meta)
-    saved = {jax.tree_util.keystr(p): getattr(v, 'shape', None)
+    saved = {_path(p): getattr(v, 'shape', None)
              for p, v in jax.tree_util.tree_flatten_with_path(meta_tree)[0]}
     for p, v in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
-      key = jax.tree_util.keystr(p)
+      key = _path(p)
       if key in saved and saved[key] is not None and tuple(saved[key]) != tuple(v.shape):
         raise CheckpointError(
             f'checkpoint step {step} in {self.directory}: parameter {key} has shape '
@@ -100,6 +100,11 @@ class Checkpointer:
           f'({type(e).__name__}: {first[:200]}); pass --restore_step=N to use an '
           f'earlier one (available: {self.steps()})') from None
     return restored['state'], restored['data'] or None
+
+
+def _path(path) -> str:
+  """'params/layers/mlp/down/kernel' for a pytree key path (dict, attr or index keys)."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
 
 
 def _restore_arg(x):

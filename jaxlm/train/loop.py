@@ -202,6 +202,7 @@ class Trainer:
     state = self._state
 
     writer = metrics_lib.MetricsWriter(workdir, enabled=runtime.is_main())
+    writer.drop_after(step)
     flops_tok = metrics_lib.flops_per_token(
         cfg.model, metrics_lib.matmul_params(cfg.model, setup.n_params), cfg.data.seq_len)
     peak = metrics_lib.device_peak_flops(cfg.train.peak_flops) * jax.device_count()

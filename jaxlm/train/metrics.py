@@ -79,6 +79,19 @@ class MetricsWriter:
       self._tb = SummaryWriter(str(Path(workdir) / 'tensorboard'))
       self._jsonl = open(Path(workdir) / 'metrics.jsonl', 'a', encoding='utf-8')  # noqa: SIM115
 
+  def drop_after(self, step: int) -> None:
+    """Forgets metrics.jsonl lines past ``step``: a resumed run rewrites them."""
+    if not self.enabled:
+      return
+    path = Path(self._jsonl.name)
+    self._jsonl.close()
+    keep = [l for l in path.read_text(encoding='utf-8').splitlines(keepends=True)
+            if 0 <= _step_of(l) <= step]
+    tmp = path.with_suffix('.tmp')
+    tmp.write_text(''.join(keep), encoding='utf-8')
+    tmp.replace(path)
+    self._jsonl = open(path, 'a', encoding='utf-8')  # noqa: SIM115
+
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
@@ -97,3 +110,10 @@ class MetricsWriter:
     if self.enabled:
       self._tb.close()
       self._jsonl.close()
+
+
+def _step_of(line: str) -> int:
+  try:
+    return int(json.loads(line)['step'])
+  except (ValueError, KeyError, TypeError):
+    return -1  # a line cut by a crash mid-write

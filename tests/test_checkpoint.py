@@ -1,0 +1,167 @@
+"""Never lose a run: kill -9 and SIGTERM, resharding restore, corrupt and partial checkpoints."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import load_config
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.data.pipeline import make_pipeline
+from jaxlm.errors import CheckpointError
+from jaxlm.train.loop import Setup, Trainer
+
+
+# Subprocesses run on one CPU device: faster steps, same code path.
+ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+
+
+def _cmd(workdir, data, steps=60):
+  return [sys.executable, '-m', 'jaxlm', 'train', '--config=configs/tiny.py',
+          f'--workdir={workdir}', f'--config.data.path={data}', f'--config.train.steps={steps}',
+          '--config.train.log_every=1', '--config.checkpoint.every=5', '--config.eval.every=0']
+
+
+def _losses(workdir):
+  rows = [json.loads(l) for l in (Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
+  return [(r['step'], r['train/loss']) for r in rows if 'train/loss' in r]
+
+
+def _lines(workdir) -> int:
+  path = Path(workdir) / 'metrics.jsonl'
+  return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _start_and_wait_for(cmd, repo, workdir, lines):
+  proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=ENV)
+  deadline = time.time() + 120
+  while _lines(workdir) < lines and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.005)
+  return proc
+
+
+def test_kill_9_then_rerun_gives_the_uninterrupted_losses(repo, tiny_cfg, tmp_path):
+  data = tiny_cfg.data.path
+  full = tmp_path / 'full'
+  subprocess.run(_cmd(full, data), cwd=repo, check=True, capture_output=True, timeout=300,
+                 env=ENV)
+
+  part = tmp_path / 'part'
+  kill_at = random.Random().randint(8, 50)
+  proc = _start_and_wait_for(_cmd(part, data), repo, part, kill_at)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
+  done = subprocess.run(_cmd(part, data), cwd=repo, capture_output=True, text=True, timeout=300,
+                        env=ENV)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert 'resume: restoring step' in done.stderr
+  assert _losses(part) == _losses(full)
+
+
+def test_sigterm_saves_and_exits_zero(repo, tiny_cfg, tmp_path):
+  work = tmp_path / 'w'
+  proc = _start_and_wait_for(_cmd(work, tiny_cfg.data.path, steps=100_000), repo, work, 3)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  step = _losses(work)[-1][0]
+  assert f'stopped at step {step}; checkpoint saved in' in err
+  assert Checkpointer(str(work), tiny_cfg.checkpoint).latest_step() == step
+
+
+def _train_sharded(cfg, workdir, **mesh):
+  for k, v in mesh.items():
+    cfg.mesh[k] = v
+  cfg.checkpoint.every = 0
+  Trainer(cfg, str(workdir)).run()
+
+
+def _eval_on(cfg, workdir, devices=None, **mesh):
+  cfg = cfg.copy_and_resolve_references()
+  for k, v in {'data': 1, 'fsdp': 1, 'tensor': 1, 'sequence': 1, **mesh}.items():
+    cfg.mesh[k] = v
+  from jaxlm import mesh as mesh_lib  # noqa: PLC0415
+  setup = Setup(cfg, mesh_lib.make_mesh(cfg.mesh, devices))
+  ckpt = Checkpointer(str(workdir), cfg.checkpoint)
+  state, _ = ckpt.restore(ckpt.latest_step(), setup.abstract_state)
+  return setup.eval_loss(state.params, make_pipeline(cfg).eval_batches()), state
+
+
+def test_restore_onto_other_meshes_gives_the_same_eval_loss(tiny_cfg, tmp_path):
+  _train_sharded(tiny_cfg, tmp_path / 'w', data=1, fsdp=8)
+  a, _ = _eval_on(tiny_cfg, tmp_path / 'w', fsdp=8)
+  b, state = _eval_on(tiny_cfg, tmp_path / 'w', fsdp=4, tensor=2)
+  c, _ = _eval_on(tiny_cfg, tmp_path / 'w', devices=jax.devices()[:1])
+  assert state.params['layers']['mlp']['up']['kernel'].addressable_shards[0].data.shape[-1] == 32
+  np.testing.assert_allclose([b, c], [a, a], rtol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def _trained_once(tmp_path_factory):
+  from conftest import SHAKESPEARE  # noqa: PLC0415
+  root = tmp_path_factory.mktemp('trained')
+  (root / 'text.txt').write_text(SHAKESPEARE.read_text()[:60_000])
+  cfg = load_config('tiny')
+  cfg.data.path = str(root / 'text.txt')
+  cfg.train.steps = 10
+  cfg.checkpoint.every = 5
+  cfg.eval.every = 0
+  Trainer(cfg, str(root / 'w'), devices=jax.devices()[:1]).run()
+  return cfg, root / 'w'
+
+
+@pytest.fixture
+def trained(_trained_once, tmp_path):
+  """A fresh copy of a 10-step run (checkpoints at 5 and 10) that a test may damage."""
+  cfg, work = _trained_once
+  shutil.copytree(work, tmp_path / 'w')
+  return cfg.copy_and_resolve_references(), tmp_path / 'w'
+
+
+def test_truncated_array_file_is_a_clear_error(trained):
+  cfg, work = trained
+  files = sorted((work / 'checkpoints' / '10' / 'state').rglob('*'), key=lambda p: p.stat().st_size)
+  data_files = [f for f in files if f.is_file() and 'd' == f.parent.name]
+  victim = data_files[-1] if data_files else [f for f in files if f.is_file()][-1]
+  victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+  setup = Setup(cfg, jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1),
+                                       ('data', 'fsdp', 'tensor', 'sequence')))
+  with pytest.raises(CheckpointError, match=r'checkpoint step 10 in .*checkpoints is corrupt.*restore_step'):
+    Checkpointer(str(work), cfg.checkpoint).restore(10, setup.abstract_state)
+
+
+def test_half_written_step_is_never_latest(trained):
+  cfg, work = trained
+  # What a save killed before its commit leaves behind: Orbax's temporary directory.
+  tmp = work / 'checkpoints' / '15.orbax-checkpoint-tmp-1234'
+  (tmp / 'state').mkdir(parents=True)
+  (tmp / 'state' / 'garbage').write_bytes(b'\0' * 100)
+  assert Checkpointer(str(work), cfg.checkpoint).latest_step() == 10
+
+
+def test_shape_mismatch_names_the_parameter(trained, capsys):
+  cfg, work = trained
+  cfg.model.mlp_dim = 128
+  setup = Setup(cfg, jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1),
+                                       ('data', 'fsdp', 'tensor', 'sequence')))
+  with pytest.raises(CheckpointError, match=r"mlp.*down.*kernel.*\(2, 64, 32\).*\(2, 128, 32\)"):
+    Checkpointer(str(work), cfg.checkpoint).restore(10, setup.abstract_state)
+
+
+def test_restore_step_picks_an_earlier_checkpoint(trained, repo, capsys):
+  from jaxlm.cli import main  # noqa: PLC0415
+  cfg, work = trained
+  os.chdir(repo)
+  assert main(['eval', f'--workdir={work}', '--restore_step=5']) == 0
+  assert 'step 5: eval/loss' in capsys.readouterr().out

@@ -1,4 +1,9 @@
-"""``jaxlm <command> --flags``: train, eval, generate, plan.
+"""``jaxlm <command> --flags``: train, eval, generate, plan, and plug-in commands.
+
+Core commands (train/eval/generate/plan) take a config and live in
+jaxlm.commands. Other commands live in their own module, listed in
+``PLUGINS``, which provides ``define_flags(fv)`` and ``run(fv, args) -> int``
+(``args``: positional words after the command, e.g. ``jaxlm tokenizer train``).
 
 Every user error ends as one line on stderr and exit status 2; a traceback
 means a bug in jaxlm.
@@ -15,13 +20,20 @@ from ml_collections import config_flags
 from jaxlm.errors import ConfigError, JaxlmError
 
 COMMANDS = ('train', 'eval', 'generate', 'plan')
-USAGE = f"""usage: jaxlm {{{','.join(COMMANDS)}}} [--flags]
+PLUGINS = {
+    'prepare': 'jaxlm.data.prepare',  # corpus -> sharded ArrayRecord token store
+    'tokenizer': 'jaxlm.data.tokenizer_train',  # `jaxlm tokenizer train ...`
+    'convert': 'jaxlm.convert',  # Hugging Face import/export
+    'finetune': 'jaxlm.finetune',  # supervised fine-tuning from a checkpoint or HF model
+}
+USAGE = f"""usage: jaxlm {{{','.join(COMMANDS + tuple(PLUGINS))}}} [--flags]
 
   jaxlm train    --config=configs/demo.py --workdir=runs/demo [--config.train.steps=100 ...]
   jaxlm eval     --workdir=runs/demo [--config=F] [--restore_step=N]
   jaxlm generate --workdir=runs/demo --prompt='def ' [--max_new_tokens=200 --temperature=0.8
                  --top_k=40 --top_p=1.0 --seed=0]
   jaxlm plan     --config=configs/llama_70b.py [--config.mesh.fsdp=256]
+  jaxlm <plugin> --help   for prepare, tokenizer, convert, finetune
 """
 
 
@@ -114,10 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     print(USAGE)
     return 0
   command, rest = argv[0], argv[1:]
-  if command not in COMMANDS:
+  if command not in COMMANDS and command not in PLUGINS:
     print(f"jaxlm: error: unknown command '{command}'\n{USAGE}", file=sys.stderr)
     return 2
   try:
+    if command in PLUGINS:
+      return _run_plugin(command, rest)
     fv = parse(command, rest)
     from jaxlm import commands  # noqa: PLC0415  (imports jax; keep --help fast)
     return getattr(commands, command)(fv) or 0
@@ -127,6 +141,26 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     print('jaxlm: interrupted', file=sys.stderr)
     return 130
+
+
+def _run_plugin(command: str, argv: list[str]) -> int:
+  import importlib  # noqa: PLC0415
+  try:
+    module = importlib.import_module(PLUGINS[command])
+  except ModuleNotFoundError as e:
+    if e.name != PLUGINS[command]:
+      raise
+    raise ConfigError(f"command '{command}' is not available in this version") from None
+  fv = flags.FlagValues()
+  module.define_flags(fv)
+  if '--help' in argv or '-h' in argv:
+    print(f'usage: jaxlm {command} [--flags]\n{fv.main_module_help() or fv}')
+    return 0
+  try:
+    args = fv(['jaxlm'] + argv)[1:]
+  except flags.Error as e:
+    raise ConfigError(str(e).splitlines()[0]) from None
+  return module.run(fv, args) or 0
 
 
 if __name__ == '__main__':

@@ -123,10 +123,62 @@ KERNELS = {
 }
 
 
-def attend(q, k, v, m: MaskInfo, impl: str, chunk: int = 512) -> jax.Array:
+def _local_attend(q, k, v, m: MaskInfo, impl: str, chunk: int) -> jax.Array:
   if impl in ('chunked', 'splash'):
     return chunked_attention(q, k, v, m, chunk)
   return KERNELS[impl](q, k, v, m)
+
+
+def _sequence_axes():
+  """Mesh axes the 'act_length' logical axis is split over, if any are > 1."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return mesh, ()
+  axes = nn.logical_to_mesh_axes(('act_length',))[0]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return mesh, tuple(a for a in axes if mesh.shape[a] > 1)
+
+
+def attend(q, k, v, m: MaskInfo, impl: str, chunk: int = 512) -> jax.Array:
+  """Dispatches to a kernel; with the sequence split over devices, gathers K/V first.
+
+  Context parallelism (shard_map): each device keeps its slice of queries and
+  all-gathers keys, values and their mask info over the sequence axes, so
+  activations stay split by length everywhere else. Mask indices are global
+  slot indices, so causality holds across shards.
+  """
+  mesh, seq_axes = _sequence_axes()
+  if not seq_axes or q.shape[1] != k.shape[1]:  # decode (KV cache) runs unsplit
+    return _local_attend(q, k, v, m, impl, chunk)
+  spec = lambda *names: nn.logical_to_mesh_axes(names)
+  heads_ok = all(n % _axis_size(mesh, spec('act_heads')[0]) == 0 for n in (q.shape[2], k.shape[2]))
+  head = 'act_heads' if heads_ok else None
+  kv_head = 'act_kv_heads' if heads_ok else None
+  # kv heads must be split exactly like q heads for GQA grouping to stay local.
+  if heads_ok and spec('act_heads') != spec('act_kv_heads'):
+    head = kv_head = None
+  q_spec = spec('act_batch', 'act_length', head, None)
+  kv_spec = spec('act_batch', 'act_length', kv_head, None)
+  row_spec = spec('act_batch', 'act_length')
+
+  def local(q, k, v, qs, ks, qi, ki):
+    gather = lambda x: jax.lax.all_gather(x, seq_axes, axis=1, tiled=True)
+    mi = MaskInfo(qs, gather(ks), qi, gather(ki))
+    return _local_attend(q, gather(k), gather(v), mi, impl, chunk)
+
+  return jax.shard_map(
+      local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec, row_spec, row_spec),
+      out_specs=q_spec, check_vma=False)(q, k, v, m.q_segment, m.kv_segment, m.q_index, m.kv_index)
+
+
+def _axis_size(mesh, axes) -> int:
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else axes
+  size = 1
+  for a in axes:
+    size *= mesh.shape[a]
+  return size
 
 
 class Attention(nn.Module):

@@ -61,6 +61,8 @@ def initialize(coordinator_address: str = '', num_processes: int = 0, process_id
   log.info('process %d/%d: %d local devices, %d global (%s)', jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count(),
            jax.devices()[0].device_kind)
+  if jax.process_index() != 0:
+    log.setLevel(logging.WARNING)  # one console voice: process 0's
 
 
 def is_main() -> bool:

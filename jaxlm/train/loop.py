@@ -142,15 +142,19 @@ class _Signals:
     for sig, old in self._old.items():
       signal.signal(sig, old)
 
-  def preempted(self, step: int) -> bool:
-    if self.stop:
-      return True
-    if jax.process_count() > 1:
-      try:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-        return multihost_utils.reached_preemption_sync_point(step)
-      except Exception:  # noqa: BLE001  (no preemption service outside TPU pods)
-        return False
+  def preempted(self, step: int, sync_every: int) -> bool:
+    """Whether to stop after ``step``; all processes of a multi-host run agree on it."""
+    if jax.process_count() == 1:
+      return self.stop
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    try:
+      if multihost_utils.reached_preemption_sync_point(step):
+        return True
+    except Exception:  # noqa: BLE001  (no preemption service outside TPU pods)
+      pass
+    # A signal may reach only some processes; agree every few steps (a tiny all-gather).
+    if step % max(sync_every, 1) == 0:
+      return bool(np.any(multihost_utils.process_allgather(np.array(self.stop))))
     return False
 
 
@@ -253,7 +257,7 @@ class Trainer:
           bar.update(1)
         self._state = state
         out = hooks_lib.run_hooks(hooks, context(step))
-        stopping = self._stop_requested or signals.preempted(step)
+        stopping = self._stop_requested or signals.preempted(step, cfg.train.log_every)
         final = step == cfg.train.steps or stopping
         if final:  # every hook runs once more at the end (forced), e.g. final eval
           out.update(hooks_lib.run_hooks([h for h in hooks if not h.due(step, False)],

@@ -76,19 +76,32 @@ class Checkpointer:
             f'{tuple(saved[key])} but the config gives {tuple(v.shape)}')
 
   def restore(self, step: int, abstract_state, params_only: bool = False):
-    """Restores onto ``abstract_state``'s shardings (any mesh). Returns (state, data_state)."""
+    """Restores onto ``abstract_state``'s shardings (any mesh). Returns (state, data_state).
+
+    ``params_only``: reads only the parameters (no optimizer state, e.g. to
+    fine-tune); ``abstract_state`` may be a TrainState or just its params, and
+    the result is ``(params, None)``.
+    """
     if step not in self.steps():
       raise CheckpointError(f'no checkpoint for step {step} in {self.directory} '
                             f'(available: {self.steps() or "none"})')
+    if params_only:
+      abstract_state = {'params': getattr(abstract_state, 'params', abstract_state)}
     self._check_shapes(step, abstract_state)
     try:
       if params_only:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
+        # StandardCheckpointHandler refuses a partial tree; the PyTree handler reads
+        # the same files and can restore a subtree.
+        reader = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(create=False),
+            item_handlers={'state': ocp.PyTreeCheckpointHandler()})
+        restored = reader.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(
                 item=abstract_state,
                 restore_args=jax.tree.map(_restore_arg, abstract_state),
                 partial_restore=True)))
-        return restored['state'], None
+        reader.close()
+        return restored['state']['params'], None
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     except CheckpointError:

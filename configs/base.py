@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   d = c.data = ml_collections.ConfigDict()
   d.source = 'text'  # 'text', 'jsonl', 'arrayrecord' or 'pystdlib' (this Python's stdlib .py files)
   d.path = ''  # file, directory or glob for text/jsonl/arrayrecord
+  d.mixture = ''  # 'path1:0.7,path2:0.3' weighted sources (same data.source/tokenizer); '' = data.path only
   d.jsonl_field = 'text'  # JSONL key holding the document text
   d.tokenizer = 'byte'  # 'byte', 'sentencepiece' (.model file) or 'hf' (tokenizer.json)
   d.tokenizer_path = ''  # path for sentencepiece/hf tokenizers

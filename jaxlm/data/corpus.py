@@ -9,6 +9,7 @@ was dropped:
   empty           a record with no text (blank line, whitespace-only document)
   malformed_json  a JSONL line that is not JSON
   missing_field   a JSON value / Parquet row without a string in the text field
+  no_tokens       text the tokenizer turned into no tokens (counted by `jaxlm prepare`)
 """
 
 import collections
@@ -22,7 +23,7 @@ from jaxlm.errors import DataError
 
 FORMATS = ('text', 'jsonl', 'parquet')
 TEXT_UNITS = ('file', 'line')
-BAD_KINDS = ('invalid_utf8', 'empty', 'malformed_json', 'missing_field')
+BAD_KINDS = ('invalid_utf8', 'empty', 'malformed_json', 'missing_field', 'no_tokens')
 _PARQUET_BATCH = 4096  # rows per Arrow batch: bounded memory on files of any size
 
 

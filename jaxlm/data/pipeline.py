@@ -6,6 +6,11 @@ stream is the train windows repeated forever, reshuffled every epoch. Process p
 of P reads only rows `[p * B / P, (p + 1) * B / P)` of it, so changing the host
 count changes who reads a row, never which rows a step sees.
 
+With data.mixture set, the train windows are a weighted mix of several sources
+(`jaxlm.data.mixture`), still one random-access Grain dataset, so all of the
+above holds unchanged; eval batches mix every source's validation split in the
+same ratio.
+
 Iterator state is Grain's: `{'next_index': batches_already_returned}` with no
 workers; with `data.worker_count > 0`, Grain's multiprocess state (a small dict
 of per-worker next indices). Both are JSON-serializable and hold no data.
@@ -17,7 +22,7 @@ from typing import Dict, List
 import grain
 import numpy as np
 
-from jaxlm.data import packing, sources
+from jaxlm.data import mixture, packing, sources
 from jaxlm.errors import DataError
 
 Batch = Dict[str, np.ndarray]  # packing.BATCH_KEYS -> [batch, length]
@@ -94,15 +99,21 @@ class DataPipeline:
     self.seq_len = int(cfg.data.seq_len)
     self.global_batch = int(cfg.train.batch_size)
     self.local_batch = _local_batch(self.global_batch, process_count, 'train.batch_size')
-    self.store = store if store is not None else sources.load_tokens(cfg.data, tokenizer)
-    train, val = packing.train_val_split(self.store, float(cfg.data.val_fraction))
-    self.train_windows = packing.Windows(train, self.seq_len)
-    self.val_windows = packing.Windows(val, self.seq_len)
-    if len(self.train_windows) < self.global_batch:
-      raise DataError(
-          f"data.path '{self.store.description}': train split has {len(train[0])} tokens = "
-          f'{len(self.train_windows)} windows of data.seq_len {self.seq_len}, fewer than one '
-          f'global batch of train.batch_size {self.global_batch}')
+    if store is None and cfg.data.mixture:
+      self.sources = mixture.load_sources(cfg, tokenizer)
+    else:
+      store = store if store is not None else sources.load_tokens(cfg.data, tokenizer)
+      self.sources = [mixture.make_source(store.description, 1.0, store,
+                                          float(cfg.data.val_fraction), self.seq_len)]
+    # For a mixture, the first source's (`self.sources` has them all).
+    self.store, self.train_windows, self.val_windows = (
+        self.sources[0].store, self.sources[0].train, self.sources[0].val)
+    for s in self.sources:
+      if len(s.train) < self.global_batch:
+        raise DataError(
+            f"data.path '{s.store.description}': train split has {len(s.train.tokens)} tokens = "
+            f'{len(s.train)} windows of data.seq_len {self.seq_len}, fewer than one '
+            f'global batch of train.batch_size {self.global_batch}')
     self._eval = None
     logging.info('data: %d docs, %d tokens (%s); %d train / %d val windows of %d tokens',
                  self.store.num_docs, len(self.store), tokenizer.name, len(self.train_windows),
@@ -110,16 +121,25 @@ class DataPipeline:
 
   @property
   def steps_per_epoch(self) -> int:
-    """Global batches per pass over the train windows (rounded down)."""
+    """Global batches per pass over the train windows (rounded down).
+
+    For a mixture: until the source with the fewest windows for its weight runs out.
+    """
+    if len(self.sources) > 1:
+      return mixture.epoch_windows(self.sources) // self.global_batch
     return len(self.train_windows) // self.global_batch
 
   def train_dataset(self) -> grain.IterDataset:
     """The infinite per-process train batches, `[batch // processes, seq_len]` per key."""
     data = self.cfg.data
-    ds = grain.MapDataset.source(self.train_windows)
-    if data.shuffle:
-      ds = ds.shuffle(seed=_epoch_seed(int(data.seed)))
-    ds = ds.repeat()
+    seed = _epoch_seed(int(data.seed))
+    if len(self.sources) > 1:
+      ds = mixture.train_dataset(self.sources, seed, bool(data.shuffle))
+    else:
+      ds = grain.MapDataset.source(self.train_windows)
+      if data.shuffle:
+        ds = ds.shuffle(seed=seed)
+      ds = ds.repeat()
     ds = _ProcessRows(ds, self.global_batch, self.process_index, self.process_count)
     ds = ds.batch(self.local_batch, drop_remainder=True)
     # A small read-ahead: Grain's default buffer (hundreds of batches) costs memory, not speed,
@@ -142,18 +162,21 @@ class DataPipeline:
     """`eval.batches` per-process validation batches, `[eval_batch // processes, seq_len]`.
 
     The same list on every call: validation windows in order, from the first,
-    wrapping around when there are fewer than the batches need.
+    wrapping around when there are fewer than the batches need (for a mixture,
+    each source's in order, interleaved in the weight ratio).
     """
     if self._eval is None:
-      if not len(self.val_windows):
-        raise DataError(f"data.path '{self.store.description}': validation split is empty "
-                        f'(data.val_fraction {self.cfg.data.val_fraction}, '
-                        f'{len(self.store)} tokens)')
+      for s in self.sources:
+        if not len(s.val):
+          raise DataError(f"data.path '{s.store.description}': validation split is empty "
+                          f'(data.val_fraction {self.cfg.data.val_fraction}, '
+                          f'{len(s.store)} tokens)')
       size = int(self.cfg.eval.batch_size) or self.global_batch
       key = 'eval.batch_size' if self.cfg.eval.batch_size else 'train.batch_size'
       local = _local_batch(size, self.process_count, key)
       # The source indexes modulo its length, so repeat() is the wrap-around.
-      ds = grain.MapDataset.source(self.val_windows).repeat()
+      ds = (mixture.val_dataset(self.sources) if len(self.sources) > 1 else
+            grain.MapDataset.source(self.val_windows).repeat())
       ds = _ProcessRows(ds, size, self.process_index, self.process_count)
       ds = ds.batch(local, drop_remainder=True)
       self._eval = [ds[k] for k in range(int(self.cfg.eval.batches))]

@@ -63,7 +63,15 @@ def load_tokens(data_cfg, tokenizer) -> TokenStore:
     docs = (tokenizer.encode(t) for t in texts)
   else:
     where = data_cfg.path
-    docs = _arrayrecord_docs(_match_files(where, ('*.array_record*', '*.arrayrecord')))
+    files = _match_files(where, ('*.array_record*', '*.arrayrecord'))
+    docs = _arrayrecord_docs(files)
+    stored = _manifest(files)  # a `jaxlm prepare` store may hold its specials already
+    if not stored.get('complete', True):
+      raise DataError(f"data.path '{where}' is a partly written store; finish it by running "
+                      'the same `jaxlm prepare` command again')
+    if stored.get('add_bos') or stored.get('add_eos'):
+      data_cfg = _Specials(data_cfg.add_bos and not stored.get('add_bos'),
+                           data_cfg.add_eos and not stored.get('add_eos'))
   store = _concatenate(_take(docs, limit), tokenizer, data_cfg, skipped, where)
   if skipped[0]:
     logging.warning('%s: skipped %d JSONL lines without a %r string', where, skipped[0],
@@ -159,16 +167,30 @@ def _jsonl_texts(files: Sequence[Path], field: str, skipped: List[int]) -> Itera
           skipped[0] += 1
 
 
-def _record_dtype(files: Sequence[Path]) -> np.dtype:
-  """Token dtype from a `manifest.json` beside the first file, else little-endian uint32."""
+@dataclasses.dataclass
+class _Specials:
+  """The specials still to add around each document (the rest are in the records)."""
+  add_bos: bool
+  add_eos: bool
+
+
+def _manifest(files: Sequence[Path]) -> dict:
+  """The `manifest.json` beside the first file ({} if none)."""
   manifest = files[0].parent / 'manifest.json'
   if not manifest.is_file():
-    return np.dtype('<u4')
+    return {}
   try:
-    dtype = json.loads(manifest.read_text()).get('dtype', 'uint32')
-    return np.dtype(dtype).newbyteorder('<')
+    return dict(json.loads(manifest.read_text()))
+  except (ValueError, TypeError) as e:
+    raise DataError(f"'{manifest}' is not a JSON object: {e}") from None
+
+
+def _record_dtype(files: Sequence[Path]) -> np.dtype:
+  """Token dtype from a `manifest.json` beside the first file, else little-endian uint32."""
+  try:
+    return np.dtype(_manifest(files).get('dtype', 'uint32')).newbyteorder('<')
   except (ValueError, TypeError, AttributeError) as e:
-    raise DataError(f"'{manifest}' has no valid dtype: {e}") from None
+    raise DataError(f"'{files[0].parent / 'manifest.json'}' has no valid dtype: {e}") from None
 
 
 def _arrayrecord_docs(files: Sequence[Path]) -> Iterator[np.ndarray]:

@@ -23,7 +23,9 @@ def test_loss_falls_within_50_steps(tiny_cfg, tmp_path):
   tiny_cfg.train.log_every = 5
   tiny_cfg.eval.every = 0
   tiny_cfg.checkpoint.every = 0
+  tiny_cfg.train.profile_steps = '3,5'
   out = Trainer(tiny_cfg, str(tmp_path / 'w'), devices=_one_device()).run()
+  assert list((tmp_path / 'w' / 'profile').rglob('*.xplane.pb'))  # TensorBoard profile trace
   losses = [l for _, l in _losses(tmp_path / 'w')]
   assert losses[-1] < losses[0] - 1.0, losses
   assert out['step'] == 50 and 'eval/loss' in out  # the final eval always runs

@@ -89,6 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
   e.sample_prompts = ''  # '|'-separated prompts for periodic samples
   e.sample_tokens = 64  # tokens generated per sample
   e.hooks = ''  # comma list of 'module:function' user hooks, called every eval.every steps
+  e.multiple_choice = ''  # JSONL of {context, choices, label} scored every eval.every steps ('' = off)
 
   # ---- checkpoints (Orbax).
   k = c.checkpoint = ml_collections.ConfigDict()

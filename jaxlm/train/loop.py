@@ -21,6 +21,7 @@ from jaxlm import runtime, sharding
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import make_pipeline
 from jaxlm.errors import ConfigError
+from jaxlm.evals.multiple_choice import multiple_choice_hook
 from jaxlm.generate import generate
 from jaxlm.model.transformer import build_model, param_count
 from jaxlm.train import metrics as metrics_lib
@@ -309,6 +310,8 @@ class Trainer:
     prompts = [p for p in e.sample_prompts.split('|') if p]
     if prompts and e.sample_every:
       hooks.append(hooks_lib.sample_hook(prompts, e.sample_tokens, e.sample_every))
+    if e.multiple_choice:
+      hooks.append(multiple_choice_hook(e.multiple_choice, every))
     for spec in filter(None, (s.strip() for s in e.hooks.split(','))):
       hooks.append(hooks_lib.load_user_hook(spec, every))
     return hooks

@@ -77,8 +77,8 @@ def validate(cfg, need_data: bool = True) -> None:
                       f'train.grad_accum={t.grad_accum}')
   if not 0.0 <= d.val_fraction < 1.0:
     raise ConfigError(f'data.val_fraction={d.val_fraction} must be in [0, 1)')
-  if need_data and d.source != 'pystdlib' and not d.path:
-    raise ConfigError(f"data.path is empty but data.source='{d.source}' needs one")
+  if need_data and d.source != 'pystdlib' and not d.path and not d.mixture:
+    raise ConfigError(f"data.path is empty but data.source='{d.source}' needs one (or data.mixture)")
   if need_data and d.tokenizer != 'byte' and not d.tokenizer_path:
     raise ConfigError(f"data.tokenizer_path is empty but data.tokenizer='{d.tokenizer}' needs one")
   if t.profile_steps:

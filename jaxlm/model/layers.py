@@ -4,6 +4,7 @@ Every parameter is created through ``param_init`` with logical axis names;
 jaxlm.sharding maps those names to the mesh.
 """
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -30,6 +31,41 @@ def ones_init(axes: Sequence[str]):
   return nn.with_logical_partitioning(nn.initializers.ones_init(), tuple(axes))
 
 
+def _contract_last(x, kernel, n_in: int) -> jax.Array:
+  """x [..., *in_dims] @ kernel [*in_dims, *features] -> [..., *features]."""
+  contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+  return jax.lax.dot_general(x, kernel, (contract, ((), ())))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _contract_last_cpu(x, kernel, n_in: int) -> jax.Array:
+  """``_contract_last`` whose backward keeps the output gradient out of XLA:CPU's transposes.
+
+  The kernel gradient x^T @ dy needs one operand transposed in memory on
+  XLA:CPU; left alone, XLA fuses dy's producers (GELU/norm backward) into that
+  transpose, which then runs as a strided, unvectorized loop (~40% of a small
+  GPT step). The barrier makes dy a plain array first. Same dots as autodiff.
+  """
+  return _contract_last(x, kernel, n_in)
+
+
+def _contract_last_fwd(x, kernel, n_in):
+  return _contract_last(x, kernel, n_in), (x, kernel)
+
+
+def _contract_last_bwd(n_in, res, dy):
+  x, kernel = res
+  dy = jax.lax.optimization_barrier(dy)
+  lead = tuple(range(x.ndim - n_in))
+  out = tuple(range(len(lead), dy.ndim))
+  dx = jax.lax.dot_general(dy, kernel, ((out, tuple(range(n_in, kernel.ndim))), ((), ())))
+  dk = jax.lax.dot_general(x, dy, ((lead, lead), ((), ())))
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_contract_last_cpu.defvjp(_contract_last_fwd, _contract_last_bwd)
+
+
 class Dense(nn.Module):
   """x @ kernel (+ bias) over the last ``len(in_axes)`` axes of x.
 
@@ -51,8 +87,8 @@ class Dense(nn.Module):
     shape = tuple(x.shape[-n_in:]) + tuple(self.features)
     pdt, cdt = dtype_of(self.param_dtype), dtype_of(self.dtype)
     kernel = self.param('kernel', param_init(self.std, self.in_axes + self.out_axes), shape, pdt)
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x.astype(cdt), kernel.astype(cdt), (contract, ((), ())))
+    matmul = _contract_last_cpu if jax.default_backend() == 'cpu' else _contract_last
+    y = matmul(x.astype(cdt), kernel.astype(cdt), n_in)
     if self.use_bias:
       bias = self.param('bias', zeros_init(self.out_axes), tuple(self.features), pdt)
       y = y + bias.astype(cdt)

@@ -66,7 +66,8 @@ def load_sources(cfg, tokenizer) -> List[Source]:
     data = cfg.data.copy_and_resolve_references()
     data.path = path
     store = sources.load_tokens(data, tokenizer)
-    out.append(make_source(path, weight, store, float(cfg.data.val_fraction), int(cfg.data.seq_len)))
+    out.append(make_source(path, weight, store, float(cfg.data.val_fraction),
+                           int(cfg.data.seq_len)))
   total = sum(s.weight for s in out)
   for s in out:
     share = s.weight / total

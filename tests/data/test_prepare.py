@@ -23,7 +23,8 @@ ZH_EN = ['今天天气很好，我们去公园散步吧。', 'Machine learning �
          'line one\nline two 第二行', '北京', 'tail']
 # Each bad line, and the kind `jaxlm prepare` must count it as.
 BAD = [(b'\xff\xfe not utf-8', 'invalid_utf8'), (b'', 'empty'), (b'{"text": "  "}', 'empty'),
-       (b'{"text": "unterminated', 'malformed_json'), (b'{"body": "no text field"}', 'missing_field'),
+       (b'{"text": "unterminated', 'malformed_json'),
+       (b'{"body": "no text field"}', 'missing_field'),
        (b'{"text": 7}', 'missing_field'), (b'["text"]', 'missing_field')]
 
 
@@ -59,7 +60,8 @@ def test_shakespeare_with_workers_decodes_back(bpe, tmp_path):
                   '--workers=2') == 0
   manifest = json.loads((out / 'manifest.json').read_text())
   assert manifest['complete'] and manifest['dtype'] == 'uint16'
-  assert [s['file'] for s in manifest['shards']] == [f'shard-0000{i}.array_record' for i in range(3)]
+  assert [s['file'] for s in manifest['shards']] == [f'shard-0000{i}.array_record'
+                                                     for i in range(3)]
   assert manifest['tokenizer']['kind'] == 'hf' and manifest['tokenizer']['sha256']
   assert manifest['bad_records'] == {'empty': 7223}  # tinyshakespeare's blank lines
   lines = [l for l in SHAKESPEARE.read_text().split('\n') if l.strip()]

@@ -37,7 +37,8 @@ def test_train_load_roundtrip(tmp_path, capsys, kind, name, file):
   assert f'-> {tmp_path / "tok" / file}' in out.out
   bpt = float(out.out.split('held-out compression: ')[1].split()[0])
   assert 1.5 < bpt < 6.0, out.out  # better than bytes; a 512 vocab is far from words
-  tok = get_tokenizer(types.SimpleNamespace(tokenizer=name, tokenizer_path=str(tmp_path / 'tok' / file)))
+  path = str(tmp_path / 'tok' / file)
+  tok = get_tokenizer(types.SimpleNamespace(tokenizer=name, tokenizer_path=path))
   assert tok.vocab_size <= 512 and (tok.bos_id, tok.eos_id) == (0, 1)
   assert tok.decode(tok.encode(PROBE)) == PROBE
   # Chinese is learned, not left as raw bytes: fewer tokens than UTF-8 bytes.

@@ -2,7 +2,6 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 
 .PHONY: install demo test clean
 
@@ -10,17 +9,23 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml
+# The demo needs only the package; tests add pytest and the HF extra
+# (transformers + the CPU torch wheel) for the import/export parity tests.
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test,hf]'
-	touch $(STAMP)
+	touch $@
 
-install: $(STAMP)
+install: $(VENV)/.installed
 
-demo: $(STAMP)
+demo: $(VENV)/.installed
 	$(BIN)/jaxlm train --config=configs/demo.py --workdir=runs/demo
 	$(BIN)/jaxlm generate --workdir=runs/demo --prompt='def ' --max_new_tokens=200 --temperature=0.8 --top_k=40
 
-test: $(STAMP)
+test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -x --timeout=900 tests
 
 clean:

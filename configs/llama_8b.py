@@ -1,4 +1,7 @@
-"""Llama 3 8B (Meta, 2024, "The Llama 3 Herd of Models"; Meta-Llama-3-8B config.json)."""
+"""Llama 3 8B (Meta, 2024, "The Llama 3 Herd of Models"; Meta-Llama-3-8B config.json).
+
+Also the Llama 3 family recipe that llama_1b.py and llama_70b.py start from.
+"""
 
 import pathlib
 import runpy

@@ -39,16 +39,7 @@ def _saved_run(fv):
   workdir = _workdir(fv)
   runtime.initialize()
   cfg = fv.config if fv.config is not None else config_lib.load_saved(workdir)
-  try:
-    mesh = mesh_lib.make_mesh(cfg.mesh)
-  except ConfigError:
-    # Trained on another device count: the checkpoint reshards onto this one.
-    with cfg.unlocked():
-      for k in ('fsdp', 'tensor', 'sequence', 'dcn_data', 'dcn_fsdp'):
-        cfg.mesh[k] = 1
-      cfg.mesh.data = -1
-    mesh = mesh_lib.make_mesh(cfg.mesh)
-  setup = Setup(cfg, mesh)
+  setup = Setup(cfg, mesh_lib.fit_to_host(cfg))
   ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
   step = fv.restore_step if fv.restore_step is not None else ckpt.latest_step()
   if step is None:

@@ -160,16 +160,7 @@ def load(path: str, restore_step: int | None = None, mesh_overrides: dict | None
   with cfg.unlocked():
     for k, v in (mesh_overrides or {}).items():
       cfg.mesh[k] = v
-  try:
-    mesh = mesh_lib.make_mesh(cfg.mesh)
-  except ConfigError:
-    if mesh_overrides:
-      raise
-    with cfg.unlocked():
-      for k in ('fsdp', 'tensor', 'sequence', 'dcn_data', 'dcn_fsdp'):
-        cfg.mesh[k] = 1
-      cfg.mesh.data = -1
-    mesh = mesh_lib.make_mesh(cfg.mesh)
+  mesh = mesh_lib.make_mesh(cfg.mesh) if mesh_overrides else mesh_lib.fit_to_host(cfg)
   setup = Setup(cfg, mesh)
   if hf_tensors is not None:
     return Loaded(cfg, setup, _device_params(setup, hf.to_params(hf_tensors, cfg.model)), 0)

@@ -102,3 +102,19 @@ def _fold_dcn(mesh_cfg):
 def data_parallel_size(mesh: Mesh) -> int:
   """Number of ways the batch is split (data x fsdp)."""
   return mesh.shape['data'] * mesh.shape['fsdp']
+
+
+def fit_to_host(cfg) -> Mesh:
+  """The config's mesh if it fits these devices, else all data-parallel (cfg.mesh updated).
+
+  For commands that restore a run trained elsewhere (eval, generate, convert):
+  checkpoints reshard onto any mesh, so a device-count mismatch is not an error.
+  """
+  try:
+    return make_mesh(cfg.mesh)
+  except ConfigError:
+    with cfg.unlocked():
+      for k in ('fsdp', 'tensor', 'sequence', 'dcn_data', 'dcn_fsdp'):
+        cfg.mesh[k] = 1
+      cfg.mesh.data = -1
+    return make_mesh(cfg.mesh)

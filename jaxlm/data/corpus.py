@@ -36,6 +36,17 @@ class Bad:
 Record = Union[str, Bad]
 
 
+def define_input_flags(fv) -> None:
+  """The corpus-reading flags shared by `jaxlm prepare` and `jaxlm tokenizer train`."""
+  from absl import flags  # noqa: PLC0415
+  flags.DEFINE_string('input', None, 'files, directories or globs, comma-separated', flag_values=fv)
+  flags.DEFINE_enum('format', 'text', FORMATS, 'input format', flag_values=fv)
+  flags.DEFINE_string('field', 'text', 'JSONL key / Parquet column holding the text',
+                      flag_values=fv)
+  flags.DEFINE_enum('text_unit', 'file', TEXT_UNITS,
+                    "--format=text: one document per 'file' or per 'line'", flag_values=fv)
+
+
 def match_inputs(spec: str, flag: str = '--input') -> List[Path]:
   """'GLOB[,GLOB...]' (files, directories or globs) -> the files, each glob's sorted in turn.
 

@@ -45,12 +45,7 @@ _TOKENIZER = None  # per worker process, built once by _init_worker
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-  flags.DEFINE_string('input', None, "files, directories or globs, comma-separated", flag_values=fv)
-  flags.DEFINE_enum('format', 'text', corpus.FORMATS, 'input format', flag_values=fv)
-  flags.DEFINE_string('field', 'text', 'JSONL key / Parquet column holding the text',
-                      flag_values=fv)
-  flags.DEFINE_enum('text_unit', 'file', corpus.TEXT_UNITS,
-                    "--format=text: one document per 'file' or per 'line'", flag_values=fv)
+  corpus.define_input_flags(fv)
   flags.DEFINE_string('output', None, 'store directory (shards + manifest.json)', flag_values=fv)
   flags.DEFINE_enum('tokenizer', 'byte', ('byte', 'sentencepiece', 'hf'), 'tokenizer kind',
                     flag_values=fv)

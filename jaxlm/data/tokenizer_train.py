@@ -34,12 +34,7 @@ _SP_MAX_LINE = 1 << 16  # bytes; SentencePiece drops longer sentences, so lines 
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-  flags.DEFINE_string('input', None, 'files, directories or globs, comma-separated', flag_values=fv)
-  flags.DEFINE_enum('format', 'text', corpus.FORMATS, 'input format', flag_values=fv)
-  flags.DEFINE_string('field', 'text', 'JSONL key / Parquet column holding the text',
-                      flag_values=fv)
-  flags.DEFINE_enum('text_unit', 'file', corpus.TEXT_UNITS,
-                    "--format=text: one document per 'file' or per 'line'", flag_values=fv)
+  corpus.define_input_flags(fv)
   flags.DEFINE_enum('kind', 'bpe', tuple(_KINDS), 'byte-level BPE (HF tokenizers) or '
                     'SentencePiece (unigram, byte fallback)', flag_values=fv)
   flags.DEFINE_integer('vocab_size', 32000, 'vocabulary size, specials included', flag_values=fv)

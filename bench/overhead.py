@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / 'bench'))
 
 import jax  # noqa: E402
 
-from step_speed import apply_overrides, time_steps  # noqa: E402
+from step_speed import apply_overrides, config_overrides, time_steps  # noqa: E402
 
 from jaxlm import runtime  # noqa: E402
 from jaxlm.data.pipeline import make_pipeline  # noqa: E402
@@ -77,10 +77,7 @@ def main(argv=None):
   ap.add_argument('--warmup', type=int, default=50, help='loop steps before timing starts')
   ap.add_argument('--repeats', type=int, default=3, help='alternating bare/loop runs')
   args, rest = ap.parse_known_args(argv)
-  overrides = [a[len('--config.'):] for a in rest if a.startswith('--config.')]
-  unknown = [a for a in rest if not a.startswith('--config.')]
-  if unknown:
-    ap.error(f'unknown arguments: {unknown}')
+  overrides = config_overrides(ap, rest)
   os.chdir(REPO)  # the config's data.path is relative to the repo root
   cfg = runpy.run_path(args.config)['get_config']()
   cfg.train.steps = args.steps

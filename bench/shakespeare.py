@@ -48,7 +48,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'bench'))
 
-from step_speed import apply_overrides  # noqa: E402
+from step_speed import apply_overrides, config_overrides  # noqa: E402
 
 import jax  # noqa: E402
 
@@ -110,10 +110,7 @@ def main(argv=None):
   ap.add_argument('--full_val', action='store_true',
                   help='also print the whole-validation-split loss at the stop (untimed)')
   args, rest = ap.parse_known_args(argv)
-  overrides = [a[len('--config.'):] for a in rest if a.startswith('--config.')]
-  unknown = [a for a in rest if not a.startswith('--config.')]
-  if unknown:
-    ap.error(f'unknown arguments: {unknown}')
+  overrides = config_overrides(ap, rest)
 
   os.chdir(REPO)  # the config's data.path is relative to the repo root
   cfg = apply_overrides(runpy.run_path(args.config)['get_config'](), overrides)

@@ -43,6 +43,14 @@ def nanogpt_config():
   return c
 
 
+def config_overrides(ap, rest):
+  """The '--config.a.b=v' arguments left by argparse, as 'a.b=v'; anything else is an error."""
+  unknown = [a for a in rest if not a.startswith('--config.')]
+  if unknown:
+    ap.error(f'unknown arguments: {unknown}')
+  return [a[len('--config.'):] for a in rest]
+
+
 def apply_overrides(cfg, overrides):
   """'a.b=v' strings -> cfg.a.b = literal(v) (or the string when not a literal)."""
   for item in overrides:
@@ -105,10 +113,7 @@ def main(argv=None):
   ap.add_argument('--steps', type=int, default=50, help='steps per timing')
   ap.add_argument('--repeats', type=int, default=7, help='timings; the median is reported')
   args, rest = ap.parse_known_args(argv)
-  overrides = [a[len('--config.'):] for a in rest if a.startswith('--config.')]
-  unknown = [a for a in rest if not a.startswith('--config.')]
-  if unknown:
-    ap.error(f'unknown arguments: {unknown}')
+  overrides = config_overrides(ap, rest)
   cfg = runpy.run_path(args.config)['get_config']() if args.config else nanogpt_config()
   cfg = apply_overrides(cfg, overrides)
 

@@ -96,6 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
   k.every = 500  # steps between checkpoints (a final one is always written)
   k.keep = 3  # most recent checkpoints kept
   k.keep_period = 0  # also keep every Nth step forever (0 = off)
+  k.keep_best = 0  # also keep the N lowest-eval-loss checkpoints in checkpoints_best (0 = off)
   k.async_save = True  # save in the background while training continues
 
   # ---- device mesh: product of all axes must equal the device count; -1 = the rest.

@@ -64,6 +64,12 @@ def validate(cfg, need_data: bool = True) -> None:
   for key in positive:
     if _get(cfg, key) <= 0:
       raise ConfigError(f'{key}={_get(cfg, key)} must be positive')
+  for key in ('checkpoint.keep_period', 'checkpoint.keep_best', 'checkpoint.every'):
+    if _get(cfg, key) < 0:
+      raise ConfigError(f'{key}={_get(cfg, key)} must be >= 0')
+  if cfg.checkpoint.keep_best and not cfg.eval.every:
+    raise ConfigError(f'checkpoint.keep_best={cfg.checkpoint.keep_best} ranks checkpoints by '
+                      'eval loss, so it needs eval.every > 0')
   if m.n_heads % m.n_kv_heads:
     raise ConfigError(f'model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}')
   if not m.head_dim and m.d_model % m.n_heads:

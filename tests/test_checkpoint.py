@@ -165,3 +165,38 @@ def test_restore_step_picks_an_earlier_checkpoint(trained, repo, capsys):
   os.chdir(repo)
   assert main(['eval', f'--workdir={work}', '--restore_step=5']) == 0
   assert 'step 5: eval/loss' in capsys.readouterr().out
+
+
+def test_keep_policy_last_k_every_mth_and_best_by_eval_loss(tiny_cfg, tmp_path, repo, capsys):
+  from jaxlm.cli import main  # noqa: PLC0415
+  cfg = tiny_cfg
+  cfg.train.steps = 20
+  cfg.optim.lr = 3e-2  # high enough that eval loss is not monotone, so "best" is not "last"
+  cfg.checkpoint.every = 5
+  cfg.checkpoint.keep = 2
+  cfg.checkpoint.keep_period = 10
+  cfg.checkpoint.keep_best = 2
+  cfg.eval.every = 5
+  work = tmp_path / 'w'
+  Trainer(cfg, str(work), devices=jax.devices()[:1]).run()
+
+  ckpt = Checkpointer(str(work), cfg.checkpoint, read_only=True)
+  assert ckpt.steps() == [10, 15, 20]  # last 2 plus every 10th
+  rows = [json.loads(l) for l in (work / 'metrics.jsonl').read_text().splitlines()]
+  evals = {r['step']: r['eval/loss'] for r in rows if 'eval/loss' in r}
+  assert sorted(evals) == [5, 10, 15, 20]
+  two_best = sorted(evals, key=evals.get)[:2]
+  kept = ckpt.best_steps()
+  assert sorted(kept) == sorted(two_best)
+  np.testing.assert_allclose([kept[s] for s in two_best], [evals[s] for s in two_best])
+  ckpt.close()
+
+  # --restore_step finds a step kept only among the best, and its eval loss is the logged one.
+  only_best = [s for s in two_best if s not in (10, 15, 20)]
+  step = only_best[0] if only_best else two_best[0]
+  os.chdir(repo)
+  assert main(['eval', f'--workdir={work}', f'--restore_step={step}']) == 0
+  out = capsys.readouterr().out
+  assert f'step {step}: eval/loss {evals[step]:.4f}' in out
+  assert main(['eval', f'--workdir={work}', '--restore_step=7']) == 2
+  assert 'best by eval loss' in capsys.readouterr().err

@@ -270,6 +270,9 @@ class Trainer:
             bar.write(f"step {step}: eval/loss {out['eval/loss']:.4f}")
         if final or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
           ckpt.save(step, state, it.get_state(), force=final)
+        if 'eval/loss' in out and ckpt.save_best(step, state, it.get_state(), out['eval/loss']):
+          log.info('checkpoint: step %d is among the %d best by eval/loss (%.4f) in %s',
+                   step, ckpt.keep_best, out['eval/loss'], ckpt.best_directory)
         if out or step == step_last:
           # Keep eval and checkpoint time out of the next tokens/s figure.
           jax.block_until_ready(state)

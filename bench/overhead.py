@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import runpy
+import shutil
 import statistics
 import sys
 import tempfile
@@ -54,6 +55,7 @@ def loop_tokens_per_sec(cfg, warmup: int) -> tuple[float, float]:
   tokens = cfg.train.batch_size * cfg.data.seq_len * (last - warmup)
   wall = tokens / (stamps[last] - stamps[warmup])
   rows = [json.loads(l) for l in Path(workdir, 'metrics.jsonl').read_text().splitlines()]
+  shutil.rmtree(workdir)  # checkpoints of repeated runs add up
   logged = [r['train/tokens_per_sec'] for r in rows
             if 'train/tokens_per_sec' in r and r['step'] > warmup]
   return wall, statistics.median(logged)

@@ -123,13 +123,7 @@ def plan(fv) -> int:
   print(f'per device  {_gib(params_dev + opt_dev)} params+opt state, '
         f'~{_gib(params_dev + opt_dev + acts)} with activations')
   if isinstance(mesh, jax.sharding.Mesh) and n_dev == jax.device_count() and setup.n_params < 5e9:
-    batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len),
-                                     np.float32 if k == 'loss_mask' else np.int32,
-                                     sharding=setup.batch_sharding)
-             for k in ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')}
-    from jaxlm import sharding  # noqa: PLC0415
-    with sharding.activate(setup.mesh, setup.rules):
-      mem = setup._train_step.lower(st, batch).compile().memory_analysis()  # noqa: SLF001
+    mem = setup.train_step_memory()
     if mem is not None:
       print(f'compiled    args {_gib(mem.argument_size_in_bytes)}, temps '
             f'{_gib(mem.temp_size_in_bytes)}, outputs {_gib(mem.output_size_in_bytes)} '

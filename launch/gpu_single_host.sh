@@ -8,6 +8,7 @@
 #   CUDA_VISIBLE_DEVICES=0,1,2,3 launch/gpu_single_host.sh ...    # use a subset of the GPUs
 #   XLA_FLAGS='--xla_dump_to=/tmp/hlo' launch/gpu_single_host.sh ... # your flags go last and win
 #   JAXLM='.venv/bin/jaxlm' launch/gpu_single_host.sh ...           # a jaxlm not on PATH
+#   eval "$(launch/gpu_single_host.sh --print-env)"                  # just export the settings
 #
 # All arguments go to `jaxlm train`. launch/slurm_gpu.sbatch runs this script once per node.
 # The XLA flags below target Hopper (H100/H200) with FSDP over scanned layers; they were
@@ -42,5 +43,14 @@ export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/jaxl
 # Multi-node clusters usually also need NCCL_SOCKET_IFNAME / NCCL_IB_HCA (site specific).
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-1}"
+
+if [[ "${1:-}" == "--print-env" ]]; then
+  # For other programs (bench/throughput.py): eval "$(launch/gpu_single_host.sh --print-env)"
+  for var in XLA_FLAGS XLA_PYTHON_CLIENT_MEM_FRACTION JAX_COMPILATION_CACHE_DIR NCCL_DEBUG \
+             TF_CPP_MIN_LOG_LEVEL; do
+    printf 'export %s=%q\n' "$var" "${!var}"
+  done
+  exit 0
+fi
 
 exec ${JAXLM:-jaxlm} train "$@"

@@ -3,8 +3,9 @@
 Loop: ``Trainer(cfg, workdir).run()`` -- what ``jaxlm train`` runs -- with the
 real data pipeline, metrics every ``train.log_every`` steps (metrics.jsonl,
 tensorboard, progress bar) and async Orbax checkpoints every 100 steps. A hook
-stamps the wall clock at every step; tokens/s is taken between steps
-``--warmup`` and the last, so checkpoint and logging time are counted (the
+waits for the state and stamps the wall clock at step ``--warmup`` and at the
+last step; tokens/s is taken between them, so checkpoint and logging time are
+counted (the
 loop's own ``train/tokens_per_sec`` leaves checkpoint time out; its median is
 printed too).
 
@@ -48,8 +49,15 @@ def loop_tokens_per_sec(cfg, warmup: int) -> tuple[float, float]:
   stamps = {}
   workdir = tempfile.mkdtemp(prefix='jaxlm_overhead_')
   trainer = Trainer(cfg, workdir)
-  trainer.add_hook(Hook(lambda ctx: stamps.__setitem__(ctx.step, time.perf_counter()),
-                        every=1, at_end=False, name='clock'))
+
+  def clock(ctx):
+    # Dispatch is asynchronous: the loop can run dozens of steps ahead of the
+    # computation, so both ends of the timed window wait for the state first.
+    if ctx.step in (warmup, cfg.train.steps):
+      jax.block_until_ready(ctx.state)
+      stamps[ctx.step] = time.perf_counter()
+
+  trainer.add_hook(Hook(clock, every=1, at_end=False, name='clock'))
   trainer.run()
   last = max(stamps)
   tokens = cfg.train.batch_size * cfg.data.seq_len * (last - warmup)

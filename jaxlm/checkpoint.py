@@ -45,6 +45,7 @@ class Checkpointer:
     ))
     self.keep_best = ckpt_cfg.get('keep_best', 0)
     self.best = None  # opened on first use: most runs never write or read it
+    self._best_losses: dict[int, float] = {}
     self._best_options = ocp.CheckpointManagerOptions(
         max_to_keep=self.keep_best or None,
         best_fn=lambda metrics: metrics[BEST_METRIC],
@@ -72,7 +73,15 @@ class Checkpointer:
     if self.best is None and not _exists(self.best_directory):
       return {}
     best = self._best_manager()
-    return {s: float(best.metrics(s)[BEST_METRIC]) for s in sorted(best.all_steps())}
+    out = {}
+    for s in sorted(best.all_steps()):
+      if s not in self._best_losses:
+        metrics = best.metrics(s)  # None until an async save of this process commits
+        if metrics is None:
+          continue
+        self._best_losses[s] = float(metrics[BEST_METRIC])
+      out[s] = self._best_losses[s]
+    return out
 
   def save_best(self, step: int, state, data_state: dict | None, eval_loss: float) -> bool:
     """Saves into checkpoints_best if ``eval_loss`` ranks among the ``keep_best`` lowest."""
@@ -81,6 +90,7 @@ class Checkpointer:
     kept = self.best_steps()
     if step in kept or (len(kept) >= self.keep_best and eval_loss >= max(kept.values())):
       return False  # would be deleted at once; skip the write
+    self._best_losses[step] = float(eval_loss)
     return self._best_manager().save(step, args=_save_args(state, data_state),
                                      metrics={BEST_METRIC: float(eval_loss)}, force=True)
 

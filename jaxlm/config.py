@@ -64,7 +64,8 @@ def validate(cfg, need_data: bool = True) -> None:
   for key in positive:
     if _get(cfg, key) <= 0:
       raise ConfigError(f'{key}={_get(cfg, key)} must be positive')
-  for key in ('checkpoint.keep_period', 'checkpoint.keep_best', 'checkpoint.every'):
+  for key in ('checkpoint.keep_period', 'checkpoint.keep_best', 'checkpoint.every', 'data.prefetch',
+              'data.worker_count'):
     if _get(cfg, key) < 0:
       raise ConfigError(f'{key}={_get(cfg, key)} must be >= 0')
   if cfg.checkpoint.keep_best and not cfg.eval.every:

@@ -143,8 +143,10 @@ class DataPipeline:
     ds = _ProcessRows(ds, self.global_batch, self.process_index, self.process_count)
     ds = ds.batch(self.local_batch, drop_remainder=True)
     # A small read-ahead: Grain's default buffer (hundreds of batches) costs memory, not speed,
-    # since packing a window is a few numpy ops.
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+    # since packing a window is a few numpy ops. data.prefetch=0 reads in the calling thread.
+    ahead = int(data.prefetch)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2 if ahead else 0,
+                                              prefetch_buffer_size=ahead))
     if data.worker_count > 0:
       _allow_unparsed_absl_flags()
       it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data.worker_count)))

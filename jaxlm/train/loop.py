@@ -106,7 +106,12 @@ class Setup:
 
   def device_batch(self, local: dict) -> dict:
     """Per-process numpy rows -> global arrays sharded over the batch axes."""
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+    local = {k: np.asarray(v) for k, v in local.items()}
+    if jax.process_count() == 1:
+      # One batched transfer: make_array_from_process_local_data costs ~0.7 ms per
+      # array in Python, which is 10% of a small model's CPU step.
+      return jax.device_put(local, self.batch_sharding)
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
             for k, v in local.items()}
 
   def train_step(self, state, batch):
@@ -114,11 +119,10 @@ class Setup:
       return self._train_step(state, batch)
 
   def eval_loss(self, params, batches) -> float:
-    total, count = 0.0, 0.0
     with sharding.activate(self.mesh, self.rules):
-      for b in batches:
-        t, c = self._eval_step(params, self.device_batch(b))
-        total, count = total + float(t), count + float(c)
+      # Read back once at the end: a float() per batch would stall dispatch each time.
+      sums = [self._eval_step(params, self.device_batch(b)) for b in batches]
+    total, count = (float(np.sum(np.asarray(x, np.float64))) for x in zip(*jax.device_get(sums)))
     return total / max(count, 1.0)
 
   def generate_text(self, params, tokenizer, prompts, **kw) -> list[str]:

@@ -104,6 +104,13 @@ class Checkpointer:
       if m is not None:
         m.close()
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    # Also on errors: an unclosed manager's background threads fail noisily at exit.
+    self.close()
+
   def _check_shapes(self, manager, step: int, abstract_state) -> None:
     """Names the first parameter whose saved shape differs from the model's."""
     try:

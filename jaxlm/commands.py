@@ -40,12 +40,11 @@ def _saved_run(fv):
   runtime.initialize()
   cfg = fv.config if fv.config is not None else config_lib.load_saved(workdir)
   setup = Setup(cfg, mesh_lib.fit_to_host(cfg))
-  ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
-  step = fv.restore_step if fv.restore_step is not None else ckpt.latest_step()
-  if step is None:
-    raise CheckpointError(f"no checkpoint in '{ckpt.directory}' (train first)")
-  state, _ = ckpt.restore(step, setup.abstract_state)
-  ckpt.close()
+  with Checkpointer(workdir, cfg.checkpoint, read_only=True) as ckpt:
+    step = fv.restore_step if fv.restore_step is not None else ckpt.latest_step()
+    if step is None:
+      raise CheckpointError(f"no checkpoint in '{ckpt.directory}' (train first)")
+    state, _ = ckpt.restore(step, setup.abstract_state)
   return cfg, setup, state, step
 
 

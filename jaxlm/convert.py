@@ -164,12 +164,11 @@ def load(path: str, restore_step: int | None = None, mesh_overrides: dict | None
   setup = Setup(cfg, mesh)
   if hf_tensors is not None:
     return Loaded(cfg, setup, _device_params(setup, hf.to_params(hf_tensors, cfg.model)), 0)
-  ckpt = Checkpointer(path, cfg.checkpoint, read_only=True)
-  step = restore_step if restore_step is not None else ckpt.latest_step()
-  if step is None:
-    raise CheckpointError(f"no checkpoint in '{ckpt.directory}' (train first)")
-  params, _ = ckpt.restore(step, setup.abstract_state, params_only=True)
-  ckpt.close()
+  with Checkpointer(path, cfg.checkpoint, read_only=True) as ckpt:
+    step = restore_step if restore_step is not None else ckpt.latest_step()
+    if step is None:
+      raise CheckpointError(f"no checkpoint in '{ckpt.directory}' (train first)")
+    params, _ = ckpt.restore(step, setup.abstract_state, params_only=True)
   return Loaded(cfg, setup, params, step)
 
 

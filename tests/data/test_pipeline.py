@@ -81,8 +81,9 @@ def test_epochs_reshuffle_and_cover_every_window():
   assert not np.array_equal(epoch0, epoch1)
 
 
-def test_resume_from_state():
-  pipe = _pipe()
+@pytest.mark.parametrize('prefetch', [0, 3])
+def test_resume_from_state(prefetch):
+  pipe = _pipe(prefetch=prefetch)
   it = pipe.train_iterator()
   _take(it, 7)
   state = it.get_state()
@@ -91,6 +92,11 @@ def test_resume_from_state():
   fresh = pipe.train_iterator()
   fresh.set_state(state)
   _assert_same(_take(fresh, 40), expected)
+
+
+def test_reader_threads_give_the_same_batches():
+  _assert_same(_take(_pipe(prefetch=3).train_iterator(), 30),
+               _take(_pipe(prefetch=0).train_iterator(), 30))
 
 
 def test_process_rows_concatenate_to_global_batch():

@@ -138,8 +138,9 @@ class Checkpointer:
     """
     manager, directory = self.manager, self.directory
     if step not in self.steps():
-      if step not in self.best_steps():
-        best = f'; best by eval loss: {sorted(self.best_steps())}' if self.best_steps() else ''
+      best_steps = sorted(self.best_steps())
+      if step not in best_steps:
+        best = f'; best by eval loss: {best_steps}' if best_steps else ''
         raise CheckpointError(f'no checkpoint for step {step} in {self.directory} '
                               f'(available: {self.steps() or "none"}{best})')
       manager, directory = self.best, self.best_directory

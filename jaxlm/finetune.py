@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxlm import config as config_lib
+from jaxlm.data.packing import BATCH_KEYS
 from jaxlm.errors import ConfigError, DataError
 
 log = logging.getLogger('jaxlm')
@@ -102,9 +103,8 @@ def pack_rows(examples, seq_len: int) -> dict[str, np.ndarray]:
       cur = []
     cur.append(doc)
   rows.append(cur)
-  keys = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
   out = {k: np.zeros((len(rows), seq_len), np.float32 if k == 'loss_mask' else np.int32)
-         for k in keys}
+         for k in BATCH_KEYS}
   for r, docs in enumerate(rows):
     at = 0
     for seg, (inp, tgt, m) in enumerate(docs, 1):

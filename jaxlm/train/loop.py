@@ -19,6 +19,7 @@ from jaxlm import hooks as hooks_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm import runtime, sharding
 from jaxlm.checkpoint import Checkpointer
+from jaxlm.data.packing import BATCH_KEYS
 from jaxlm.data.pipeline import make_pipeline
 from jaxlm.errors import ConfigError
 from jaxlm.evals.multiple_choice import multiple_choice_hook
@@ -100,7 +101,7 @@ class Setup:
     shape = (self.cfg.train.batch_size, self.cfg.data.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, np.float32 if k == 'loss_mask' else np.int32,
                                      sharding=self.batch_sharding)
-             for k in ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')}
+             for k in BATCH_KEYS}
     with sharding.activate(self.mesh, self.rules):
       return self._train_step.lower(self.abstract_state, batch).compile().memory_analysis()
 
@@ -288,7 +289,8 @@ class Trainer:
             bar.write(f"step {step}: eval/loss {out['eval/loss']:.4f}")
         if final or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
           ckpt.save(step, state, it.get_state(), force=final)
-        if 'eval/loss' in out and ckpt.save_best(step, state, it.get_state(), out['eval/loss']):
+        if (ckpt.keep_best and 'eval/loss' in out
+            and ckpt.save_best(step, state, it.get_state(), out['eval/loss'])):
           log.info('checkpoint: step %d is among the %d best by eval/loss (%.4f) in %s',
                    step, ckpt.keep_best, out['eval/loss'], ckpt.best_directory)
         if out or step == step_last:

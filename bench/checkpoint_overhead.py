@@ -21,9 +21,7 @@ time on a CPU; ``--config.x.y=v`` changes any of it.
     .venv/bin/python bench/checkpoint_overhead.py --every=20 --steps=100 --repeats=5
 """
 
-import argparse
 import os
-import runpy
 import statistics
 import sys
 import time
@@ -36,10 +34,9 @@ sys.path.insert(0, str(REPO / 'bench'))
 
 import jax  # noqa: E402
 
-from overhead import loop_tokens_per_sec  # noqa: E402
-from step_speed import apply_overrides, config_overrides  # noqa: E402
+from overhead import loop_bench_args, loop_tokens_per_sec  # noqa: E402
 
-from jaxlm import runtime  # noqa: E402
+from jaxlm import cli, runtime  # noqa: E402
 from jaxlm.checkpoint import Checkpointer  # noqa: E402
 
 MODES = {'none': (0, True), 'async': (None, True), 'sync': (None, False)}
@@ -57,23 +54,15 @@ def _timed(save):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument('--config', default=str(REPO / 'configs' / 'shakespeare_char.py'))
-  ap.add_argument('--steps', type=int, default=60, help='loop steps per run')
-  ap.add_argument('--warmup', type=int, default=10, help='loop steps before timing starts')
-  ap.add_argument('--every', type=int, default=10, help='steps between checkpoints')
-  ap.add_argument('--repeats', type=int, default=3, help='alternating runs of each mode')
-  args, rest = ap.parse_known_args(argv)
-  overrides = config_overrides(ap, rest)
-  os.chdir(REPO)  # the config's data.path is relative to the repo root
-  base = runpy.run_path(args.config)['get_config']()
+  args, rest, base = loop_bench_args(argv, __doc__, steps=60, warmup=10,
+                                     every=(10, 'steps between checkpoints'))
   m = base.model
   m.d_model, m.n_heads, m.n_kv_heads, m.n_layers, m.mlp_dim = 512, 8, 8, 6, 1408
   base.train.steps = args.steps
   base.train.batch_size = 4
   base.train.log_every = 10
   base.eval.every = 0
-  base = apply_overrides(base, overrides)
+  base = cli.override(base, rest)
   runtime.initialize()
   Checkpointer.save = _timed(Checkpointer.save)
 

@@ -20,7 +20,6 @@ reported loader/step ratio a lower bound.
 
 import argparse
 import os
-import runpy
 import statistics
 import sys
 import tempfile
@@ -29,16 +28,19 @@ from pathlib import Path
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+from jaxlm.configs import gpt2_small  # noqa: E402
 from jaxlm.data.pipeline import DataPipeline  # noqa: E402
 from jaxlm.data.prepare import prepare  # noqa: E402
 from jaxlm.data.tokenizers import ByteTokenizer  # noqa: E402
+from jaxlm.engine import Setup  # noqa: E402
+from jaxlm.train import metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / 'shared' / 'data' / 'tinyshakespeare.txt'
 
 
 def gpt2_small():
-  return runpy.run_path(str(REPO / 'configs' / 'gpt2_small.py'))['get_config']()
+  return gpt2_small.get_config()
 
 
 def loader_rate(cfg, batches: int, repeats: int):
@@ -64,8 +66,6 @@ def loader_rate(cfg, batches: int, repeats: int):
 
 def step_consumption(cfg) -> tuple:
   """(tokens/s a gpt2_small step consumes at 100% MFU on this CPU, FLOPs/token, CPU FLOP/s)."""
-  from jaxlm.train import metrics  # noqa: PLC0415  (imports jax)
-  from jaxlm.train.loop import Setup  # noqa: PLC0415
   n_params = Setup(cfg).n_params  # abstract init: shapes only, nothing allocated
   flops = metrics.flops_per_token(cfg.model, metrics.matmul_params(cfg.model, n_params),
                                   cfg.data.seq_len)

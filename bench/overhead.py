@@ -21,7 +21,6 @@ Runs alternate bare/loop ``--repeats`` times; medians and their ratio are printe
 import argparse
 import json
 import os
-import runpy
 import shutil
 import statistics
 import sys
@@ -36,12 +35,13 @@ sys.path.insert(0, str(REPO / 'bench'))
 
 import jax  # noqa: E402
 
-from step_speed import apply_overrides, config_overrides, time_steps  # noqa: E402
+from step_speed import load_config, time_steps  # noqa: E402
 
-from jaxlm import runtime  # noqa: E402
+from jaxlm import cli, runtime  # noqa: E402
 from jaxlm.data.pipeline import make_pipeline  # noqa: E402
+from jaxlm.engine import Setup  # noqa: E402
 from jaxlm.hooks import Hook  # noqa: E402
-from jaxlm.train.loop import Setup, Trainer  # noqa: E402
+from jaxlm.train.loop import Trainer  # noqa: E402
 
 
 def loop_tokens_per_sec(cfg, warmup: int) -> tuple[float, float]:
@@ -80,21 +80,27 @@ def bare_tokens_per_sec(cfg, steps: int) -> float:
   return cfg.train.batch_size * cfg.data.seq_len * steps / secs
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument('--config', default=str(REPO / 'configs' / 'shakespeare_char.py'))
-  ap.add_argument('--steps', type=int, default=300, help='loop steps per run')
-  ap.add_argument('--warmup', type=int, default=50, help='loop steps before timing starts')
-  ap.add_argument('--repeats', type=int, default=3, help='alternating bare/loop runs')
+def loop_bench_args(argv, doc: str, steps: int, warmup: int, **extra):
+  """(args, --config.x overrides, config) for the loop benchmarks; ``extra``: name=(default, help)."""
+  ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+  ap.add_argument('--config', default='shakespeare_char')
+  ap.add_argument('--steps', type=int, default=steps, help='loop steps per run')
+  ap.add_argument('--warmup', type=int, default=warmup, help='loop steps before timing starts')
+  ap.add_argument('--repeats', type=int, default=3, help='alternating runs of each kind')
+  for name, (default, help_) in extra.items():
+    ap.add_argument(f'--{name}', type=int, default=default, help=help_)
   args, rest = ap.parse_known_args(argv)
-  overrides = config_overrides(ap, rest)
   os.chdir(REPO)  # the config's data.path is relative to the repo root
-  cfg = runpy.run_path(args.config)['get_config']()
+  return args, rest, load_config(args.config)
+
+
+def main(argv=None):
+  args, rest, cfg = loop_bench_args(argv, __doc__, steps=300, warmup=50)
   cfg.train.steps = args.steps
   cfg.checkpoint.every = 100
   cfg.checkpoint.async_save = True
   cfg.eval.every = 0  # eval is not part of the steady state; the final one runs after timing
-  cfg = apply_overrides(cfg, overrides)
+  cfg = cli.override(cfg, rest)
   runtime.initialize()
 
   bare, loop, logged = [], [], []

@@ -38,7 +38,6 @@ T_START = _process_start()
 
 import argparse  # noqa: E402
 import os  # noqa: E402
-import runpy  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -48,12 +47,13 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'bench'))
 
-from step_speed import apply_overrides, config_overrides  # noqa: E402
+from step_speed import load_config  # noqa: E402
 
 import jax  # noqa: E402
 
-from jaxlm import runtime  # noqa: E402
+from jaxlm import cli, runtime  # noqa: E402
 from jaxlm.data.pipeline import make_pipeline  # noqa: E402
+from jaxlm.engine import Setup  # noqa: E402
 from jaxlm.hooks import Hook  # noqa: E402
 from jaxlm.train.loop import Trainer  # noqa: E402
 
@@ -85,7 +85,6 @@ class TargetHook:
 
 def full_val_loss(cfg, params) -> float:
   """Mean loss over every window of the validation split (untimed check)."""
-  from jaxlm.train.loop import Setup  # noqa: PLC0415
   n = len(make_pipeline(cfg).val_windows)
   bs = 64
   full = cfg.copy_and_resolve_references()
@@ -104,16 +103,15 @@ def full_val_loss(cfg, params) -> float:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument('--config', default=str(REPO / 'configs' / 'shakespeare_char.py'))
+  ap.add_argument('--config', default='shakespeare_char')
   ap.add_argument('--target', type=float, default=1.88, help='validation loss to reach')
   ap.add_argument('--workdir', default='', help='default: a fresh temporary directory')
   ap.add_argument('--full_val', action='store_true',
                   help='also print the whole-validation-split loss at the stop (untimed)')
   args, rest = ap.parse_known_args(argv)
-  overrides = config_overrides(ap, rest)
 
   os.chdir(REPO)  # the config's data.path is relative to the repo root
-  cfg = apply_overrides(runpy.run_path(args.config)['get_config'](), overrides)
+  cfg = cli.override(load_config(args.config), rest)
   every = cfg.eval.every
   cfg.eval.every = 0  # the built-in eval runs only once, at the end; the hook below times evals
   workdir = args.workdir or tempfile.mkdtemp(prefix='jaxlm_shakespeare_')
@@ -123,7 +121,7 @@ def main(argv=None):
   batches = make_pipeline(cfg).eval_batches()
   hook = TargetHook(trainer, batches, args.target)
   trainer.add_hook(Hook(hook, every=every, at_end=False, name='target'))
-  print(f'config {Path(args.config).name} {" ".join(overrides)}; eval every {every} steps on '
+  print(f'config {Path(args.config).name} {" ".join(rest)}; eval every {every} steps on '
         f'{len(batches)} val batches x {batches[0]["inputs"].shape}; workdir {workdir}', flush=True)
   out = trainer.run()
   t_end = since_start()

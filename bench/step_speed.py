@@ -12,7 +12,6 @@ tokens/s as the median over ``--repeats`` timings of ``--steps`` steps each.
 """
 
 import argparse
-import ast
 import os
 import runpy
 import statistics
@@ -25,7 +24,9 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxlm.train.loop import Setup  # noqa: E402
+from jaxlm import cli, configs  # noqa: E402
+from jaxlm.configs import base  # noqa: E402
+from jaxlm.engine import Setup  # noqa: E402
 from jaxlm.train.metrics import flops_per_token, matmul_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def nanogpt_config():
   """GPT-2 style, shaped as nanoGPT's shakespeare_char: 4L/4H/128d, ctx 64, batch 12."""
-  c = runpy.run_path(str(REPO / 'configs' / 'base.py'))['get_config']()
+  c = base.get_config()
   m = c.model
   m.n_layers, m.n_heads, m.n_kv_heads, m.d_model, m.mlp_dim = 4, 4, 4, 128, 512
   m.max_seq_len, m.use_bias = 64, False
@@ -43,28 +44,9 @@ def nanogpt_config():
   return c
 
 
-def config_overrides(ap, rest):
-  """The '--config.a.b=v' arguments left by argparse, as 'a.b=v'; anything else is an error."""
-  unknown = [a for a in rest if not a.startswith('--config.')]
-  if unknown:
-    ap.error(f'unknown arguments: {unknown}')
-  return [a[len('--config.'):] for a in rest]
-
-
-def apply_overrides(cfg, overrides):
-  """'a.b=v' strings -> cfg.a.b = literal(v) (or the string when not a literal)."""
-  for item in overrides:
-    key, value = item.split('=', 1)
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass
-    node = cfg
-    *path, last = key.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = type(node[last])(value) if not isinstance(node[last], str) else str(value)
-  return cfg
+def load_config(arg: str):
+  """A --config value (a file, or a shipped name such as ``tiny``) -> its config."""
+  return runpy.run_path(configs.resolve(arg))['get_config']()
 
 
 def fake_batch(cfg, rng):
@@ -113,9 +95,8 @@ def main(argv=None):
   ap.add_argument('--steps', type=int, default=50, help='steps per timing')
   ap.add_argument('--repeats', type=int, default=7, help='timings; the median is reported')
   args, rest = ap.parse_known_args(argv)
-  overrides = config_overrides(ap, rest)
-  cfg = runpy.run_path(args.config)['get_config']() if args.config else nanogpt_config()
-  cfg = apply_overrides(cfg, overrides)
+  cfg = load_config(args.config) if args.config else nanogpt_config()
+  cfg = cli.override(cfg, rest)
 
   tok_s, rates, compile_s, setup = measure(cfg, args.steps, args.repeats)
   m = cfg.model

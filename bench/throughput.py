@@ -1,6 +1,6 @@
 """Training throughput of a config on whatever accelerator is present.
 
-Runs the real jitted train step (``Setup`` of jaxlm.train.loop, the config's
+Runs the real jitted train step (``Setup`` of jaxlm.engine, the config's
 mesh, dtypes, remat and attention kernel) on pre-made random batches and
 prints tokens/s/device, step time, MFU and peak device memory. Timing: median
 of ``--repeats`` timings of ``--steps`` steps, after compile and ``--warmup``
@@ -19,7 +19,6 @@ override).
 
 import argparse
 import os
-import runpy
 import sys
 from pathlib import Path
 
@@ -28,9 +27,9 @@ sys.path.insert(0, str(REPO / 'bench'))
 
 import jax  # noqa: E402
 
-from step_speed import apply_overrides, config_overrides, measure  # noqa: E402
+from step_speed import load_config, measure  # noqa: E402
 
-from jaxlm import runtime  # noqa: E402
+from jaxlm import cli, runtime  # noqa: E402
 from jaxlm.train.metrics import device_peak_flops, flops_per_token, matmul_params  # noqa: E402
 
 
@@ -53,8 +52,7 @@ def main(argv=None) -> dict:
   ap.add_argument('--repeats', type=int, default=3, help='timings; the median is reported')
   ap.add_argument('--warmup', type=int, default=3, help='steps after compile, untimed')
   args, rest = ap.parse_known_args(argv)
-  overrides = config_overrides(ap, rest)
-  cfg = apply_overrides(runpy.run_path(args.config)['get_config'](), overrides)
+  cfg = cli.override(load_config(args.config), rest)
   runtime.initialize()
 
   tok_s, rates, compile_s, setup = measure(cfg, args.steps, args.repeats, warmup=args.warmup)
@@ -72,7 +70,7 @@ def main(argv=None) -> dict:
       'mfu': tok_s * flops / (peak * n_dev), 'peak_memory_gib': mem / 2**30,
       'compile_s': compile_s,
   }
-  print(f"{result['config']} {' '.join(overrides)}: {setup.n_params:,} params, "
+  print(f"{result['config']} {' '.join(rest)}: {setup.n_params:,} params, "
         f'{m.n_layers}L d_model {m.d_model}, batch {cfg.train.batch_size} x {cfg.data.seq_len}, '
         f'compute {m.dtype}, attention {m.attention}, remat {m.remat}, mesh {dict(setup.mesh.shape)}')
   print(f"{n_dev} x {result['device_kind']} (backend {jax.default_backend()}); "

@@ -5,10 +5,7 @@ __version__ = '0.1.0'
 
 def __getattr__(name: str):
   # Lazy, so `import jaxlm` (and `jaxlm --help`) does not import jax.
-  if name == 'generate_text':
-    from jaxlm.generate import generate_text  # noqa: PLC0415
-    return generate_text
-  if name == 'load':
-    from jaxlm.convert import load  # noqa: PLC0415
-    return load
+  if name in ('generate_text', 'load'):
+    from jaxlm import engine  # noqa: PLC0415
+    return getattr(engine, name)
   raise AttributeError(f"module 'jaxlm' has no attribute {name!r}")

@@ -120,10 +120,10 @@ class Checkpointer:
     if meta is None:
       return
     meta_tree = getattr(meta, 'tree', meta)
-    saved = {_path(p): getattr(v, 'shape', None)
+    saved = {leaf_name(p): getattr(v, 'shape', None)
              for p, v in jax.tree_util.tree_flatten_with_path(meta_tree)[0]}
     for p, v in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
-      key = _path(p)
+      key = leaf_name(p)
       if key in saved and saved[key] is not None and tuple(saved[key]) != tuple(v.shape):
         raise CheckpointError(
             f'checkpoint step {step} in {manager.directory}: parameter {key} has shape '
@@ -189,7 +189,7 @@ def _exists(directory: str) -> bool:
   return _is_remote(directory) or Path(directory).is_dir()
 
 
-def _path(path) -> str:
+def leaf_name(path) -> str:
   """'params/layers/mlp/down/kernel' for a pytree key path (dict, attr or index keys)."""
   return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
 

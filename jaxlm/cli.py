@@ -17,6 +17,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from jaxlm import configs
 from jaxlm.errors import ConfigError, JaxlmError
 
 COMMANDS = ('train', 'eval', 'generate', 'plan')
@@ -28,11 +29,12 @@ PLUGINS = {
 }
 USAGE = f"""usage: jaxlm {{{','.join(COMMANDS + tuple(PLUGINS))}}} [--flags]
 
-  jaxlm train    --config=configs/demo.py --workdir=runs/demo [--config.train.steps=100 ...]
+  jaxlm train    --config=demo --workdir=runs/demo [--config.train.steps=100 ...]
+                 (--config: a shipped name, see jaxlm/configs/, or a config file)
   jaxlm eval     --workdir=runs/demo [--config=F] [--restore_step=N]
   jaxlm generate --workdir=runs/demo --prompt='def ' [--max_new_tokens=200 --temperature=0.8
                  --top_k=40 --top_p=1.0 --seed=0]
-  jaxlm plan     --config=configs/llama_70b.py [--config.mesh.fsdp=256]
+  jaxlm plan     --config=llama_70b [--config.mesh.fsdp=256]
   jaxlm <plugin> --help   for prepare, tokenizer, convert, finetune
 """
 
@@ -58,19 +60,25 @@ def _define(fv: flags.FlagValues, command: str) -> None:
     flags.DEFINE_integer('seed', 0, 'sampling seed', flag_values=fv)
 
 
-def _config_path(argv: list[str]) -> str | None:
+def _resolve_config_arg(argv: list[str]) -> tuple[str | None, list[str]]:
+  """(the --config value, argv with it resolved to a file: see jaxlm.configs.resolve)."""
+  argv = list(argv)
   for i, a in enumerate(argv):
     if a.startswith('--config='):
-      return a.split('=', 1)[1]
+      value = a.split('=', 1)[1]
+      argv[i] = '--config=' + configs.resolve(value)
+      return value, argv
     if a == '--config' and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
+      value = argv[i + 1]
+      argv[i + 1] = configs.resolve(value)
+      return value, argv
+  return None, argv
 
 
-def _unknown_override(path: str, argv: list[str]) -> str | None:
-  """Names the first --config.x.y override whose key the config does not have."""
+def _unknown_override(load_cfg, argv: list[str]) -> str | None:
+  """Names the first --config.x.y override whose key the config (``load_cfg()``) lacks."""
   try:
-    cfg = runpy.run_path(path.split(':')[0])['get_config']()
+    cfg = load_cfg()
   except Exception:  # noqa: BLE001  (the original error is reported instead)
     return None
   for a in argv:
@@ -93,6 +101,7 @@ def _unknown_override(path: str, argv: list[str]) -> str | None:
 def parse(command: str, argv: list[str]) -> flags.FlagValues:
   """Parses flags for ``command``; bad flags become a ConfigError naming the key."""
   fv = flags.FlagValues()
+  _, argv = _resolve_config_arg(argv)
   # config_flags discovers --config.x overrides from sys.argv, so make it ours.
   saved_argv, sys.argv = sys.argv, ['jaxlm'] + argv
   try:
@@ -103,21 +112,47 @@ def parse(command: str, argv: list[str]) -> flags.FlagValues:
 
 
 def _parse(fv: flags.FlagValues, command: str, argv: list[str]) -> flags.FlagValues:
-  path = _config_path(argv)
+  given, argv = _resolve_config_arg(argv)
+  path = configs.resolve(given) if given is not None else None
   if path is not None and not os.path.exists(path.split(':')[0]):
-    raise ConfigError(f"config file '{path}' does not exist")
+    raise ConfigError(f"config file '{given}' does not exist (shipped configs: "
+                      f"{', '.join(configs.names())})")
   if path is None and command in ('train', 'plan'):
-    raise ConfigError(f'jaxlm {command} needs --config=configs/<size>.py')
+    raise ConfigError(f'jaxlm {command} needs --config=<name> or --config=<file.py> '
+                      f"(shipped: {', '.join(configs.names())})")
+  _apply(lambda: fv(['jaxlm'] + argv), argv,
+         lambda: runpy.run_path(path.split(':')[0])['get_config'](), path)
+  return fv
+
+
+def _apply(parse, argv: list[str], load_cfg, path: str | None) -> None:
+  """Runs ``parse()``; bad flags and overrides in ``argv`` become a ConfigError naming the key."""
   try:
-    fv(['jaxlm'] + argv)
+    parse()
   except flags.Error as e:
     msg = str(e).splitlines()[0]
     raise ConfigError(msg.replace('flag --config.', 'config key ')) from None
   except (AttributeError, KeyError) as e:
-    raise ConfigError(_unknown_override(path, argv) or f'bad config override: {e}') from None
+    raise ConfigError(_unknown_override(load_cfg, argv) or f'bad config override: {e}') from None
   except (OSError, TypeError, ValueError) as e:
     raise ConfigError(f"cannot load config '{path}': {str(e).strip().splitlines()[-1]}") from None
-  return fv
+
+
+def override(cfg, argv: list[str]):
+  """``cfg`` with ``--config.a.b=v`` arguments applied exactly as ``jaxlm train`` applies them.
+
+  For scripts (bench/) that build a config in code; other arguments are an error.
+  """
+  fv = flags.FlagValues()
+  saved_argv, sys.argv = sys.argv, ['jaxlm'] + argv
+  try:
+    def parse():
+      config_flags.DEFINE_config_dict('config', cfg, flag_values=fv)
+      fv(['jaxlm'] + argv)
+    _apply(parse, argv, lambda: cfg, None)
+  finally:
+    sys.argv = saved_argv
+  return fv.config
 
 
 def main(argv: list[str] | None = None) -> int:

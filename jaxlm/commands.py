@@ -12,7 +12,11 @@ from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm import runtime
 from jaxlm.checkpoint import Checkpointer
+from jaxlm.data.pipeline import make_pipeline
+from jaxlm.data.tokenizers import get_tokenizer
+from jaxlm.engine import Setup
 from jaxlm.errors import CheckpointError, ConfigError
+from jaxlm.train.loop import Trainer
 
 log = logging.getLogger('jaxlm')
 
@@ -24,7 +28,6 @@ def _workdir(fv) -> str:
 
 
 def train(fv) -> int:
-  from jaxlm.train.loop import Trainer  # noqa: PLC0415
   runtime.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
   summary = Trainer(fv.config, _workdir(fv), restore_step=fv.restore_step).run()
   if runtime.is_main() and 'train/loss' in summary:
@@ -35,7 +38,6 @@ def train(fv) -> int:
 
 def _saved_run(fv):
   """(config, Setup, restored state) for a trained workdir, on this machine's devices."""
-  from jaxlm.train.loop import Setup  # noqa: PLC0415
   workdir = _workdir(fv)
   runtime.initialize()
   cfg = fv.config if fv.config is not None else config_lib.load_saved(workdir)
@@ -49,7 +51,6 @@ def _saved_run(fv):
 
 
 def eval(fv) -> int:  # noqa: A001  (the command's name)
-  from jaxlm.data.pipeline import make_pipeline  # noqa: PLC0415
   cfg, setup, state, step = _saved_run(fv)
   data = make_pipeline(cfg, jax.process_index(), jax.process_count())
   loss = setup.eval_loss(state.params, data.eval_batches())
@@ -61,7 +62,6 @@ def eval(fv) -> int:  # noqa: A001  (the command's name)
 
 
 def generate(fv) -> int:
-  from jaxlm.data.tokenizers import get_tokenizer  # noqa: PLC0415
   cfg, setup, state, _ = _saved_run(fv)
   tokenizer = get_tokenizer(cfg.data)
   text = setup.generate_text(state.params, tokenizer, [fv.prompt],
@@ -78,7 +78,6 @@ def _gib(n: float) -> str:
 
 def plan(fv) -> int:
   """Parameter count and per-device memory for the configured mesh, without training."""
-  from jaxlm.train.loop import Setup  # noqa: PLC0415
   cfg = fv.config
   config_lib.validate(cfg, need_data=False)
   sizes = {k: int(cfg.mesh[k]) for k in mesh_lib.MESH_AXES}

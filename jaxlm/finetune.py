@@ -15,17 +15,24 @@ import json
 import logging
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from jaxlm import config as config_lib
-from jaxlm.data.packing import BATCH_KEYS
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.data.packing import batch_from_documents
+from jaxlm.data.tokenizers import get_tokenizer
+from jaxlm.engine import Setup, load
 from jaxlm.errors import ConfigError, DataError
+from jaxlm.train import metrics as metrics_lib
+from jaxlm.train.step import TrainState
 
 log = logging.getLogger('jaxlm')
 
 
 def define_flags(fv) -> None:
-  from absl import flags  # noqa: PLC0415
   flags.DEFINE_string('workdir', None, 'output run directory', flag_values=fv)
   flags.DEFINE_string('init_from', None, 'jaxlm workdir or Hugging Face model directory',
                       flag_values=fv)
@@ -94,44 +101,27 @@ def pack_rows(examples, seq_len: int) -> dict[str, np.ndarray]:
   pair is the response mask of its target. Documents longer than seq_len + 1
   keep their last seq_len + 1 tokens (the response end matters most).
   """
-  rows, cur = [], []
+  rows, cur, used = [], [], 0
   for ids, mask in examples:
     ids, mask = ids[-(seq_len + 1):], mask[-(seq_len + 1):]
-    doc = (ids[:-1], ids[1:], mask[1:])
-    if cur and sum(len(d[0]) for d in cur) + len(doc[0]) > seq_len:
+    if cur and used + len(ids) - 1 > seq_len:
       rows.append(cur)
-      cur = []
-    cur.append(doc)
+      cur, used = [], 0
+    cur.append((ids, mask[1:]))
+    used += len(ids) - 1
   rows.append(cur)
-  out = {k: np.zeros((len(rows), seq_len), np.float32 if k == 'loss_mask' else np.int32)
-         for k in BATCH_KEYS}
-  for r, docs in enumerate(rows):
-    at = 0
-    for seg, (inp, tgt, m) in enumerate(docs, 1):
-      sl = slice(at, at + len(inp))
-      out['inputs'][r, sl], out['targets'][r, sl], out['loss_mask'][r, sl] = inp, tgt, m
-      out['segment_ids'][r, sl], out['positions'][r, sl] = seg, np.arange(len(inp))
-      at += len(inp)
-  return out
+  return batch_from_documents(rows, seq_len)
 
 
 def finetune(init_from: str, data: str, workdir: str, restore_step: int | None = None,
              steps: int = 100, batch_size: int = 8, seq_len: int = 0, lr: float = 1e-5,
              warmup_steps: int = 10, log_every: int = 10, seed: int = 0) -> dict:
   """Fine-tunes and checkpoints into ``workdir``; returns the last metrics."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  from jaxlm import convert  # noqa: PLC0415
-  from jaxlm.checkpoint import Checkpointer  # noqa: PLC0415
-  from jaxlm.data.tokenizers import get_tokenizer  # noqa: PLC0415
-  from jaxlm.train import metrics as metrics_lib  # noqa: PLC0415
-  from jaxlm.train.loop import Setup  # noqa: PLC0415
-  from jaxlm.train.step import TrainState  # noqa: PLC0415
 
   if (Path(workdir) / 'checkpoints').exists():
     raise ConfigError(f"workdir '{workdir}' already holds checkpoints (use a new --workdir)")
   pairs = load_pairs(data)
-  loaded = convert.load(init_from, restore_step)
+  loaded = load(init_from, restore_step)
   cfg = loaded.cfg
   with cfg.unlocked():
     cfg.name = f'{cfg.name}-sft'

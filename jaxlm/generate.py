@@ -94,25 +94,3 @@ def generate(model: Transformer, params, prompts: list[list[int]], max_new_token
         break
     result.append(row)
   return result
-
-
-def generate_text(path: str, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
-                  top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                  restore_step: int | None = None):
-  """Text in, text out, from a jaxlm workdir or a Hugging Face model directory.
-
-  ``prompts``: one string (returns one string) or a list (returns a list); the
-  continuation only, cut at the tokenizer's EOS. Loads the model on every call;
-  for many calls use ``jaxlm.convert.load`` once and ``Setup.generate_text``.
-
-      import jaxlm
-      print(jaxlm.generate_text('runs/demo', 'def ', max_new_tokens=100))
-  """
-  from jaxlm.convert import load  # noqa: PLC0415  (convert imports the train loop)
-  from jaxlm.data.tokenizers import get_tokenizer  # noqa: PLC0415
-  single = isinstance(prompts, str)
-  loaded = load(path, restore_step)
-  texts = loaded.setup.generate_text(
-      loaded.params, get_tokenizer(loaded.cfg.data), [prompts] if single else list(prompts),
-      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-  return texts[0] if single else texts

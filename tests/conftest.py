@@ -1,7 +1,7 @@
 """Shared fixtures: 8 fake CPU devices, the tiny config, the shared corpus."""
 
+import importlib
 import os
-import runpy
 import sys
 from pathlib import Path
 
@@ -17,8 +17,8 @@ sys.path.insert(0, str(REPO))
 
 
 def load_config(name: str):
-  """configs/<name>.py's get_config(), as config_flags would load it."""
-  return runpy.run_path(str(REPO / 'configs' / f'{name}.py'))['get_config']()
+  """jaxlm/configs/<name>.py's get_config()."""
+  return importlib.import_module(f'jaxlm.configs.{name}').get_config()
 
 
 @pytest.fixture

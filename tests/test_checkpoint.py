@@ -18,7 +18,8 @@ from conftest import load_config
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import make_pipeline
 from jaxlm.errors import CheckpointError
-from jaxlm.train.loop import Setup, Trainer
+from jaxlm.engine import Setup
+from jaxlm.train.loop import Trainer
 
 
 # Subprocesses run on one CPU device: faster steps, same code path.

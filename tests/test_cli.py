@@ -5,7 +5,10 @@ import sys
 
 import pytest
 
+from jaxlm import cli
 from jaxlm.cli import main
+from jaxlm.configs import tiny
+from jaxlm.errors import ConfigError
 
 TINY = 'configs/tiny.py'
 
@@ -94,3 +97,21 @@ def test_subprocess_exit_code_and_single_line(repo, tmp_path):
   assert proc.returncode == 2
   assert 'Traceback' not in proc.stderr
   assert "model.norm='batchnorm' is not one of 'layernorm', 'rmsnorm'" in proc.stderr
+
+
+def test_config_by_shipped_name_from_any_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # no configs/ here: names resolve to the packaged files
+  for arg in ('tiny', 'tiny.py', 'configs/tiny.py'):
+    fv = cli.parse('plan', [f'--config={arg}', '--config.train.steps=7'])
+    assert fv.config.name == 'tiny' and fv.config.train.steps == 7
+  (tmp_path / 'tiny.py').write_text(  # a local file of that name wins over the shipped one
+      'from jaxlm.configs import tiny\n\ndef get_config():\n'
+      '  c = tiny.get_config()\n  c.name = "mine"\n  return c\n')
+  assert cli.parse('plan', ['--config=tiny.py']).config.name == 'mine'
+
+
+def test_override_parser_is_shared_with_scripts():
+  cfg = cli.override(tiny.get_config(), ['--config.train.steps=7', '--config.optim.lr=0.5'])
+  assert (cfg.train.steps, cfg.optim.lr) == (7, 0.5)
+  with pytest.raises(ConfigError, match="unknown config key 'train.stepz'.*did you mean 'steps'"):
+    cli.override(tiny.get_config(), ['--config.train.stepz=7'])

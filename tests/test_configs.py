@@ -3,6 +3,7 @@
 No jax here: parameter counts come from the architecture numbers by a closed form.
 """
 
+import os
 import runpy
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from ml_collections.config_flags import config_flags
 
 from jaxlm import config as config_lib
 
-CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
+CONFIGS = Path(__file__).resolve().parents[1] / 'jaxlm' / 'configs'
 pytestmark = pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
 SIZE_FILES = sorted(p.name for p in CONFIGS.glob('*.py') if p.name not in ('base.py', '__init__.py'))
 
@@ -82,12 +83,20 @@ def test_command_line_overrides_and_typos():
     load('tiny.py', '--config.model.not_a_field=1')
 
 
+def _bare_env():
+  # PYTHONPATH is kept only when set (a worktree run): the installed package is what is tested.
+  env = {'PATH': '/usr/bin:/bin'}
+  if os.environ.get('PYTHONPATH'):
+    env['PYTHONPATH'] = os.environ['PYTHONPATH']
+  return env
+
+
 def test_loads_without_repo_root_on_sys_path(tmp_path):
   code = ('import sys; from absl import flags; from ml_collections.config_flags import config_flags\n'
           f'config_flags.DEFINE_config_file("config", {str(CONFIGS / "llama_8b.py")!r})\n'
           'flags.FLAGS(["prog"]); print(flags.FLAGS.config.model.d_model)')
   out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True,
-                       text=True, env={'PATH': '/usr/bin:/bin'}, check=False)
+                       text=True, env=_bare_env(), check=False)
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == '4096'
 

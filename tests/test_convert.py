@@ -8,7 +8,7 @@ import pytest
 transformers = pytest.importorskip('transformers')
 torch = pytest.importorskip('torch')
 
-from jaxlm import cli, convert  # noqa: E402
+from jaxlm import cli, convert, engine  # noqa: E402
 
 TOKENS = np.array([[5, 17, 250, 3, 99, 42, 7, 0, 299, 12, 64, 1],
                    [8, 8, 8, 200, 100, 50, 25, 12, 6, 3, 1, 0]], np.int32)
@@ -52,7 +52,7 @@ def test_import_matches_transformers_and_export_round_trips(kind, tmp_path):
   if kind == 'llama':
     assert (saved['model']['n_kv_heads'], saved['model']['position']) == (2, 'rope')
     assert not saved['model']['tie_embeddings']
-  loaded = convert.load(str(tmp_path / 'w'))
+  loaded = engine.load(str(tmp_path / 'w'))
   got = _jax_logits(loaded)
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
@@ -65,7 +65,7 @@ def test_import_matches_transformers_and_export_round_trips(kind, tmp_path):
 def test_export_cuts_padded_vocab_and_unscanned_layers(tmp_path):
   """A jaxlm-trained GPT-2 (vocab padded to 320, scan off) exports with --vocab_size."""
   _tiny_hf('gpt2', tmp_path / 'hf')
-  loaded = convert.load(str(tmp_path / 'hf'))  # an HF dir loads directly too
+  loaded = engine.load(str(tmp_path / 'hf'))  # an HF dir loads directly too
   import jax  # noqa: PLC0415
   from jaxlm import hf  # noqa: PLC0415
   m = loaded.cfg.model

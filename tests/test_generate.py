@@ -13,7 +13,7 @@ from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.generate import generate
 from jaxlm.model.transformer import build_model
-from jaxlm.train.loop import Setup
+from jaxlm.engine import Setup
 from jaxlm.train.step import TrainState
 
 PROMPTS = [[72, 101, 108], [1, 2, 3, 4, 5, 6, 7], [200]]  # lengths 3, 7, 1: left padding

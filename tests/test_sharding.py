@@ -10,7 +10,8 @@ import pytest
 from conftest import load_config
 from jaxlm import mesh as mesh_lib
 from jaxlm.errors import ConfigError
-from jaxlm.train.loop import Setup, Trainer
+from jaxlm.engine import Setup
+from jaxlm.train.loop import Trainer
 
 MESHES = {
     'data=8': dict(data=8),

@@ -75,6 +75,30 @@ def pack_window(tokens: np.ndarray, doc_ids: np.ndarray, seq_len: int) -> Dict[s
   }
 
 
+def batch_from_documents(rows, width: int) -> Dict[str, np.ndarray]:
+  """Rows of whole documents -> one batch of `BATCH_KEYS` arrays, each `[len(rows), width]`.
+
+  For scoring and fine-tuning, where examples are documents rather than a
+  token stream. A row is a list of `(ids, target_mask)` documents placed back
+  to back: `ids` int `[n + 1]` gives n (input, target) pairs and `target_mask`
+  float `[n]` marks the targets that count. Each document is its own segment
+  (1, 2, ...) with positions from 0; the rest of the row is padding (segment
+  0, mask 0). Documents must fit: their pairs add up to at most `width`.
+  """
+  out = {k: np.zeros((len(rows), width), np.float32 if k == 'loss_mask' else np.int32)
+         for k in BATCH_KEYS}
+  for r, docs in enumerate(rows):
+    at = 0
+    for seg, (ids, mask) in enumerate(docs, 1):
+      n = len(ids) - 1
+      sl = slice(at, at + n)
+      out['inputs'][r, sl], out['targets'][r, sl] = ids[:-1], ids[1:]
+      out['loss_mask'][r, sl], out['segment_ids'][r, sl] = mask, seg
+      out['positions'][r, sl] = np.arange(n)
+      at += n
+  return out
+
+
 class Windows:
   """Random-access windows over one split; a Grain data source (`len`, `[i]`), picklable.
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import sharding
+from jaxlm.data.packing import batch_from_documents
 from jaxlm.errors import DataError
 from jaxlm.hooks import Hook, HookContext
 
@@ -66,26 +67,24 @@ def _rows(tokenizer, examples, max_len: int) -> list[tuple[list[int], int]]:
   return rows
 
 
-def _pack(rows, width: int):
-  """Right-padded inputs/targets/segment ids/mask, each [batch, width]."""
-  b = len(rows)
-  inputs, targets = np.zeros((b, width), np.int32), np.zeros((b, width), np.int32)
-  segment, mask = np.zeros((b, width), np.int32), np.zeros((b, width), np.float32)
-  for i, (ids, n_cont) in enumerate(rows):
-    n = len(ids) - 1
-    inputs[i, :n], targets[i, :n], segment[i, :n] = ids[:-1], ids[1:], 1
-    mask[i, n - n_cont:n] = 1.0  # targets that are continuation tokens
-  return inputs, targets, segment, mask
+def _pack(rows, width: int) -> dict:
+  """One right-padded document per row; the loss mask marks continuation targets."""
+  docs = []
+  for ids, n_cont in rows:
+    mask = np.zeros(len(ids) - 1, np.float32)
+    mask[len(mask) - n_cont:] = 1.0
+    docs.append([(np.asarray(ids, np.int32), mask)])
+  return batch_from_documents(docs, width)
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
-def _loglik(model, params, inputs, targets, segment, mask):
-  """Summed log p(target) over masked positions. All inputs [batch, length] -> [batch]."""
-  positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
-  logits = model.apply({'params': params}, inputs, positions, segment)
+def _loglik(model, params, batch):
+  """Summed log p(target) over the loss mask. Batch arrays [batch, length] -> [batch]."""
+  logits = model.apply({'params': params}, batch['inputs'], batch['positions'],
+                       batch['segment_ids'])
   logp = jax.nn.log_softmax(logits, axis=-1)
-  tok = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  return jnp.sum(tok * mask, axis=-1)
+  tok = jnp.take_along_axis(logp, batch['targets'][..., None], axis=-1)[..., 0]
+  return jnp.sum(tok * batch['loss_mask'], axis=-1)
 
 
 def score_choices(model, params, tokenizer, examples, batch_size: int = 32, max_len: int = 0,
@@ -108,12 +107,12 @@ def score_choices(model, params, tokenizer, examples, batch_size: int = 32, max_
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
     chunk = chunk + [([0, 0], 1)] * (batch_size - len(chunk))  # fixed shape: one compile
-    arrays = _pack(chunk, width)  # numpy: replicated to every device (and process)
+    batch = _pack(chunk, width)  # numpy: replicated to every device (and process)
     if mesh is not None:
       with sharding.activate(mesh, rules):
-        out = _loglik(model, params, *arrays)
+        out = _loglik(model, params, batch)
     else:
-      out = _loglik(model, params, *arrays)
+      out = _loglik(model, params, batch)
     scores.append(np.asarray(jax.device_get(out), np.float64)[:len(rows) - start])
   flat = np.concatenate(scores)
   out, i = [], 0

@@ -1,6 +1,7 @@
 """The train loop: wires config -> mesh -> model -> data -> shardings -> state -> hooks.
 
 ``Trainer(cfg, workdir).run()`` reads top to bottom in data-flow order. The
+model on its mesh (shardings, compiled steps) is ``jaxlm.engine.Setup``; the
 pure step lives in jaxlm.train.step; everything with side effects (logging,
 checkpoints, hooks, signals) lives here.
 """
@@ -10,132 +11,22 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from jaxlm import config as config_lib
 from jaxlm import hooks as hooks_lib
 from jaxlm import mesh as mesh_lib
-from jaxlm import runtime, sharding
+from jaxlm import runtime
 from jaxlm.checkpoint import Checkpointer
-from jaxlm.data.packing import BATCH_KEYS
 from jaxlm.data.pipeline import make_pipeline
+from jaxlm.engine import Setup
 from jaxlm.errors import ConfigError
 from jaxlm.evals.multiple_choice import multiple_choice_hook
-from jaxlm.generate import generate
-from jaxlm.model.transformer import build_model, param_count
 from jaxlm.train import metrics as metrics_lib
-from jaxlm.train.optimizer import make_optimizer, schedule
-from jaxlm.train.step import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger('jaxlm')
-
-
-def check_divisibility(cfg, mesh) -> None:
-  """Batch and length must split evenly over the mesh; says which fields to change."""
-  dp = mesh_lib.data_parallel_size(mesh)
-  micro = cfg.train.batch_size // cfg.train.grad_accum
-  if micro % dp:
-    raise ConfigError(
-        f'train.batch_size={cfg.train.batch_size} (/ train.grad_accum={cfg.train.grad_accum}) '
-        f'does not divide over {dp} data-parallel devices (mesh.data x mesh.fsdp)')
-  eval_bs = cfg.eval.batch_size or cfg.train.batch_size
-  if eval_bs % dp:
-    raise ConfigError(f'eval.batch_size={eval_bs} does not divide over {dp} data-parallel devices')
-  if cfg.data.seq_len % mesh.shape['sequence']:
-    raise ConfigError(f"data.seq_len={cfg.data.seq_len} does not divide over "
-                      f"mesh.sequence={mesh.shape['sequence']}")
-  tensor = mesh.shape['tensor']
-  for key in ('n_heads', 'mlp_dim'):
-    if cfg.model[key] % tensor:
-      raise ConfigError(f'model.{key}={cfg.model[key]} does not divide over mesh.tensor={tensor}')
-
-
-class Setup:
-  """Model, optimizer, shardings and compiled steps for a config on a mesh (no data)."""
-
-  def __init__(self, cfg, mesh=None):
-    self.cfg = cfg
-    self.mesh = mesh or mesh_lib.make_mesh(cfg.mesh)
-    check_divisibility(cfg, self.mesh)
-    self.rules = sharding.rules_for(cfg.model, cfg.mesh, self.mesh)
-    self.model = build_model(cfg.model)
-    self.tx = make_optimizer(cfg.optim, cfg.train.steps)
-    self.lr = schedule(cfg.optim, cfg.train.steps)
-    # Init runs outside sharding.activate: DenseGeneral reshapes its kernel
-    # after init, which a live rank-3 constraint on a rank-2 array rejects.
-    boxed = jax.eval_shape(self._init_boxed, jax.random.key(cfg.train.seed))
-    self.state_shardings = nn.logical_to_mesh_sharding(
-        nn.get_partition_spec(boxed), self.mesh, self.rules)
-    self.abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nn.unbox(boxed), self.state_shardings)
-    self.n_params = param_count(self.abstract_state.params)
-    self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
-    repl = sharding.replicated(self.mesh)
-    self._train_step = jax.jit(
-        make_train_step(self.model, self.tx, self.lr, cfg.train.grad_accum, cfg.train.z_loss),
-        in_shardings=(self.state_shardings, self.batch_sharding),
-        out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
-    self._eval_step = jax.jit(make_eval_step(self.model),
-                              in_shardings=(self.state_shardings.params, self.batch_sharding),
-                              out_shardings=repl)
-
-  def _init_boxed(self, rng):
-    tokens = jnp.zeros((1, self.cfg.data.seq_len), jnp.int32)
-    params = self.model.init(rng, tokens)['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
-
-  def init_state(self) -> TrainState:
-    key = jax.random.key(self.cfg.train.seed)
-    init = jax.jit(lambda r: nn.unbox(self._init_boxed(r)), out_shardings=self.state_shardings)
-    # Init runs once, yet on CPU its per-parameter RNG kernels take XLA longer to
-    # compile than the train step (3.3 s vs 2.3 s at shakespeare_char's size);
-    # without backend optimisation it compiles in half the time.
-    opts = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else {}
-    return init.lower(key).compile(opts)(key)
-
-  def train_step_memory(self):
-    """XLA's memory analysis of the compiled train step, per device (None if unavailable)."""
-    shape = (self.cfg.train.batch_size, self.cfg.data.seq_len)
-    batch = {k: jax.ShapeDtypeStruct(shape, np.float32 if k == 'loss_mask' else np.int32,
-                                     sharding=self.batch_sharding)
-             for k in BATCH_KEYS}
-    with sharding.activate(self.mesh, self.rules):
-      return self._train_step.lower(self.abstract_state, batch).compile().memory_analysis()
-
-  def device_batch(self, local: dict) -> dict:
-    """Per-process numpy rows -> global arrays sharded over the batch axes."""
-    local = {k: np.asarray(v) for k, v in local.items()}
-    if jax.process_count() == 1:
-      # One batched transfer: make_array_from_process_local_data costs ~0.7 ms per
-      # array in Python, which is 10% of a small model's CPU step.
-      return jax.device_put(local, self.batch_sharding)
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-            for k, v in local.items()}
-
-  def train_step(self, state, batch):
-    with sharding.activate(self.mesh, self.rules):
-      return self._train_step(state, batch)
-
-  def eval_loss(self, params, batches) -> float:
-    with sharding.activate(self.mesh, self.rules):
-      # Read back once at the end: a float() per batch would stall dispatch each time.
-      sums = [self._eval_step(params, self.device_batch(b)) for b in batches]
-    total, count = (float(np.sum(np.asarray(x, np.float64))) for x in zip(*jax.device_get(sums)))
-    return total / max(count, 1.0)
-
-  def generate_text(self, params, tokenizer, prompts, **kw) -> list[str]:
-    ids = [list(map(int, tokenizer.encode(p))) for p in prompts]
-    if tokenizer.bos_id is not None and self.cfg.data.add_bos:
-      ids = [[tokenizer.bos_id] + i for i in ids]
-    stops = tuple(t for t in (tokenizer.eos_id,) if t is not None)
-    limit = self.cfg.model.max_seq_len - max(len(i) for i in ids)
-    kw['max_new_tokens'] = max(1, min(kw.get('max_new_tokens', 64), limit))
-    with sharding.activate(self.mesh, self.rules):
-      out = generate(self.model, params, ids, stop_ids=stops, **kw)
-    return [tokenizer.decode(o) for o in out]
 
 
 class _Signals:
@@ -166,7 +57,6 @@ class _Signals:
     """Whether to stop after ``step``; all processes of a multi-host run agree on it."""
     if jax.process_count() == 1:
       return self.stop
-    from jax.experimental import multihost_utils  # noqa: PLC0415
     try:
       if multihost_utils.reached_preemption_sync_point(step):
         return True
@@ -242,7 +132,6 @@ class Trainer:
     profile = [int(s) for s in cfg.train.profile_steps.split(',')] if cfg.train.profile_steps else None
     bar = None
     if runtime.is_main() and cfg.train.progress:
-      from tqdm import tqdm  # noqa: PLC0415
       bar = tqdm(total=cfg.train.steps, initial=step, desc='train', unit='step',
                  dynamic_ncols=True)
     last = {}

@@ -1,25 +1,16 @@
 """Config and corpus helpers shared by the data tests (tests/conftest.py belongs to others)."""
 
-import importlib.util
 from pathlib import Path
+
+from jaxlm.configs import base
 
 REPO = Path(__file__).resolve().parents[2]
 SHAKESPEARE = REPO / '..' / 'shared' / 'data' / 'tinyshakespeare.txt'
 
 
-def _load_base():
-  spec = importlib.util.spec_from_file_location('_jaxlm_configs_base', REPO / 'configs' / 'base.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-_BASE = _load_base()
-
-
 def make_cfg(**data):
   """The base config with `data` fields overridden; small batches for fast tests."""
-  cfg = _BASE.get_config()
+  cfg = base.get_config()
   cfg.data.seq_len = 16
   cfg.train.batch_size = 4
   cfg.eval.batches = 3

@@ -8,7 +8,7 @@ import pytest
 from jaxlm.mesh import make_mesh
 from jaxlm.model.transformer import build_model, param_count
 from jaxlm.train import metrics
-from jaxlm.train.loop import Setup
+from jaxlm.engine import Setup
 from tests.conftest import load_config
 
 

@@ -1,16 +1,10 @@
 """GPT-2 small, 124M (Radford et al. 2019); recipe of Karpathy's llm.c GPT-2 reproduction."""
 
-import pathlib
-import runpy
-
-# base.py is loaded by file path, not `from configs import base`: ml_collections
-# config_flags execs this file by path, and the repo root is not on sys.path
-# when `jaxlm` runs from another directory.
-_base = runpy.run_path(str(pathlib.Path(__file__).with_name('base.py')))
+from jaxlm.configs import base
 
 
 def get_config():
-  c = _base['get_config']().lock()  # locked: a mistyped key below raises
+  c = base.get_config().lock()  # locked: a mistyped key below raises
   c.name = 'gpt2_small'
 
   # GPT-2: learned positions, LayerNorm, GELU, biases, tied embeddings (all base defaults).

@@ -3,14 +3,11 @@
 Llama 3 family recipe from llama_8b.py; only what differs is set here.
 """
 
-import pathlib
-import runpy
-
-_llama3 = runpy.run_path(str(pathlib.Path(__file__).with_name('llama_8b.py')))
+from jaxlm.configs import llama_8b
 
 
 def get_config():
-  c = _llama3['get_config']()
+  c = llama_8b.get_config()
   c.name = 'llama_70b'
 
   m = c.model

@@ -3,17 +3,11 @@
 Also the Llama 3 family recipe that llama_1b.py and llama_70b.py start from.
 """
 
-import pathlib
-import runpy
-
-# base.py is loaded by file path, not `from configs import base`: ml_collections
-# config_flags execs this file by path, and the repo root is not on sys.path
-# when `jaxlm` runs from another directory.
-_base = runpy.run_path(str(pathlib.Path(__file__).with_name('base.py')))
+from jaxlm.configs import base
 
 
 def get_config():
-  c = _base['get_config']().lock()  # locked: a mistyped key below raises
+  c = base.get_config().lock()  # locked: a mistyped key below raises
   c.name = 'llama_8b'
 
   # Llama 3: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases.

@@ -1,16 +1,10 @@
 """`make demo`: a small Llama-style byte model trained on this Python's stdlib in minutes on CPU."""
 
-import pathlib
-import runpy
-
-# base.py is loaded by file path, not `from configs import base`: ml_collections
-# config_flags execs this file by path, and the repo root is not on sys.path
-# when `jaxlm` runs from another directory.
-_base = runpy.run_path(str(pathlib.Path(__file__).with_name('base.py')))
+from jaxlm.configs import base
 
 
 def get_config():
-  c = _base['get_config']().lock()  # locked: a mistyped key below raises
+  c = base.get_config().lock()  # locked: a mistyped key below raises
   c.name = 'demo'
 
   # Llama-style: RoPE, RMSNorm, SwiGLU, no biases. Tied embeddings suit the tiny byte vocab.

@@ -3,14 +3,11 @@
 Same family and recipe as gpt2_small.py; only the size and learning rate differ.
 """
 
-import pathlib
-import runpy
-
-_small = runpy.run_path(str(pathlib.Path(__file__).with_name('gpt2_small.py')))
+from jaxlm.configs import gpt2_small
 
 
 def get_config():
-  c = _small['get_config']()
+  c = gpt2_small.get_config()
   c.name = 'gpt2_medium'
 
   m = c.model

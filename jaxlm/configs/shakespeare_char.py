@@ -9,17 +9,11 @@ on a 2-core CPU at batch 4 as at 16. ``bench/shakespeare.py`` times it;
 bench/RESULTS.md has the figures and the batch-size trials.
 """
 
-import pathlib
-import runpy
-
-# base.py is loaded by file path, not `from configs import base`: ml_collections
-# config_flags execs this file by path, and the repo root is not on sys.path
-# when `jaxlm` runs from another directory.
-_base = runpy.run_path(str(pathlib.Path(__file__).with_name('base.py')))
+from jaxlm.configs import base
 
 
 def get_config():
-  c = _base['get_config']().lock()  # locked: a mistyped key below raises
+  c = base.get_config().lock()  # locked: a mistyped key below raises
   c.name = 'shakespeare_char'
 
   m = c.model

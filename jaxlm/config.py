@@ -16,6 +16,7 @@ CHOICES = {
     'model.norm': ('layernorm', 'rmsnorm'),
     'model.activation': ('gelu', 'swiglu'),
     'model.position': ('learned', 'rope'),
+    'model.rope_scaling': ('', 'llama3'),
     'model.attention': ('xla', 'cudnn', 'chunked', 'splash'),
     'model.remat': ('none', 'full', 'dots'),
     'model.param_dtype': ('float32', 'bfloat16', 'float16'),

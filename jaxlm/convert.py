@@ -112,4 +112,4 @@ def export_hf(workdir: str, out_dir: str, restore_step: int | None = None,
     if src.is_file():
       shutil.copy(src, Path(out_dir) / 'tokenizer.json')
   log.info('convert: wrote %s (step %d) to %s', hf.export_family(m), loaded.step, out_dir)
-  return {'gpt2': 'GPT2LMHeadModel', 'llama': 'LlamaForCausalLM'}[hf.export_family(m)]
+  return hf.hf_config(m, vocab)['architectures'][0]

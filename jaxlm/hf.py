@@ -19,8 +19,6 @@ import numpy as np
 
 from jaxlm.errors import CheckpointError, ConfigError
 
-GPT2_TYPES = ('gpt2',)
-LLAMA_TYPES = ('llama', 'mistral')
 _TANH_GELUS = ('gelu_new', 'gelu_pytorch_tanh', 'gelu_fast')
 
 
@@ -84,49 +82,57 @@ def write_dir(path: str, hf_config: dict, tensors: dict[str, np.ndarray]) -> Non
             metadata={'format': 'pt'})
 
 
-# ---- config ---------------------------------------------------------------------------
+# ---- config: one function per family each way -----------------------------------------
+# Every family is a setting of the one jaxlm Transformer. Import: ``<family>_fields(hf)`` ->
+# jaxlm ``model`` fields. Export: ``<family>_config(m, common)`` -> config.json dict.
+
 
 def family(hf: dict) -> str:
-  """'gpt2' or 'llama' for an HF config dict; ConfigError for anything else."""
+  """The HF ``model_type`` if jaxlm imports it; ConfigError naming the supported ones."""
   t = hf.get('model_type', '')
-  if t in GPT2_TYPES:
-    return 'gpt2'
-  if t in LLAMA_TYPES:
-    return 'llama'
-  raise ConfigError(f"Hugging Face model_type '{t}' is not supported "
-                    f"(supported: {', '.join(GPT2_TYPES + LLAMA_TYPES)})")
+  if t not in IMPORTERS:
+    raise ConfigError(f"Hugging Face model_type '{t}' is not supported "
+                      f"(supported: {', '.join(IMPORTERS)})")
+  return t
 
 
-def _rope_theta(hf: dict) -> float:
-  rp = hf.get('rope_parameters') or {}
-  scaling = hf.get('rope_scaling') or {}
-  kind = rp.get('rope_type') or scaling.get('rope_type') or scaling.get('type') or 'default'
-  if kind != 'default':
-    raise ConfigError(f"rope scaling '{kind}' is not supported by jaxlm's RoPE")
-  return float(rp.get('rope_theta', hf.get('rope_theta', 10000.0)))
+def _rope_fields(hf: dict) -> dict:
+  """RoPE base and scaling; transformers 5 writes rope_parameters, 4 rope_theta/rope_scaling."""
+  rp = dict(hf.get('rope_scaling') or {}, **(hf.get('rope_parameters') or {}))
+  kind = rp.get('rope_type') or rp.get('type') or 'default'
+  out = dict(rope_theta=float(rp.get('rope_theta', hf.get('rope_theta', 10000.0))))
+  if kind == 'llama3':
+    out.update(rope_scaling='llama3', rope_factor=float(rp['factor']),
+               rope_low_freq_factor=float(rp['low_freq_factor']),
+               rope_high_freq_factor=float(rp['high_freq_factor']),
+               rope_original_max_len=int(rp['original_max_position_embeddings']))
+  elif kind != 'default':
+    raise ConfigError(f"rope scaling '{kind}' is not supported by jaxlm's RoPE "
+                      "(supported: default, llama3)")
+  return out
 
 
-def model_fields(hf: dict) -> dict:
-  """jaxlm ``model`` fields for an HF config dict (GPT-2 or Llama family)."""
-  if family(hf) == 'gpt2':
-    act = hf.get('activation_function', 'gelu_new')
-    if act not in _TANH_GELUS:
-      raise ConfigError(f"GPT-2 activation_function '{act}' is not supported "
-                        f"(jaxlm's GELU is the tanh approximation: {', '.join(_TANH_GELUS)})")
-    if hf.get('scale_attn_by_inverse_layer_idx') or not hf.get('scale_attn_weights', True):
-      raise ConfigError('GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported')
-    d = hf['n_embd']
-    return dict(vocab_size=hf['vocab_size'], d_model=d, n_layers=hf['n_layer'],
-                n_heads=hf['n_head'], n_kv_heads=hf['n_head'], head_dim=0,
-                mlp_dim=hf.get('n_inner') or 4 * d, max_seq_len=hf['n_positions'],
-                norm='layernorm', norm_eps=float(hf.get('layer_norm_epsilon', 1e-5)),
-                activation='gelu', position='learned', use_bias=True,
-                tie_embeddings=bool(hf.get('tie_word_embeddings', True)))
+def gpt2_fields(hf: dict) -> dict:
+  act = hf.get('activation_function', 'gelu_new')
+  if act not in _TANH_GELUS:
+    raise ConfigError(f"GPT-2 activation_function '{act}' is not supported "
+                      f"(jaxlm's GELU is the tanh approximation: {', '.join(_TANH_GELUS)})")
+  if hf.get('scale_attn_by_inverse_layer_idx') or not hf.get('scale_attn_weights', True):
+    raise ConfigError('GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported')
+  d = hf['n_embd']
+  return dict(vocab_size=hf['vocab_size'], d_model=d, n_layers=hf['n_layer'],
+              n_heads=hf['n_head'], n_kv_heads=hf['n_head'], head_dim=0,
+              mlp_dim=hf.get('n_inner') or 4 * d, max_seq_len=hf['n_positions'],
+              norm='layernorm', norm_eps=float(hf.get('layer_norm_epsilon', 1e-5)),
+              activation='gelu', position='learned', use_bias=True,
+              tie_embeddings=bool(hf.get('tie_word_embeddings', True)))
+
+
+def llama_fields(hf: dict) -> dict:
+  """Llama 2/3/3.1/3.2: RoPE (+ llama3 scaling), RMSNorm, SwiGLU, GQA, optional tied head."""
   if hf.get('hidden_act', 'silu') != 'silu':
-    raise ConfigError(f"Llama hidden_act '{hf['hidden_act']}' is not supported (only 'silu')")
-  if hf.get('model_type') == 'mistral' and hf.get('sliding_window'):
-    if hf['sliding_window'] < hf.get('max_position_embeddings', 0):
-      raise ConfigError('Mistral sliding-window attention is not supported')
+    raise ConfigError(f"{hf.get('model_type')} hidden_act '{hf['hidden_act']}' is not supported "
+                      "(only 'silu')")
   d, heads = hf['hidden_size'], hf['num_attention_heads']
   hd = hf.get('head_dim') or d // heads
   return dict(vocab_size=hf['vocab_size'], d_model=d, n_layers=hf['num_hidden_layers'],
@@ -134,45 +140,124 @@ def model_fields(hf: dict) -> dict:
               head_dim=0 if hd == d // heads else hd, mlp_dim=hf['intermediate_size'],
               max_seq_len=hf['max_position_embeddings'], norm='rmsnorm',
               norm_eps=float(hf.get('rms_norm_eps', 1e-6)), activation='swiglu',
-              position='rope', rope_theta=_rope_theta(hf),
+              position='rope', **_rope_fields(hf),
               use_bias=bool(hf.get('attention_bias') or hf.get('mlp_bias')),
               tie_embeddings=bool(hf.get('tie_word_embeddings', False)))
 
 
+def _no_sliding_window(hf: dict) -> None:
+  window = hf.get('sliding_window')
+  uses = hf.get('use_sliding_window', hf.get('model_type') == 'mistral')
+  if uses and window and window < hf.get('max_position_embeddings', 0):
+    raise ConfigError(f"{hf.get('model_type')} sliding-window attention is not supported")
+
+
+def mistral_fields(hf: dict) -> dict:
+  """Mistral: Llama with sliding-window attention."""
+  _no_sliding_window(hf)
+  return llama_fields(hf)
+
+
+def qwen2_fields(hf: dict) -> dict:
+  """Qwen2/2.5: Llama with a bias on the q/k/v projections only."""
+  _no_sliding_window(hf)
+  return dict(llama_fields(hf), use_bias=False, qkv_bias=True)
+
+
+def qwen3_fields(hf: dict) -> dict:
+  """Qwen3: Llama with RMSNorm on each query/key head (before RoPE)."""
+  _no_sliding_window(hf)
+  if hf.get('attention_bias'):
+    raise ConfigError('Qwen3 attention_bias=true is not supported (jaxlm biases attention and '
+                      'MLP together)')
+  return dict(llama_fields(hf), use_bias=False, qk_norm=True)
+
+
+IMPORTERS = {'gpt2': gpt2_fields, 'llama': llama_fields, 'mistral': mistral_fields,
+             'qwen2': qwen2_fields, 'qwen3': qwen3_fields}
+
+
+def model_fields(hf: dict) -> dict:
+  """jaxlm ``model`` fields for an HF config dict of any supported family."""
+  return IMPORTERS[family(hf)](hf)
+
+
 def export_family(m) -> str:
-  """The HF architecture a jaxlm ``model`` section maps onto exactly, or ConfigError."""
+  """The HF model_type a jaxlm ``model`` section maps onto exactly, or ConfigError."""
   if (m.position, m.norm, m.activation) == ('learned', 'layernorm', 'gelu'):
     if m.n_kv_heads != m.n_heads or (m.head_dim and m.head_dim * m.n_heads != m.d_model):
       raise ConfigError('GPT-2 export needs n_kv_heads == n_heads and head_dim == d_model / n_heads')
     return 'gpt2'
-  if (m.position, m.norm, m.activation) == ('rope', 'rmsnorm', 'swiglu'):
-    return 'llama'
-  raise ConfigError(f'no Hugging Face architecture matches model.position={m.position!r}, '
-                    f'model.norm={m.norm!r}, model.activation={m.activation!r}')
+  if (m.position, m.norm, m.activation) != ('rope', 'rmsnorm', 'swiglu'):
+    raise ConfigError(f'no Hugging Face architecture matches model.position={m.position!r}, '
+                      f'model.norm={m.norm!r}, model.activation={m.activation!r}')
+  if m.qk_norm or m.qkv_bias:
+    if m.use_bias or (m.qk_norm and m.qkv_bias):
+      raise ConfigError('no Hugging Face architecture matches model.qk_norm / model.qkv_bias '
+                        'together with each other or with model.use_bias')
+    if m.rope_scaling:
+      raise ConfigError(f'Qwen export does not support model.rope_scaling={m.rope_scaling!r}')
+    return 'qwen3' if m.qk_norm else 'qwen2'
+  return 'llama'
+
+
+def _rope_config(m) -> dict:
+  rp = {'rope_theta': m.rope_theta, 'rope_type': 'default'}
+  if m.rope_scaling == 'llama3':
+    rp.update(rope_type='llama3', factor=m.rope_factor, low_freq_factor=m.rope_low_freq_factor,
+              high_freq_factor=m.rope_high_freq_factor,
+              original_max_position_embeddings=m.rope_original_max_len)
+  # Both spellings: transformers 4 reads rope_theta/rope_scaling, 5 reads rope_parameters.
+  out = dict(rope_theta=m.rope_theta, rope_parameters=rp)
+  if m.rope_scaling:
+    out['rope_scaling'] = rp
+  return out
+
+
+def gpt2_config(m, common: dict) -> dict:
+  return dict(common, architectures=['GPT2LMHeadModel'], n_embd=m.d_model,
+              n_layer=m.n_layers, n_head=m.n_heads, n_inner=m.mlp_dim,
+              n_positions=m.max_seq_len, layer_norm_epsilon=m.norm_eps,
+              activation_function='gelu_new', resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+              scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+              reorder_and_upcast_attn=False)
+
+
+def llama_config(m, common: dict) -> dict:
+  return dict(common, architectures=['LlamaForCausalLM'], hidden_size=m.d_model,
+              intermediate_size=m.mlp_dim, num_hidden_layers=m.n_layers,
+              num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
+              head_dim=m.head_dim or m.d_model // m.n_heads,
+              max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps,
+              hidden_act='silu', attention_bias=bool(m.use_bias), mlp_bias=bool(m.use_bias),
+              attention_dropout=0.0, **_rope_config(m))
+
+
+def qwen2_config(m, common: dict) -> dict:
+  out = dict(llama_config(m, common), architectures=['Qwen2ForCausalLM'],
+             use_sliding_window=False, sliding_window=None)
+  for k in ('attention_bias', 'mlp_bias'):  # Qwen2 always biases q/k/v, nothing else
+    out.pop(k)
+  return out
+
+
+def qwen3_config(m, common: dict) -> dict:
+  out = dict(llama_config(m, common), architectures=['Qwen3ForCausalLM'],
+             use_sliding_window=False, sliding_window=None)
+  out.pop('mlp_bias')
+  return out
+
+
+EXPORTERS = {'gpt2': gpt2_config, 'llama': llama_config, 'qwen2': qwen2_config,
+             'qwen3': qwen3_config}
 
 
 def hf_config(m, vocab_size: int, bos_id=None, eos_id=None) -> dict:
-  """The config.json dict for a jaxlm ``model`` section (GPT2LMHeadModel or LlamaForCausalLM)."""
-  hd = m.head_dim or m.d_model // m.n_heads
-  common = dict(vocab_size=vocab_size, tie_word_embeddings=bool(m.tie_embeddings),
-                bos_token_id=bos_id, eos_token_id=eos_id, torch_dtype='float32',
-                dtype='float32')
-  if export_family(m) == 'gpt2':
-    return dict(common, architectures=['GPT2LMHeadModel'], model_type='gpt2', n_embd=m.d_model,
-                n_layer=m.n_layers, n_head=m.n_heads, n_inner=m.mlp_dim,
-                n_positions=m.max_seq_len, layer_norm_epsilon=m.norm_eps,
-                activation_function='gelu_new', resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
-                reorder_and_upcast_attn=False)
-  return dict(common, architectures=['LlamaForCausalLM'], model_type='llama',
-              hidden_size=m.d_model, intermediate_size=m.mlp_dim, num_hidden_layers=m.n_layers,
-              num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads, head_dim=hd,
-              max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps,
-              hidden_act='silu', attention_bias=bool(m.use_bias), mlp_bias=bool(m.use_bias),
-              # Both spellings: transformers 4 reads rope_theta, 5 reads rope_parameters.
-              rope_theta=m.rope_theta,
-              rope_parameters={'rope_theta': m.rope_theta, 'rope_type': 'default'},
-              attention_dropout=0.0)
+  """The config.json dict for a jaxlm ``model`` section (its ``export_family``)."""
+  kind = export_family(m)
+  common = dict(model_type=kind, vocab_size=vocab_size, tie_word_embeddings=bool(m.tie_embeddings),
+                bos_token_id=bos_id, eos_token_id=eos_id, torch_dtype='float32', dtype='float32')
+  return EXPORTERS[kind](m, common)
 
 
 # ---- parameters -----------------------------------------------------------------------
@@ -218,19 +303,24 @@ def _gpt2_layer(get, i, m) -> dict:
 
 
 def _llama_layer(get, i, m) -> dict:
+  """Llama-style layer (Llama, Mistral, Qwen2, Qwen3): nn.Linear weights are [out, in]."""
   h, kv, d = m.n_heads, m.n_kv_heads, m.d_model
   hd = m.head_dim or d // h
   p = f'layers.{i}.'
-  bias = lambda name: get(p + name + '.bias', np.zeros(0)) if m.use_bias else None
-  fix = lambda b, shape: None if b is None or not b.size else b.reshape(shape)
+  bias = lambda name: get(p + name + '.bias', np.zeros(0))  # absent: zeros if the model has one
+  fix = lambda b, shape: None if not b.size else b.reshape(shape)
   attn = {}
   for name, heads in (('query', h), ('key', kv), ('value', kv)):
     proj = f'self_attn.{name[0]}_proj'
     attn[name] = _dense(get(p + proj + '.weight').T.reshape(d, heads, hd),
-                        fix(bias(proj), (heads, hd)), m.use_bias)
+                        fix(bias(proj), (heads, hd)), m.use_bias or m.qkv_bias)
   attn['out'] = _dense(get(p + 'self_attn.o_proj.weight').T.reshape(h, hd, d),
                        fix(bias('self_attn.o_proj'), (d,)), m.use_bias)
-  mlp = {n: _dense(get(f'{p}mlp.{n}_proj.weight').T, fix(bias(f'mlp.{n}_proj'), (-1,)), m.use_bias)
+  if m.qk_norm:
+    attn['query_norm'] = _norm(get(p + 'self_attn.q_norm.weight'))
+    attn['key_norm'] = _norm(get(p + 'self_attn.k_norm.weight'))
+  mlp = {n: _dense(get(f'{p}mlp.{n}_proj.weight').T, fix(bias(f'mlp.{n}_proj'), (-1,)),
+                   m.use_bias)
          for n in ('gate', 'up', 'down')}
   return {'attn_norm': _norm(get(p + 'input_layernorm.weight')),
           'mlp_norm': _norm(get(p + 'post_attention_layernorm.weight')),
@@ -312,6 +402,9 @@ def from_params(params: dict, m, vocab_size: int) -> dict[str, np.ndarray]:
       out[p + 'self_attn.o_proj.weight'] = k.reshape(-1, k.shape[-1]).T
       if 'bias' in a['out']:
         out[p + 'self_attn.o_proj.bias'] = f32(a['out']['bias'])
+      for n in ('query', 'key'):
+        if f'{n}_norm' in a:
+          out[f'{p}self_attn.{n[0]}_norm.weight'] = f32(a[f'{n}_norm']['scale'])
       for n in ('gate', 'up', 'down'):
         out[f'{p}mlp.{n}_proj.weight'] = f32(l['mlp'][n]['kernel']).T
         if 'bias' in l['mlp'][n]:

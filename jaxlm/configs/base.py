@@ -26,6 +26,13 @@ def get_config() -> ml_collections.ConfigDict:
   m.activation = 'gelu'  # 'gelu' (GPT-2 MLP) or 'swiglu' (Llama MLP)
   m.position = 'learned'  # 'learned' (GPT-2) or 'rope' (Llama)
   m.rope_theta = 10000.0  # RoPE base frequency
+  m.rope_scaling = ''  # '' (plain RoPE) or 'llama3' (Llama 3.1 long-context frequency scaling)
+  m.rope_factor = 8.0  # llama3 scaling: low frequencies are divided by this
+  m.rope_low_freq_factor = 1.0  # llama3 scaling: wavelengths above original_len / this are scaled
+  m.rope_high_freq_factor = 4.0  # llama3 scaling: wavelengths below original_len / this are kept
+  m.rope_original_max_len = 8192  # llama3 scaling: context length the model was pretrained at
+  m.qkv_bias = False  # bias on the query/key/value projections only (Qwen2); use_bias covers all
+  m.qk_norm = False  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3)
   m.use_bias = True  # biases in dense layers and norms (GPT-2 yes, Llama no)
   m.tie_embeddings = True  # output head reuses the token embedding (GPT-2)
   m.init_std = 0.02  # normal init std for kernels and embeddings

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxlm.model.layers import Dense, rope
+from jaxlm.model.layers import Dense, Norm, rope, rope_frequencies
 from jaxlm.sharding import constrain
 
 _NEG = -1e30  # finite, so fully-masked (padding) rows give zeros, not NaNs
@@ -195,11 +195,16 @@ class Attention(nn.Module):
     c = self.cfg
     hd = c.head_dim or c.d_model // c.n_heads
     kw = dict(use_bias=c.use_bias, std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype)
-    q = Dense((c.n_heads, hd), ('embed',), ('heads', 'head_dim'), name='query', **kw)(x)
-    k = Dense((c.n_kv_heads, hd), ('embed',), ('kv_heads', 'head_dim'), name='key', **kw)(x)
-    v = Dense((c.n_kv_heads, hd), ('embed',), ('kv_heads', 'head_dim'), name='value', **kw)(x)
+    qkv_kw = {**kw, 'use_bias': c.use_bias or c.qkv_bias}
+    q = Dense((c.n_heads, hd), ('embed',), ('heads', 'head_dim'), name='query', **qkv_kw)(x)
+    k = Dense((c.n_kv_heads, hd), ('embed',), ('kv_heads', 'head_dim'), name='key', **qkv_kw)(x)
+    v = Dense((c.n_kv_heads, hd), ('embed',), ('kv_heads', 'head_dim'), name='value', **qkv_kw)(x)
+    if c.qk_norm:  # per head, over head_dim (Qwen3)
+      norm = lambda name: Norm('rmsnorm', c.norm_eps, False, c.dtype, c.param_dtype, name=name)
+      q, k = norm('query_norm')(q), norm('key_norm')(k)
     if c.position == 'rope':
-      q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+      freq = rope_frequencies(hd, c)
+      q, k = rope(q, positions, freq), rope(k, positions, freq)
     q = constrain(q, ('act_batch', 'act_length', 'act_heads', None))
     k = constrain(k, ('act_batch', 'act_length', 'act_kv_heads', None))
     v = constrain(v, ('act_batch', 'act_length', 'act_kv_heads', None))

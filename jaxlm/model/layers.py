@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from jaxlm.sharding import constrain
@@ -140,11 +141,31 @@ class Mlp(nn.Module):
     return Dense((c.d_model,), ('mlp',), ('embed',), name='down', **down_kw)(h)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding. x: [batch, length, heads, head_dim]; positions: [batch, length]."""
-  d = x.shape[-1]
-  freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [head_dim/2]
-  angle = positions[..., None].astype(jnp.float32) * freq  # [batch, length, head_dim/2]
+def rope_frequencies(head_dim: int, c) -> np.ndarray:
+  """Inverse frequencies [head_dim/2] of RoPE for model config ``c`` (fp32, static).
+
+  ``rope_scaling='llama3'`` is Llama 3.1's long-context rule: wavelengths longer
+  than ``rope_original_max_len / rope_low_freq_factor`` are slowed by
+  ``rope_factor``, shorter than ``... / rope_high_freq_factor`` are kept, and
+  the band between is interpolated smoothly.
+  """
+  freq = 1.0 / (c.rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  if c.rope_scaling == 'llama3':
+    low, high = c.rope_low_freq_factor, c.rope_high_freq_factor
+    wavelen = 2 * np.pi / freq
+    smooth = (c.rope_original_max_len / wavelen - low) / (high - low)
+    mid = (1 - smooth) * freq / c.rope_factor + smooth * freq
+    freq = np.where(wavelen > c.rope_original_max_len / low, freq / c.rope_factor,
+                    np.where(wavelen < c.rope_original_max_len / high, freq, mid))
+  return freq.astype(np.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, freq: np.ndarray) -> jax.Array:
+  """Rotary embedding. x: [batch, length, heads, head_dim]; positions: [batch, length].
+
+  ``freq``: inverse frequencies [head_dim/2] from ``rope_frequencies``.
+  """
+  angle = positions[..., None].astype(jnp.float32) * jnp.asarray(freq)  # [batch, length, head_dim/2]
   sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
   # Half-split layout (as in HF Llama), so imported weights need no permutation.
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

@@ -18,22 +18,20 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxlm import storage
 from jaxlm.errors import CheckpointError
 
 log = logging.getLogger('jaxlm')
 BEST_METRIC = 'eval/loss'
 
 
-def _is_remote(path: str) -> bool:
-  return '://' in path
-
-
 class Checkpointer:
   """Saves and restores ``(state, data_state)`` under ``<workdir>/checkpoints``."""
 
   def __init__(self, workdir: str, ckpt_cfg, read_only: bool = False):
+    storage.check(workdir)  # names the cloud extra before Orbax raises ImportError
     root = workdir.rstrip('/')
-    if not _is_remote(workdir):
+    if not storage.is_remote(workdir):
       root = str(Path(root).absolute())
     self.directory = root + '/checkpoints'
     self.best_directory = root + '/checkpoints_best'
@@ -186,7 +184,7 @@ def _save_args(state, data_state: dict | None):
 
 
 def _exists(directory: str) -> bool:
-  return _is_remote(directory) or Path(directory).is_dir()
+  return storage.path(directory).is_dir()
 
 
 def leaf_name(path) -> str:

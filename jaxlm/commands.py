@@ -3,14 +3,13 @@
 import json
 import logging
 import math
-from pathlib import Path
 
 import jax
 import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
-from jaxlm import runtime
+from jaxlm import runtime, storage
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import make_pipeline
 from jaxlm.data.tokenizers import get_tokenizer
@@ -55,8 +54,8 @@ def eval(fv) -> int:  # noqa: A001  (the command's name)
   data = make_pipeline(cfg, jax.process_index(), jax.process_count())
   loss = setup.eval_loss(state.params, data.eval_batches())
   if runtime.is_main():
-    with open(Path(fv.workdir) / 'metrics.jsonl', 'a', encoding='utf-8') as f:
-      f.write(json.dumps({'step': step, 'eval/loss': loss}) + '\n')
+    storage.append_text(storage.join(fv.workdir, 'metrics.jsonl'),
+                        json.dumps({'step': step, 'eval/loss': loss}) + '\n')
     print(f'step {step}: eval/loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.3f}')
   return 0
 

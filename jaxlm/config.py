@@ -5,11 +5,10 @@ fails in a second with a message naming the key.
 """
 
 import json
-import os
-from pathlib import Path
 
 import ml_collections
 
+from jaxlm import storage
 from jaxlm.errors import ConfigError
 
 CHOICES = {
@@ -100,21 +99,25 @@ def to_json(cfg) -> str:
 
 
 def save(cfg, workdir: str) -> None:
-  Path(workdir).mkdir(parents=True, exist_ok=True)
-  tmp = Path(workdir) / 'config.json.tmp'
-  tmp.write_text(to_json(cfg))
-  os.replace(tmp, Path(workdir) / 'config.json')
+  storage.write_atomic(storage.join(workdir, 'config.json'), to_json(cfg))
+
+
+def _read_saved(workdir: str) -> dict | None:
+  """config.json of ``workdir`` as a dict; None if there is none."""
+  path = storage.path(workdir) / 'config.json'
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
 def load_saved(workdir: str):
   """The config a run was started with, as a locked ConfigDict."""
-  path = Path(workdir) / 'config.json'
-  if not path.exists():
+  saved = _read_saved(workdir)
+  if saved is None:
     raise ConfigError(f"workdir '{workdir}' has no config.json (was it trained with jaxlm?)")
-  try:
-    saved = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ConfigError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
   cfg = ml_collections.ConfigDict(saved)
   cfg.lock()
   return cfg
@@ -122,10 +125,10 @@ def load_saved(workdir: str):
 
 def conflicts(cfg, workdir: str) -> list[str]:
   """Keys whose value differs from the run already in ``workdir``."""
-  path = Path(workdir) / 'config.json'
-  if not path.exists():
+  saved = _read_saved(workdir)
+  if saved is None:
     return []
-  old = flatten(json.loads(path.read_text()))
+  old = flatten(saved)
   new = flatten(cfg.to_dict())
   out = []
   for key in sorted(set(old) | set(new)):

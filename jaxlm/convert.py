@@ -15,15 +15,13 @@ meshes and checkpoints. Loading either kind of directory for inference is
 """
 
 import logging
-import shutil
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from absl import flags
 
 from jaxlm import config as config_lib
-from jaxlm import hf
+from jaxlm import hf, storage
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.engine import Setup, config_from_hf, device_params, is_workdir, load
@@ -66,7 +64,7 @@ def run(fv, args) -> int:
 
 def import_hf(hf_dir: str, workdir: str, data_path: str = ''):
   """HF dir -> workdir with config.json and a step-0 checkpoint. Returns the config."""
-  if (Path(workdir) / 'checkpoints').exists():
+  if (storage.path(workdir) / 'checkpoints').exists():
     raise ConfigError(f"workdir '{workdir}' already holds checkpoints (use a new --workdir)")
   hf_cfg, tensors = hf.read_dir(hf_dir)
   cfg = config_from_hf(hf_dir, hf_cfg)
@@ -88,7 +86,7 @@ def import_hf(hf_dir: str, workdir: str, data_path: str = ''):
 def export_hf(workdir: str, out_dir: str, restore_step: int | None = None,
               vocab_size: int = 0) -> str:
   """Writes ``out_dir`` for transformers' from_pretrained; returns the architecture name."""
-  if not is_workdir(Path(workdir)):
+  if not is_workdir(workdir):
     raise ConfigError(f"workdir '{workdir}' has no config.json and checkpoints/ to export")
   cfg = config_lib.load_saved(workdir)
   m = cfg.model
@@ -107,9 +105,9 @@ def export_hf(workdir: str, out_dir: str, restore_step: int | None = None,
   eos = eos if eos is not None and eos < vocab else None
   hf.write_dir(out_dir, hf.hf_config(m, vocab, bos, eos), hf.from_params(params, m, vocab))
   if cfg.data.tokenizer == 'hf' and cfg.data.tokenizer_path:
-    src = Path(cfg.data.tokenizer_path)
+    src = storage.path(cfg.data.tokenizer_path)
     src = src / 'tokenizer.json' if src.is_dir() else src
     if src.is_file():
-      shutil.copy(src, Path(out_dir) / 'tokenizer.json')
+      storage.copy(src, storage.join(out_dir, 'tokenizer.json'))
   log.info('convert: wrote %s (step %d) to %s', hf.export_family(m), loaded.step, out_dir)
   return hf.hf_config(m, vocab)['architectures'][0]

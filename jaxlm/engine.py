@@ -19,7 +19,7 @@ from flax import linen as nn
 from jaxlm import config as config_lib
 from jaxlm import hf
 from jaxlm import mesh as mesh_lib
-from jaxlm import sharding
+from jaxlm import sharding, storage
 from jaxlm.checkpoint import Checkpointer, leaf_name
 from jaxlm.configs import base as base_config
 from jaxlm.data.packing import BATCH_KEYS
@@ -179,8 +179,10 @@ class Loaded:
   step: int
 
 
-def is_workdir(path: Path) -> bool:
-  return (path / 'checkpoints').is_dir() and (path / 'config.json').is_file()
+def is_workdir(path) -> bool:
+  """Whether ``path`` (local or gs://, s3://) holds config.json and checkpoints/."""
+  p = storage.path(path)
+  return (p / 'checkpoints').is_dir() and (p / 'config.json').is_file()
 
 
 def load(path: str, restore_step: int | None = None, mesh_overrides: dict | None = None) -> Loaded:
@@ -190,7 +192,7 @@ def load(path: str, restore_step: int | None = None, mesh_overrides: dict | None
   pure data parallelism (the checkpoint reshards). ``mesh_overrides`` (e.g.
   ``{'fsdp': 4, 'tensor': 2, 'data': 1}``) sets mesh fields explicitly.
   """
-  p = Path(path)
+  p = storage.path(path)
   if is_workdir(p):
     cfg = config_lib.load_saved(path)
     hf_tensors = None

@@ -21,6 +21,7 @@ import numpy as np
 from absl import flags
 
 from jaxlm import config as config_lib
+from jaxlm import storage
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.packing import batch_from_documents
 from jaxlm.data.tokenizers import get_tokenizer
@@ -118,7 +119,7 @@ def finetune(init_from: str, data: str, workdir: str, restore_step: int | None =
              warmup_steps: int = 10, log_every: int = 10, seed: int = 0) -> dict:
   """Fine-tunes and checkpoints into ``workdir``; returns the last metrics."""
 
-  if (Path(workdir) / 'checkpoints').exists():
+  if (storage.path(workdir) / 'checkpoints').exists():
     raise ConfigError(f"workdir '{workdir}' already holds checkpoints (use a new --workdir)")
   pairs = load_pairs(data)
   loaded = load(init_from, restore_step)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxlm import storage
 from jaxlm.errors import CheckpointError, ConfigError
 
 _TANH_GELUS = ('gelu_new', 'gelu_pytorch_tanh', 'gelu_fast')
@@ -73,13 +74,16 @@ def _load_with_bf16(path: Path) -> dict[str, np.ndarray]:
 
 
 def write_dir(path: str, hf_config: dict, tensors: dict[str, np.ndarray]) -> None:
-  """Writes config.json and one model.safetensors that transformers' from_pretrained reads."""
-  from safetensors.numpy import save_file  # noqa: PLC0415
-  d = Path(path)
+  """Writes config.json and one model.safetensors that transformers' from_pretrained reads.
+
+  ``path`` may be local or a gs:// / s3:// URI (jaxlm.storage).
+  """
+  from safetensors.numpy import save  # noqa: PLC0415
+  d = storage.path(path)
   d.mkdir(parents=True, exist_ok=True)
   (d / 'config.json').write_text(json.dumps(hf_config, indent=2, sort_keys=True))
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(d / 'model.safetensors'),
-            metadata={'format': 'pt'})
+  (d / 'model.safetensors').write_bytes(
+      save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={'format': 'pt'}))
 
 
 # ---- config: one function per family each way -----------------------------------------

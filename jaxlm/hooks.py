@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxlm import storage
 from jaxlm.errors import ConfigError
 
 
@@ -84,9 +85,8 @@ def sample_hook(prompts: list[str], max_new_tokens: int, every: int) -> Hook:
   def fn(ctx: HookContext):
     texts = ctx.generate(prompts, max_new_tokens=max_new_tokens, temperature=0.8, top_k=40)
     if jax.process_index() == 0:
-      with open(f'{ctx.workdir}/samples.txt', 'a', encoding='utf-8') as f:
-        for p, t in zip(prompts, texts):
-          f.write(f'--- step {ctx.step} | prompt {p!r}\n{p}{t}\n')
+      storage.append_text(storage.join(ctx.workdir, 'samples.txt'), ''.join(
+          f'--- step {ctx.step} | prompt {p!r}\n{p}{t}\n' for p, t in zip(prompts, texts)))
       if ctx.writer is not None:
         for i, (p, t) in enumerate(zip(prompts, texts)):
           ctx.writer.text(ctx.step, f'samples/{i}', p + t)

@@ -3,10 +3,11 @@
 import json
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
+
+from jaxlm import storage
 
 # Dense peak FLOP/s per chip for bf16 (the dtype MFU is quoted in).
 PEAK_FLOPS = {
@@ -88,29 +89,25 @@ def _summary_writer_class():
 
 
 class MetricsWriter:
-  """Writes metric dicts to tensorboard and metrics.jsonl (process 0 only)."""
+  """Writes metric dicts to tensorboard and metrics.jsonl (process 0 only).
+
+  Both go through the workdir's path layer (jaxlm.storage; tensorboardX writes
+  gs:// and s3:// event files itself), so a bucket workdir gets them too.
+  """
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
     self._tb = None
     self._jsonl = None
     if enabled:
-      Path(workdir).mkdir(parents=True, exist_ok=True)
-      self._tb = _summary_writer_class()(str(Path(workdir) / 'tensorboard'))
-      self._jsonl = open(Path(workdir) / 'metrics.jsonl', 'a', encoding='utf-8')  # noqa: SIM115
+      self._jsonl = storage.TextLog(storage.join(workdir, 'metrics.jsonl'))
+      self._tb = _summary_writer_class()(storage.join(workdir, 'tensorboard'))
 
   def drop_after(self, step: int) -> None:
     """Forgets metrics.jsonl lines past ``step``: a resumed run rewrites them."""
     if not self.enabled:
       return
-    path = Path(self._jsonl.name)
-    self._jsonl.close()
-    keep = [l for l in path.read_text(encoding='utf-8').splitlines(keepends=True)
-            if 0 <= _step_of(l) <= step]
-    tmp = path.with_suffix('.tmp')
-    tmp.write_text(''.join(keep), encoding='utf-8')
-    tmp.replace(path)
-    self._jsonl = open(path, 'a', encoding='utf-8')  # noqa: SIM115
+    self._jsonl.replace([l for l in self._jsonl.lines() if 0 <= _step_of(l) <= step])
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -120,7 +117,6 @@ class MetricsWriter:
       if isinstance(v, float):
         self._tb.add_scalar(k, v, step)
     self._jsonl.write(json.dumps({'step': int(step), **clean}) + '\n')
-    self._jsonl.flush()
 
   def text(self, step: int, tag: str, text: str) -> None:
     if self.enabled:

@@ -17,7 +17,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from jaxlm import configs
+from jaxlm import configs, lock
 from jaxlm.errors import ConfigError, JaxlmError
 
 COMMANDS = ('train', 'eval', 'generate', 'plan')
@@ -47,6 +47,7 @@ def _define(fv: flags.FlagValues, command: str) -> None:
   flags.DEFINE_integer('restore_step', None, 'restore this checkpoint step, not the latest',
                        flag_values=fv)
   if command == 'train':
+    lock.define_flags(fv)
     flags.DEFINE_string('coordinator_address', '', 'multi-host: host:port of process 0',
                         flag_values=fv)
     flags.DEFINE_integer('num_processes', 0, 'multi-host: number of processes', flag_values=fv)

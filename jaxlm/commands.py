@@ -15,6 +15,7 @@ from jaxlm.data.pipeline import make_pipeline
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.engine import Setup
 from jaxlm.errors import CheckpointError, ConfigError
+from jaxlm.lock import WorkdirLock
 from jaxlm.train.loop import Trainer
 
 log = logging.getLogger('jaxlm')
@@ -28,7 +29,11 @@ def _workdir(fv) -> str:
 
 def train(fv) -> int:
   runtime.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
-  summary = Trainer(fv.config, _workdir(fv), restore_step=fv.restore_step).run()
+  workdir = _workdir(fv)
+  trainer = Trainer(fv.config, workdir, restore_step=fv.restore_step)
+  with WorkdirLock(workdir, stale_after=fv.lock_timeout, force=fv.force_unlock) as lock:
+    trainer.add_hook(lock.hook())
+    summary = trainer.run()
   if runtime.is_main() and 'train/loss' in summary:
     extra = f", eval/loss {summary['eval/loss']:.4f}" if 'eval/loss' in summary else ''
     print(f"step {summary['step']}: train/loss {summary['train/loss']:.4f}{extra}")

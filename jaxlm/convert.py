@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from absl import flags
 
 from jaxlm import config as config_lib
-from jaxlm import hf, storage
+from jaxlm import hf, lock, storage
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.engine import Setup, config_from_hf, device_params, is_workdir, load
@@ -43,6 +43,7 @@ def define_flags(fv) -> None:
                        flag_values=fv)
   flags.DEFINE_string('data_path', '', 'import: data.path for the new config (for eval/train)',
                       flag_values=fv)
+  lock.define_flags(fv)  # import writes the workdir and takes its lock
 
 
 def run(fv, args) -> int:
@@ -53,7 +54,8 @@ def run(fv, args) -> int:
   if bool(fv.from_hf) == bool(fv.to_hf):
     raise ConfigError('give exactly one of --from_hf=DIR (import) or --to_hf=DIR (export)')
   if fv.from_hf:
-    cfg = import_hf(fv.from_hf, fv.workdir, data_path=fv.data_path)
+    with lock.WorkdirLock(fv.workdir, stale_after=fv.lock_timeout, force=fv.force_unlock):
+      cfg = import_hf(fv.from_hf, fv.workdir, data_path=fv.data_path)
     print(f'imported {cfg.name} ({cfg.model.n_layers} layers, d_model {cfg.model.d_model}) '
           f'into {fv.workdir}')
   else:

@@ -21,7 +21,7 @@ import numpy as np
 from absl import flags
 
 from jaxlm import config as config_lib
-from jaxlm import storage
+from jaxlm import lock, storage
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.packing import batch_from_documents
 from jaxlm.data.tokenizers import get_tokenizer
@@ -48,6 +48,7 @@ def define_flags(fv) -> None:
   flags.DEFINE_integer('warmup_steps', 10, 'linear warmup steps', flag_values=fv)
   flags.DEFINE_integer('log_every', 10, 'steps between metric lines', flag_values=fv)
   flags.DEFINE_integer('seed', 0, 'row shuffle seed', flag_values=fv)
+  lock.define_flags(fv)
 
 
 def run(fv, args) -> int:
@@ -56,9 +57,11 @@ def run(fv, args) -> int:
   for name in ('workdir', 'init_from', 'data'):
     if not getattr(fv, name):
       raise ConfigError(f'--{name} is required')
-  summary = finetune(fv.init_from, fv.data, fv.workdir, restore_step=fv.restore_step,
-                     steps=fv.steps, batch_size=fv.batch_size, seq_len=fv.seq_len, lr=fv.lr,
-                     warmup_steps=fv.warmup_steps, log_every=fv.log_every, seed=fv.seed)
+  with lock.WorkdirLock(fv.workdir, stale_after=fv.lock_timeout, force=fv.force_unlock) as held:
+    summary = finetune(fv.init_from, fv.data, fv.workdir, restore_step=fv.restore_step,
+                       steps=fv.steps, batch_size=fv.batch_size, seq_len=fv.seq_len, lr=fv.lr,
+                       warmup_steps=fv.warmup_steps, log_every=fv.log_every, seed=fv.seed,
+                       heartbeat=held.heartbeat)
   print(f"step {summary['step']}: train/loss {summary['train/loss']:.4f}")
   return 0
 
@@ -116,8 +119,12 @@ def pack_rows(examples, seq_len: int) -> dict[str, np.ndarray]:
 
 def finetune(init_from: str, data: str, workdir: str, restore_step: int | None = None,
              steps: int = 100, batch_size: int = 8, seq_len: int = 0, lr: float = 1e-5,
-             warmup_steps: int = 10, log_every: int = 10, seed: int = 0) -> dict:
-  """Fine-tunes and checkpoints into ``workdir``; returns the last metrics."""
+             warmup_steps: int = 10, log_every: int = 10, seed: int = 0,
+             heartbeat=None) -> dict:
+  """Fine-tunes and checkpoints into ``workdir``; returns the last metrics.
+
+  ``heartbeat``: called after every step (the workdir lock's refresh; cheap).
+  """
 
   if (storage.path(workdir) / 'checkpoints').exists():
     raise ConfigError(f"workdir '{workdir}' already holds checkpoints (use a new --workdir)")
@@ -158,6 +165,8 @@ def finetune(init_from: str, data: str, workdir: str, restore_step: int | None =
     idx, order = order[:batch_size], order[batch_size:]
     batch = setup.device_batch({k: v[idx][lo:hi] for k, v in rows.items()})
     state, m = setup.train_step(state, batch)
+    if heartbeat is not None:
+      heartbeat()
     if step % log_every == 0 or step == steps or step == 1:
       m = jax.device_get(m)
       last = {'train/loss': float(m['loss']), 'train/lr': float(m['lr']),

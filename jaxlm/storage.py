@@ -97,13 +97,18 @@ def _fs(p):
 def create_exclusive(p, data: bytes) -> bool:
   """Creates ``p`` holding ``data`` only if it does not exist; False if it does."""
   if not is_remote(p):
-    path(p).parent.mkdir(parents=True, exist_ok=True)
+    # Write a private file, then hard-link it into place: link() fails if the name
+    # exists, and a reader never sees the file half-written.
+    target = path(p)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f'.{target.name}.new{os.getpid()}'
+    tmp.write_bytes(data)
     try:
-      fd = os.open(os.fspath(p), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      os.link(tmp, target)
     except FileExistsError:
       return False
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
+    finally:
+      tmp.unlink()
     return True
   check(p)
   fs, fs_path = _fs(p)

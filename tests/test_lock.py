@@ -1,0 +1,123 @@
+"""The workdir lock: one writer, refused in one line, dead holders taken over, always released.
+
+Cheap checks on a local workdir; the same rules with real training runs (two
+concurrent trains, kill -9 then resume, eval/generate during training) and on
+gs:// run in tests/cloud/test_workdir_e2e.py (make test-cloud).
+"""
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jaxlm import lock as lock_lib
+from jaxlm.cli import main
+from jaxlm.lock import LockError, WorkdirLock
+
+
+def _holder(workdir, **over):
+  info = {'host': socket.gethostname(), 'pid': os.getpid(), 'start': time.time(),
+          'heartbeat': time.time(), 'token': 'other'}
+  info.update(over)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / lock_lib.NAME).write_text(json.dumps(info))
+  return info
+
+
+def _snapshot(workdir):
+  return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in workdir.iterdir()}
+
+
+def test_second_train_exits_2_naming_the_holder_and_changes_nothing(tmp_path, capsys, repo):
+  work = tmp_path / 'w'
+  _holder(work, pid=os.getpid())  # this test process: alive, on this host
+  (work / 'config.json').write_text('{}')
+  before = _snapshot(work)
+  code = main(['train', f'--config={repo}/configs/tiny.py', f'--workdir={work}',
+               f'--config.data.path={repo.parent}/shared/data/tinyshakespeare.txt'])
+  err = capsys.readouterr().err
+  assert code == 2, err
+  lines = [l for l in err.splitlines() if l.startswith('jaxlm: error:')]
+  assert len(lines) == 1 and 'Traceback' not in err, err
+  assert f'PID {os.getpid()}' in lines[0] and socket.gethostname() in lines[0]
+  assert 'last heartbeat' in lines[0] and '--force_unlock' in lines[0]
+  assert _snapshot(work) == before
+
+
+def test_dead_pid_on_this_host_is_taken_over_with_a_log_line(tmp_path, caplog):
+  dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+  dead.wait()
+  _holder(tmp_path, pid=dead.pid)
+  with caplog.at_level(logging.INFO, logger='jaxlm'):
+    with WorkdirLock(str(tmp_path)) as held:
+      assert held.held
+      assert json.loads((tmp_path / lock_lib.NAME).read_text())['pid'] == os.getpid()
+  assert f'PID {dead.pid} is gone on this host' in caplog.text
+  assert not (tmp_path / lock_lib.NAME).exists()
+
+
+def test_other_host_fresh_is_refused_stale_or_forced_is_taken(tmp_path):
+  _holder(tmp_path, host='elsewhere', pid=1)
+  with pytest.raises(LockError, match='elsewhere PID 1'):
+    WorkdirLock(str(tmp_path)).acquire()
+  _holder(tmp_path, host='elsewhere', pid=1, heartbeat=time.time() - 120)
+  with pytest.raises(LockError):
+    WorkdirLock(str(tmp_path), stale_after=300).acquire()
+  with WorkdirLock(str(tmp_path), stale_after=60):  # 120 s > 60 s: stale
+    pass
+  _holder(tmp_path, host='elsewhere', pid=1)
+  with WorkdirLock(str(tmp_path), force=True):
+    pass
+
+
+def test_two_starters_exactly_one_wins(tmp_path):
+  a, b = WorkdirLock(str(tmp_path)), WorkdirLock(str(tmp_path))
+  a.acquire()
+  with pytest.raises(LockError, match=f'PID {os.getpid()}'):
+    b.acquire()  # same live PID on this host: not taken over
+  a.release()
+  b.acquire()
+  b.release()
+
+
+def test_heartbeat_refreshes_and_notices_a_takeover(tmp_path):
+  held = WorkdirLock(str(tmp_path), heartbeat_every=0.0)
+  held.acquire()
+  first = json.loads((tmp_path / lock_lib.NAME).read_text())['heartbeat']
+  time.sleep(0.01)
+  held.heartbeat()
+  assert json.loads((tmp_path / lock_lib.NAME).read_text())['heartbeat'] > first
+  _holder(tmp_path, host='elsewhere', pid=1)  # someone took it over
+  with pytest.raises(LockError, match='taken over by elsewhere'):
+    held.heartbeat()
+  held.release()
+  assert (tmp_path / lock_lib.NAME).exists()  # not ours any more: left alone
+
+
+def test_released_on_error_and_on_sigterm_outside_the_loop(tmp_path):
+  with pytest.raises(RuntimeError):
+    with WorkdirLock(str(tmp_path)):
+      raise RuntimeError('diverged')
+  assert not (tmp_path / lock_lib.NAME).exists()
+  code = ('import os, signal, time\nfrom jaxlm.lock import WorkdirLock\n'
+          f'with WorkdirLock({str(tmp_path)!r}):\n'
+          '  print("held", flush=True)\n  time.sleep(60)\n')
+  proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
+  assert proc.stdout.readline().strip() == 'held'
+  assert (tmp_path / lock_lib.NAME).exists()
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(30) == 128 + signal.SIGTERM
+  assert not (tmp_path / lock_lib.NAME).exists()
+
+
+def test_read_only_commands_ignore_the_lock(tmp_path, capsys):
+  _holder(tmp_path, pid=os.getpid())
+  code = main(['eval', f'--workdir={tmp_path}'])
+  err = capsys.readouterr().err
+  assert code == 2 and 'no config.json' in err and 'in use by' not in err, err

@@ -36,7 +36,7 @@ import jax  # noqa: E402
 
 from overhead import loop_bench_args, loop_tokens_per_sec  # noqa: E402
 
-from jaxlm import cli, runtime  # noqa: E402
+from jaxlm import cli, configs, runtime  # noqa: E402
 from jaxlm.checkpoint import Checkpointer  # noqa: E402
 
 MODES = {'none': (0, True), 'async': (None, True), 'sync': (None, False)}

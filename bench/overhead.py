@@ -35,9 +35,9 @@ sys.path.insert(0, str(REPO / 'bench'))
 
 import jax  # noqa: E402
 
-from step_speed import load_config, time_steps  # noqa: E402
+from step_speed import time_steps  # noqa: E402
 
-from jaxlm import cli, runtime  # noqa: E402
+from jaxlm import cli, configs, runtime  # noqa: E402
 from jaxlm.data.pipeline import make_pipeline  # noqa: E402
 from jaxlm.engine import Setup  # noqa: E402
 from jaxlm.hooks import Hook  # noqa: E402
@@ -91,7 +91,7 @@ def loop_bench_args(argv, doc: str, steps: int, warmup: int, **extra):
     ap.add_argument(f'--{name}', type=int, default=default, help=help_)
   args, rest = ap.parse_known_args(argv)
   os.chdir(REPO)  # the config's data.path is relative to the repo root
-  return args, rest, load_config(args.config)
+  return args, rest, configs.load(args.config)
 
 
 def main(argv=None):

@@ -47,11 +47,10 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'bench'))
 
-from step_speed import load_config  # noqa: E402
 
 import jax  # noqa: E402
 
-from jaxlm import cli, runtime  # noqa: E402
+from jaxlm import cli, configs, runtime  # noqa: E402
 from jaxlm.data.pipeline import make_pipeline  # noqa: E402
 from jaxlm.engine import Setup  # noqa: E402
 from jaxlm.hooks import Hook  # noqa: E402
@@ -65,8 +64,9 @@ def since_start() -> float:
 class TargetHook:
   """Every ``every`` steps: validation loss; stops the trainer once it is <= target."""
 
-  def __init__(self, trainer: Trainer, batches, target: float):
+  def __init__(self, trainer: Trainer, batches, target: float, keep_going: bool = False):
     self.trainer, self.batches, self.target = trainer, batches, target
+    self.keep_going = keep_going
     self.history = []  # (step, wall seconds since process start, val loss)
     self.reached = None  # (step, seconds, loss) of the first eval at or under target
     self.params = None
@@ -79,8 +79,22 @@ class TargetHook:
     if loss <= self.target and self.reached is None:
       self.reached = (ctx.step, t, loss)
       self.params = ctx.params
-      self.trainer.request_stop()
+      if not self.keep_going:
+        self.trainer.request_stop()
     return {'bench/val_loss': loss}
+
+
+def first_step_clock():
+  """A hook printing, once, the wall time from process start to the end of the first step."""
+  seen = []
+
+  def fn(ctx):
+    if not seen:
+      jax.block_until_ready(ctx.state)
+      seen.append(since_start())
+      print(f'first step done: {seen[0]:.2f} s from process start', flush=True)
+
+  return fn
 
 
 def full_val_loss(cfg, params) -> float:
@@ -106,12 +120,14 @@ def main(argv=None):
   ap.add_argument('--config', default='shakespeare_char')
   ap.add_argument('--target', type=float, default=1.88, help='validation loss to reach')
   ap.add_argument('--workdir', default='', help='default: a fresh temporary directory')
+  ap.add_argument('--keep_going', action='store_true',
+                  help='train all train.steps even after reaching the target (same-recipe runs)')
   ap.add_argument('--full_val', action='store_true',
                   help='also print the whole-validation-split loss at the stop (untimed)')
   args, rest = ap.parse_known_args(argv)
 
   os.chdir(REPO)  # the config's data.path is relative to the repo root
-  cfg = cli.override(load_config(args.config), rest)
+  cfg = cli.override(configs.load(args.config), rest)
   every = cfg.eval.every
   cfg.eval.every = 0  # the built-in eval runs only once, at the end; the hook below times evals
   workdir = args.workdir or tempfile.mkdtemp(prefix='jaxlm_shakespeare_')
@@ -119,8 +135,9 @@ def main(argv=None):
 
   trainer = Trainer(cfg, workdir)
   batches = make_pipeline(cfg).eval_batches()
-  hook = TargetHook(trainer, batches, args.target)
+  hook = TargetHook(trainer, batches, args.target, args.keep_going)
   trainer.add_hook(Hook(hook, every=every, at_end=False, name='target'))
+  trainer.add_hook(Hook(first_step_clock(), every=1, at_end=False, name='first_step'))
   print(f'config {Path(args.config).name} {" ".join(rest)}; eval every {every} steps on '
         f'{len(batches)} val batches x {batches[0]["inputs"].shape}; workdir {workdir}', flush=True)
   out = trainer.run()

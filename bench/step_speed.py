@@ -13,7 +13,6 @@ tokens/s as the median over ``--repeats`` timings of ``--steps`` steps each.
 
 import argparse
 import os
-import runpy
 import statistics
 import sys
 import time
@@ -25,28 +24,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxlm import cli, configs  # noqa: E402
-from jaxlm.configs import base  # noqa: E402
 from jaxlm.engine import Setup  # noqa: E402
 from jaxlm.train.metrics import flops_per_token, matmul_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def nanogpt_config():
-  """GPT-2 style, shaped as nanoGPT's shakespeare_char: 4L/4H/128d, ctx 64, batch 12."""
-  c = base.get_config()
-  m = c.model
-  m.n_layers, m.n_heads, m.n_kv_heads, m.d_model, m.mlp_dim = 4, 4, 4, 128, 512
-  m.max_seq_len, m.use_bias = 64, False
-  m.scan_layers = False  # unrolled: ~6% faster than nn.scan on XLA:CPU here (bench/RESULTS.md)
-  c.data.seq_len, c.train.batch_size = 64, 12
-  c.optim.lr, c.optim.b2 = 1e-3, 0.99
-  return c
-
-
-def load_config(arg: str):
-  """A --config value (a file, or a shipped name such as ``tiny``) -> its config."""
-  return runpy.run_path(configs.resolve(arg))['get_config']()
 
 
 def fake_batch(cfg, rng):
@@ -91,11 +72,12 @@ def measure(cfg, steps: int, repeats: int, warmup: int = 5):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument('--config', default='', help='config file (default: nanoGPT-equivalent)')
+  ap.add_argument('--config', default='shakespeare_char_nanogpt',
+                  help='config name or file (default: nanoGPT\'s CPU model and batch)')
   ap.add_argument('--steps', type=int, default=50, help='steps per timing')
   ap.add_argument('--repeats', type=int, default=7, help='timings; the median is reported')
   args, rest = ap.parse_known_args(argv)
-  cfg = load_config(args.config) if args.config else nanogpt_config()
+  cfg = configs.load(args.config)
   cfg = cli.override(cfg, rest)
 
   tok_s, rates, compile_s, setup = measure(cfg, args.steps, args.repeats)

@@ -18,6 +18,7 @@ override).
 """
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -27,9 +28,9 @@ sys.path.insert(0, str(REPO / 'bench'))
 
 import jax  # noqa: E402
 
-from step_speed import load_config, measure  # noqa: E402
+from step_speed import measure  # noqa: E402
 
-from jaxlm import cli, runtime  # noqa: E402
+from jaxlm import cli, configs, runtime  # noqa: E402
 from jaxlm.train.metrics import device_peak_flops, flops_per_token, matmul_params  # noqa: E402
 
 
@@ -51,8 +52,9 @@ def main(argv=None) -> dict:
   ap.add_argument('--steps', type=int, default=10, help='steps per timing')
   ap.add_argument('--repeats', type=int, default=3, help='timings; the median is reported')
   ap.add_argument('--warmup', type=int, default=3, help='steps after compile, untimed')
+  ap.add_argument('--json', default='', help='also append the result as a JSON line to this file')
   args, rest = ap.parse_known_args(argv)
-  cfg = cli.override(load_config(args.config), rest)
+  cfg = cli.override(configs.load(args.config), rest)
   runtime.initialize()
 
   tok_s, rates, compile_s, setup = measure(cfg, args.steps, args.repeats, warmup=args.warmup)
@@ -82,6 +84,9 @@ def main(argv=None) -> dict:
         f"MFU {100 * result['mfu']:.1f}% ({flops / 1e9:.2f} GFLOP/token, peak "
         f'{peak / 1e12:,.1f} TFLOP/s/device); peak memory {result["peak_memory_gib"]:.2f} GiB '
         f'per device ({how})')
+  if args.json:
+    with open(args.json, 'a', encoding='utf-8') as f:
+      f.write(json.dumps({**result, 'overrides': rest}) + '\n')
   return result
 
 

@@ -11,7 +11,6 @@ means a bug in jaxlm.
 
 import difflib
 import os
-import runpy
 import sys
 
 from absl import flags
@@ -122,7 +121,7 @@ def _parse(fv: flags.FlagValues, command: str, argv: list[str]) -> flags.FlagVal
     raise ConfigError(f'jaxlm {command} needs --config=<name> or --config=<file.py> '
                       f"(shipped: {', '.join(configs.names())})")
   _apply(lambda: fv(['jaxlm'] + argv), argv,
-         lambda: runpy.run_path(path.split(':')[0])['get_config'](), path)
+         lambda: configs.load(path), path)
   return fv
 
 

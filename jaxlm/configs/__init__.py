@@ -5,6 +5,7 @@ Each file is a plain ``get_config()`` module. ``jaxlm train --config=tiny`` (or
 installed package trains without the repository.
 """
 
+import runpy
 from pathlib import Path
 
 DIR = Path(__file__).resolve().parent
@@ -30,3 +31,8 @@ def resolve(arg: str) -> str:
   if shipped.is_file() and path in (name, f'{name}.py', f'configs/{name}.py'):
     return str(shipped) + colon + param
   return arg
+
+
+def load(arg: str):
+  """A ``--config`` value (shipped name or file) -> its ``get_config()``, as the CLI loads it."""
+  return runpy.run_path(resolve(arg).partition(':')[0])['get_config']()

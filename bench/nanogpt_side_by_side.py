@@ -1,0 +1,144 @@
+"""jaxlm and the real nanoGPT, side by side on one machine, same recipe, alternating runs.
+
+nanoGPT is run from its unmodified files in ``../shared/peers/nanoGPT`` (copied
+to a temporary directory with the shared tinyshakespeare text, prepared by its
+own ``prepare.py``; nothing of it enters this repository) with its documented
+CPU command. jaxlm runs ``jaxlm/configs/shakespeare_char_nanogpt.py``, the same
+model and recipe (see that file; only the vocabulary differs: bytes vs 65
+characters), through ``bench/shakespeare.py`` (the real Trainer). Runs
+alternate nanoGPT / jaxlm ``--repeats`` times; printed are the medians of:
+
+- tokens/s in training steps: nanoGPT's median ``time`` of its iteration lines
+  (evaluation iterations, which include the eval, and iteration 0 left out);
+  jaxlm's median ``train/tokens_per_sec`` of metrics.jsonl (its window excludes
+  eval and checkpoint time in the same way);
+- wall time from process start to the first evaluation with val loss <= target
+  (both evaluate every 250 iterations on 20 batches of 12 x 64);
+- startup: process start to the end of the first training step.
+
+    .venv/bin/python bench/nanogpt_side_by_side.py                 # 3 x 2000 iterations each
+    .venv/bin/python bench/nanogpt_side_by_side.py --iters=300 --repeats=1   # a quick look
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / 'shared'
+ITER = re.compile(r'^iter (\d+): loss ([\d.]+), time ([\d.]+)ms')
+EVAL = re.compile(r'^step (\d+): train loss ([\d.]+), val loss ([\d.]+)')
+
+
+def prepare_nanogpt(src: Path, text: Path) -> Path:
+  """A runnable copy of nanoGPT with shakespeare_char prepared by its own prepare.py."""
+  root = Path(tempfile.mkdtemp(prefix='nanogpt_'))
+  shutil.copytree(src, root, dirs_exist_ok=True)
+  data = root / 'data' / 'shakespeare_char'
+  shutil.copy(text, data / 'input.txt')
+  stub = root / 'stub'  # prepare.py imports requests only to download input.txt
+  stub.mkdir()
+  (stub / 'requests.py').write_text('')
+  subprocess.run([sys.executable, 'data/shakespeare_char/prepare.py'], cwd=root, check=True,
+                 env={**os.environ, 'PYTHONPATH': str(stub)}, stdout=subprocess.DEVNULL)
+  return root
+
+
+def _stream(cmd, cwd, env):
+  """Runs ``cmd``; yields (seconds since start, line) as each stdout line arrives."""
+  t0 = time.time()
+  proc = subprocess.Popen(cmd, cwd=cwd, env={**env, 'PYTHONUNBUFFERED': '1'}, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  for line in proc.stdout:
+    yield time.time() - t0, line.rstrip('\n')
+  if proc.wait():
+    raise RuntimeError(f'{cmd[:3]} exited with {proc.returncode}')
+
+
+def run_nanogpt(root: Path, iters: int, target: float) -> dict:
+  cmd = [sys.executable, 'train.py', 'config/train_shakespeare_char.py', '--device=cpu',
+         '--compile=False', '--eval_iters=20', '--log_interval=1', '--block_size=64',
+         '--batch_size=12', '--n_layer=4', '--n_head=4', '--n_embd=128', f'--max_iters={iters}',
+         f'--lr_decay_iters={iters}', '--dropout=0.0', '--always_save_checkpoint=False']
+  step_ms, reached, first_step, val = [], None, None, None
+  for t, line in _stream(cmd, root, os.environ):
+    if m := ITER.match(line):
+      it, ms = int(m[1]), float(m[3])
+      if first_step is None:
+        first_step = t  # iteration 0 is printed when it has finished
+      if it % 250 and it:  # eval iterations' times include the eval
+        step_ms.append(ms)
+    elif m := EVAL.match(line):
+      val = float(m[3])
+      if val <= target and reached is None:
+        reached = t
+  return {'tokens_per_sec': 12 * 64 / (statistics.median(step_ms) / 1e3),
+          'wall_to_target': reached, 'final_val': val, 'startup': first_step}
+
+
+def run_jaxlm(iters: int, target: float) -> dict:
+  workdir = tempfile.mkdtemp(prefix='jaxlm_sbs_')
+  cmd = [sys.executable, str(REPO / 'bench' / 'shakespeare.py'),
+         '--config=shakespeare_char_nanogpt', f'--target={target}', f'--workdir={workdir}',
+         '--keep_going', f'--config.train.steps={iters}', '--config.train.log_every=10',
+         f"--config.data.path={SHARED / 'data' / 'tinyshakespeare.txt'}",
+         '--config.train.progress=False']
+  reached, startup, val = None, None, None
+  for _, line in _stream(cmd, REPO, os.environ):
+    if m := re.match(r'^first step done: ([\d.]+) s', line):
+      startup = float(m[1])
+    elif m := re.match(r'^step +(\d+) +([\d.]+) s +val loss ([\d.]+)', line):
+      val = float(m[3])
+      if val <= target and reached is None:
+        reached = float(m[2])
+  rows = [json.loads(l) for l in Path(workdir, 'metrics.jsonl').read_text().splitlines()]
+  shutil.rmtree(workdir)
+  rates = [r['train/tokens_per_sec'] for r in rows if 'train/tokens_per_sec' in r]
+  return {'tokens_per_sec': statistics.median(rates[1:] or rates),  # the first holds compile
+          'wall_to_target': reached, 'final_val': val, 'startup': startup}
+
+
+def _median(runs, key):
+  vals = [r[key] for r in runs if r[key] is not None]
+  return statistics.median(vals) if len(vals) == len(runs) else None
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--iters', type=int, default=2000, help='iterations of each run (cosine horizon)')
+  ap.add_argument('--repeats', type=int, default=3, help='alternating runs of each')
+  ap.add_argument('--target', type=float, default=1.88, help='validation loss to reach')
+  ap.add_argument('--nanogpt', default=str(SHARED / 'peers' / 'nanoGPT'))
+  args = ap.parse_args(argv)
+  root = prepare_nanogpt(Path(args.nanogpt), SHARED / 'data' / 'tinyshakespeare.txt')
+  runs = {'nanogpt': [], 'jaxlm': []}
+  try:
+    for r in range(args.repeats):
+      runs['nanogpt'].append(run_nanogpt(root, args.iters, args.target))
+      runs['jaxlm'].append(run_jaxlm(args.iters, args.target))
+      for name, rs in runs.items():
+        print(f'run {r} {name:7s}: ' + ', '.join(
+            f'{k} {v:,.2f}' if v is not None else f'{k} -' for k, v in rs[-1].items()),
+            flush=True)
+  finally:
+    shutil.rmtree(root)
+  med = {name: {k: _median(rs, k) for k in rs[0]} for name, rs in runs.items()}
+  print(f'medians of {args.repeats} alternating runs, {args.iters} iterations each:')
+  for k in ('tokens_per_sec', 'wall_to_target', 'startup', 'final_val'):
+    j, n = med['jaxlm'][k], med['nanogpt'][k]
+    ratio = f'{j / n:.2f}x' if j and n else 'n/a'
+    fmt = lambda v: '-' if v is None else f'{v:,.2f}'  # noqa: E731
+    print(f'  {k:15s} jaxlm {fmt(j):>10s}   nanoGPT {fmt(n):>10s}   jaxlm/nanoGPT {ratio}')
+  return med
+
+
+if __name__ == '__main__':
+  main()

@@ -31,6 +31,7 @@ USAGE = f"""usage: jaxlm {{{','.join(COMMANDS + tuple(PLUGINS))}}} [--flags]
   jaxlm train    --config=demo --workdir=runs/demo [--config.train.steps=100 ...]
                  (--config: a shipped name, see jaxlm/configs/, or a config file)
   jaxlm eval     --workdir=runs/demo [--config=F] [--restore_step=N]
+                 [--tasks=hellaswag,arc_easy --limit=N --num_fewshot=K --include_path=DIR]
   jaxlm generate --workdir=runs/demo --prompt='def ' [--max_new_tokens=200 --temperature=0.8
                  --top_k=40 --top_p=1.0 --seed=0]
   jaxlm plan     --config=llama_70b [--config.mesh.fsdp=256]
@@ -51,6 +52,14 @@ def _define(fv: flags.FlagValues, command: str) -> None:
                         flag_values=fv)
     flags.DEFINE_integer('num_processes', 0, 'multi-host: number of processes', flag_values=fv)
     flags.DEFINE_integer('process_id', -1, 'multi-host: this process index', flag_values=fv)
+  if command == 'eval':
+    flags.DEFINE_list('tasks', [], 'lm-evaluation-harness tasks (e.g. hellaswag,arc_easy); '
+                      'empty = validation loss', flag_values=fv)
+    flags.DEFINE_string('include_path', '', 'folder of extra lm-eval task YAMLs', flag_values=fv)
+    flags.DEFINE_integer('limit', 0, 'lm-eval: examples per task (0 = all)', flag_values=fv)
+    flags.DEFINE_integer('num_fewshot', -1, "lm-eval: few-shot examples (-1 = task's default)",
+                         flag_values=fv)
+    flags.DEFINE_integer('batch_size', 32, 'lm-eval: rows per forward pass', flag_values=fv)
   if command == 'generate':
     flags.DEFINE_string('prompt', '', 'text to continue', flag_values=fv)
     flags.DEFINE_integer('max_new_tokens', 200, 'tokens to generate', flag_values=fv)

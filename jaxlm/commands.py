@@ -55,6 +55,8 @@ def _saved_run(fv):
 
 
 def eval(fv) -> int:  # noqa: A001  (the command's name)
+  if fv.tasks:
+    return lm_eval_tasks(fv)
   cfg, setup, state, step = _saved_run(fv)
   data = make_pipeline(cfg, jax.process_index(), jax.process_count())
   loss = setup.eval_loss(state.params, data.eval_batches())
@@ -62,6 +64,30 @@ def eval(fv) -> int:  # noqa: A001  (the command's name)
     storage.append_text(storage.join(fv.workdir, 'metrics.jsonl'),
                         json.dumps({'step': step, 'eval/loss': loss}) + '\n')
     print(f'step {step}: eval/loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.3f}')
+  return 0
+
+
+def lm_eval_tasks(fv) -> int:
+  """lm-evaluation-harness tasks on a saved run: <workdir>/lm_eval/step_N.json + tensorboard."""
+  from jaxlm.engine import load  # noqa: PLC0415
+  from jaxlm.evals import load_lm_eval  # noqa: PLC0415
+  from jaxlm.train.metrics import MetricsWriter  # noqa: PLC0415
+  adapter = load_lm_eval()
+  workdir = _workdir(fv)
+  runtime.initialize()
+  manager, tasks = adapter.task_manager(fv.tasks, fv.include_path)  # names checked before loading
+  loaded = load(workdir, fv.restore_step)
+  lm = adapter.JaxlmLM.from_parts(loaded.setup.model, loaded.params, get_tokenizer(loaded.cfg.data),
+                                  loaded.setup.mesh, loaded.setup.rules, fv.batch_size)
+  results = adapter.simple_evaluate(lm, tasks, fv.limit, fv.num_fewshot, manager=manager)
+  path = adapter.write_results(workdir, loaded.step, results)
+  writer = MetricsWriter(workdir, enabled=runtime.is_main())
+  writer.write(loaded.step, adapter.flat_metrics(results))
+  writer.close()
+  if runtime.is_main():
+    from lm_eval.utils import make_table  # noqa: PLC0415
+    print(make_table(results))
+    print(f'step {loaded.step}: results in {path}')
   return 0
 
 

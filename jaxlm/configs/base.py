@@ -100,6 +100,10 @@ def get_config() -> ml_collections.ConfigDict:
   e.sample_tokens = 64  # tokens generated per sample
   e.hooks = ''  # comma list of 'module:function' user hooks, called every eval.every steps
   e.multiple_choice = ''  # JSONL of {context, choices, label} scored every eval.every steps ('' = off)
+  e.lm_eval_tasks = ''  # comma list of lm-evaluation-harness tasks run every eval.every steps ('' = off; needs jaxlm[eval])
+  e.lm_eval_include = ''  # folder of extra lm-eval task YAMLs (local tasks), '' = the built-in tasks only
+  e.lm_eval_limit = 0  # examples per lm-eval task (0 = all)
+  e.lm_eval_fewshot = -1  # few-shot examples per lm-eval prompt (-1 = each task's default)
 
   # ---- checkpoints (Orbax).
   k = c.checkpoint = ml_collections.ConfigDict()

@@ -79,31 +79,33 @@ def _pack(rows, width: int) -> dict:
 
 @functools.partial(jax.jit, static_argnames=('model',))
 def _loglik(model, params, batch):
-  """Summed log p(target) over the loss mask. Batch arrays [batch, length] -> [batch]."""
+  """Per row: summed log p(target) over the loss mask, and whether every masked target is
+  the argmax (greedy decoding would produce it). Batch arrays [batch, length] -> [batch]."""
   logits = model.apply({'params': params}, batch['inputs'], batch['positions'],
                        batch['segment_ids'])
   logp = jax.nn.log_softmax(logits, axis=-1)
   tok = jnp.take_along_axis(logp, batch['targets'][..., None], axis=-1)[..., 0]
-  return jnp.sum(tok * batch['loss_mask'], axis=-1)
+  hit = (jnp.argmax(logits, axis=-1) == batch['targets']) | (batch['loss_mask'] == 0)
+  return jnp.sum(tok * batch['loss_mask'], axis=-1), jnp.all(hit, axis=-1)
 
 
-def score_choices(model, params, tokenizer, examples, batch_size: int = 32, max_len: int = 0,
-                  mesh=None, rules=None) -> list[np.ndarray]:
-  """Log-likelihood of every choice: one float64 array [choices] per example.
+def score_rows(model, params, rows, batch_size: int = 32, max_len: int = 0, mesh=None,
+               rules=None) -> tuple[np.ndarray, np.ndarray]:
+  """(log-likelihood float64 [rows], greedy bool [rows]) of ``(ids, n_cont)`` rows.
 
-  Rows are right-padded to one width (the longest row, rounded up to a power
-  of two, at most ``max_len`` = the model's max_seq_len) and run in fixed-size
-  batches, so the forward pass compiles once per width. With a ``mesh`` and
-  ``rules`` the model's sharding annotations are active (params may be sharded).
+  A row scores its last ``n_cont`` tokens given the ones before. Rows are
+  right-padded to one width (the longest row, rounded up to a power of two, at
+  most ``max_len`` = the model's max_seq_len) and run in fixed-size batches, so
+  the forward pass compiles once per width. With a ``mesh`` and ``rules`` the
+  model's sharding annotations are active (params may be sharded).
   """
   max_len = max_len or int(model.cfg.max_seq_len)
-  rows = _rows(tokenizer, examples, max_len)
   longest = max(len(ids) - 1 for ids, _ in rows)
   width = min(max_len, 1 << max(3, (longest - 1).bit_length()))
   if mesh is not None:  # the batch splits over the data-parallel axes
     dp = int(np.prod([mesh.shape[a] for a in ('data', 'fsdp') if a in mesh.shape]))
     batch_size = -(-batch_size // dp) * dp
-  scores = []
+  scores, greedy = [], []
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
     chunk = chunk + [([0, 0], 1)] * (batch_size - len(chunk))  # fixed shape: one compile
@@ -113,8 +115,18 @@ def score_choices(model, params, tokenizer, examples, batch_size: int = 32, max_
         out = _loglik(model, params, batch)
     else:
       out = _loglik(model, params, batch)
-    scores.append(np.asarray(jax.device_get(out), np.float64)[:len(rows) - start])
-  flat = np.concatenate(scores)
+    s, g = jax.device_get(out)
+    scores.append(np.asarray(s, np.float64)[:len(rows) - start])
+    greedy.append(np.asarray(g, bool)[:len(rows) - start])
+  return np.concatenate(scores), np.concatenate(greedy)
+
+
+def score_choices(model, params, tokenizer, examples, batch_size: int = 32, max_len: int = 0,
+                  mesh=None, rules=None) -> list[np.ndarray]:
+  """Log-likelihood of every choice: one float64 array [choices] per example (see score_rows)."""
+  max_len = max_len or int(model.cfg.max_seq_len)
+  rows = _rows(tokenizer, examples, max_len)
+  flat, _ = score_rows(model, params, rows, batch_size, max_len, mesh, rules)
   out, i = [], 0
   for ex in examples:
     out.append(flat[i:i + len(ex['choices'])])

@@ -22,6 +22,7 @@ from jaxlm import runtime
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import make_pipeline
 from jaxlm.engine import Setup
+from jaxlm import evals
 from jaxlm.errors import ConfigError
 from jaxlm.evals.multiple_choice import multiple_choice_hook
 from jaxlm.train import metrics as metrics_lib
@@ -224,6 +225,10 @@ class Trainer:
       hooks.append(hooks_lib.sample_hook(prompts, e.sample_tokens, e.sample_every))
     if e.multiple_choice:
       hooks.append(multiple_choice_hook(e.multiple_choice, every))
+    if e.lm_eval_tasks:
+      hooks.append(evals.load_lm_eval().lm_eval_hook(
+          e.lm_eval_tasks.split(','), every, e.lm_eval_include, e.lm_eval_limit, e.lm_eval_fewshot))
     for spec in filter(None, (s.strip() for s in e.hooks.split(','))):
       hooks.append(hooks_lib.load_user_hook(spec, every))
     return hooks
+

@@ -24,7 +24,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from jaxlm import sharding
+from jaxlm import sharding, storage
 from jaxlm.errors import ConfigError
 from jaxlm.evals.multiple_choice import score_rows
 from jaxlm.generate import generate
@@ -225,13 +225,12 @@ def flat_metrics(results: dict, prefix: str = 'lm_eval') -> dict[str, float]:
   return out
 
 
-def write_results(workdir: str, step: int, results: dict) -> Path:
-  """Writes <workdir>/lm_eval/step_<step>.json (process 0 only); returns its path."""
-  path = Path(workdir) / 'lm_eval' / f'step_{step}.json'
+def write_results(workdir: str, step: int, results: dict) -> str:
+  """Writes <workdir>/lm_eval/step_<step>.json (process 0 only; any storage); returns its path."""
+  path = storage.join(workdir, 'lm_eval', f'step_{step}.json')
   if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
     keep = {k: results.get(k) for k in ('results', 'versions', 'n-shot', 'configs', 'n-samples')}
-    path.write_text(json.dumps(keep, indent=2, sort_keys=True, default=str))
+    storage.write_atomic(path, json.dumps(keep, indent=2, sort_keys=True, default=str))
   return path
 
 

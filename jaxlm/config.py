@@ -16,7 +16,7 @@ CHOICES = {
     'model.activation': ('gelu', 'swiglu'),
     'model.position': ('learned', 'rope'),
     'model.rope_scaling': ('', 'llama3'),
-    'model.attention': ('xla', 'cudnn', 'chunked', 'splash'),
+    'model.attention': ('xla', 'chunked', 'splash', 'pallas_gpu', 'cudnn'),
     'model.remat': ('none', 'full', 'dots'),
     'model.param_dtype': ('float32', 'bfloat16', 'float16'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
@@ -25,6 +25,11 @@ CHOICES = {
     'optim.schedule': ('cosine', 'linear', 'constant'),
     'optim.mu_dtype': ('', 'float32', 'bfloat16'),
 }
+
+# jax's library attention kernels (jaxlm/model/kernels.py) and where each compiles natively;
+# they cannot split the sequence, and those in NO_WINDOW have no sliding window.
+LIBRARY_KERNELS = {'splash': 'tpu', 'pallas_gpu': 'gpu', 'cudnn': 'gpu'}
+NO_WINDOW = ('pallas_gpu',)
 
 # Keys that may change when resuming a run in an existing workdir: they alter
 # how the run is observed or laid out, not what it computes.
@@ -64,7 +69,7 @@ def validate(cfg, need_data: bool = True) -> None:
   for key in positive:
     if _get(cfg, key) <= 0:
       raise ConfigError(f'{key}={_get(cfg, key)} must be positive')
-  for key in ('checkpoint.keep_period', 'checkpoint.keep_best', 'checkpoint.every', 'data.prefetch',
+  for key in ('model.sliding_window', 'checkpoint.keep_period', 'checkpoint.keep_best', 'checkpoint.every', 'data.prefetch',
               'data.worker_count'):
     if _get(cfg, key) < 0:
       raise ConfigError(f'{key}={_get(cfg, key)} must be >= 0')
@@ -75,6 +80,12 @@ def validate(cfg, need_data: bool = True) -> None:
     raise ConfigError(f'model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}')
   if not m.head_dim and m.d_model % m.n_heads:
     raise ConfigError(f'model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}')
+  if m.sliding_window and m.attention in NO_WINDOW:
+    raise ConfigError(f"model.sliding_window={m.sliding_window} is not supported by "
+                      f"model.attention='{m.attention}'; use 'chunked' or 'xla'")
+  if m.attention in LIBRARY_KERNELS and cfg.mesh.sequence != 1:
+    raise ConfigError(f"model.attention='{m.attention}' cannot split the sequence "
+                      f"(mesh.sequence={cfg.mesh.sequence}); use 'chunked'")
   if m.position == 'rope' and (m.head_dim or m.d_model // m.n_heads) % 2:
     raise ConfigError('model.head_dim must be even for RoPE')
   if d.seq_len > m.max_seq_len:

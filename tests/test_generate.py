@@ -48,6 +48,18 @@ def test_kv_cache_greedy_matches_full_recompute_with_left_padding(tiny):
   assert len({tuple(w) for w in want}) == 3  # the prompts do lead to different outputs
 
 
+def test_sliding_window_kv_cache_matches_full_recompute(tiny):
+  """model.sliding_window in the decode path: the chunked kernel over the cache equals the
+  windowed xla reference run without a cache, and the window does change the tokens."""
+  cfg, model, params = tiny
+  windowed = lambda attn: build_model({**cfg.model.to_dict(), 'sliding_window': 3,
+                                       'attention': attn})
+  got = generate(windowed('chunked'), params, PROMPTS, max_new_tokens=NEW, temperature=0.0)
+  want = [_recompute_greedy(windowed('xla'), params, p, NEW) for p in PROMPTS]
+  assert got == want
+  assert got != generate(model, params, PROMPTS, max_new_tokens=NEW, temperature=0.0)
+
+
 def test_stop_tokens_cut_and_top_k_one_is_greedy(tiny):
   _, model, params = tiny
   greedy = generate(model, params, PROMPTS, max_new_tokens=NEW, temperature=0.0)

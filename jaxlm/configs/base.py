@@ -38,8 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   m.init_std = 0.02  # normal init std for kernels and embeddings
   m.param_dtype = 'float32'  # dtype parameters are stored in
   m.dtype = 'float32'  # compute dtype ('bfloat16' for mixed precision)
-  m.attention = 'xla'  # 'xla' reference, 'cudnn' (jax.nn.dot_product_attention), 'chunked', 'splash'
+  m.attention = 'xla'  # 'xla' reference, 'chunked' (flash, any backend), 'splash' (TPU), 'pallas_gpu'/'cudnn' (GPU)
   m.attention_chunk = 512  # key/query block size of chunked attention
+  m.sliding_window = 0  # attend only to the latest N tokens, self included (Mistral); 0 = off
   m.scan_layers = True  # nn.scan over blocks: one compiled block, stacked params
   m.remat = 'none'  # activation checkpointing: 'none', 'full', 'dots' (save matmul outputs)
 

@@ -2,20 +2,30 @@
 
 All kernels take q ``[batch, q_len, heads, head_dim]``, k/v ``[batch, kv_len,
 kv_heads, head_dim]`` and a ``MaskInfo``; a query attends to a key iff both are
-in the same (non-zero) segment and the key's index is not after the query's.
+in the same (non-zero) segment and the key's index is not after the query's
+(and, with a sliding window w > 0, fewer than w slots before it).
 Grouped-query attention: ``heads`` is a multiple of ``kv_heads``.
+
+Kernels: 'xla' (reference, dense scores), 'chunked' (flash.py: blockwise with a
+recomputing backward; everywhere), and jax's library kernels in kernels.py:
+'splash' (TPU), 'pallas_gpu' and 'cudnn' (GPU).
 """
 
+import logging
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxlm.model import kernels as fused
+from jaxlm.model.flash import flash_attention
 from jaxlm.model.layers import Dense, Norm, rope, rope_frequencies
 from jaxlm.sharding import constrain
 
-_NEG = -1e30  # finite, so fully-masked (padding) rows give zeros, not NaNs
+log = logging.getLogger('jaxlm')
+
+_NEG = -1e30  # finite, so fully-masked (padding) rows give a finite average, not NaNs
 
 
 class MaskInfo(NamedTuple):
@@ -25,12 +35,14 @@ class MaskInfo(NamedTuple):
   kv_index: jax.Array  # [batch, kv_len]
 
 
-def _mask(m: MaskInfo, q_sl=slice(None), kv_sl=slice(None)) -> jax.Array:
-  """[batch, q, kv] boolean mask for a block of queries and keys."""
-  qs, ks = m.q_segment[:, q_sl], m.kv_segment[:, kv_sl]
-  qi, ki = m.q_index[:, q_sl], m.kv_index[:, kv_sl]
-  return ((qs[:, :, None] == ks[:, None, :]) & (ks[:, None, :] != 0)
-          & (ki[:, None, :] <= qi[:, :, None]))
+def _mask(m: MaskInfo, window: int = 0) -> jax.Array:
+  """[batch, q, kv] boolean mask; ``window`` > 0 keeps only the ``window`` latest keys."""
+  qs, ks, qi, ki = m.q_segment, m.kv_segment, m.q_index, m.kv_index
+  ok = ((qs[:, :, None] == ks[:, None, :]) & (ks[:, None, :] != 0)
+        & (ki[:, None, :] <= qi[:, :, None]))
+  if window:
+    ok &= qi[:, :, None] - ki[:, None, :] < window
+  return ok
 
 
 def _group(q, kv_heads):
@@ -38,95 +50,56 @@ def _group(q, kv_heads):
   return q.reshape(b, t, kv_heads, h // kv_heads, d)
 
 
-def xla_attention(q, k, v, m: MaskInfo) -> jax.Array:
+def xla_attention(q, k, v, m: MaskInfo, window: int = 0) -> jax.Array:
   """Reference: materializes the [q_len, kv_len] score matrix."""
   b, t, h, d = q.shape
   qg = _group(q, k.shape[2]) * (d ** -0.5)
   s = jnp.einsum('btkgd,bskd->bkgts', qg, k, preferred_element_type=jnp.float32)
-  s = jnp.where(_mask(m)[:, None, None], s, _NEG)
+  s = jnp.where(_mask(m, window)[:, None, None], s, _NEG)
   p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
   o = jnp.einsum('bkgts,bskd->btkgd', p, v)
   return o.reshape(b, t, h, d)
 
 
-def cudnn_attention(q, k, v, m: MaskInfo) -> jax.Array:
-  """jax.nn.dot_product_attention: cuDNN flash attention on GPU, XLA elsewhere."""
-  mask = _mask(m)[:, None]  # [batch, 1, q, kv]
-  impl = 'cudnn' if jax.devices()[0].platform == 'gpu' and q.dtype != jnp.float32 else None
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+def chunked_attention(q, k, v, m: MaskInfo, chunk: int = 512, window: int = 0) -> jax.Array:
+  """FlashAttention-2-style blocks with a recomputing backward: memory O(len * chunk)."""
+  return flash_attention(q, k, v, m, chunk, window)
 
 
-def chunked_attention(q, k, v, m: MaskInfo, chunk: int = 512) -> jax.Array:
-  """Blockwise attention with an online softmax: memory O(len * chunk), not O(len^2).
+KERNELS = ('xla', 'chunked', *fused.KERNELS)
 
-  Queries are processed a block at a time (lax.map); for each, key blocks are
-  folded in with lax.scan keeping running max / sum, as in FlashAttention.
+
+def _resolve(impl: str, decode: bool) -> tuple[str, bool]:
+  """The kernel that will run here and whether Pallas runs interpreted.
+
+  jax's library kernels assume queries and keys start at the same slot; the
+  KV-cache path (queries at an offset) takes the index-aware chunked kernel.
   """
-  b, t, h, d = q.shape
-  s_len, kvh = k.shape[1], k.shape[2]
-  g = h // kvh
-  qc, kc = min(chunk, t), min(chunk, s_len)
-  if t % qc or s_len % kc:
-    return xla_attention(q, k, v, m)  # ragged shapes are small; keep them exact
-  nq, nk = t // qc, s_len // kc
-  qg = (_group(q, kvh) * (d ** -0.5)).reshape(b, nq, qc, kvh, g, d)
-  kb = k.reshape(b, nk, kc, kvh, d)
-  vb = v.reshape(b, nk, kc, kvh, d)
-  qseg, qidx = m.q_segment.reshape(b, nq, qc), m.q_index.reshape(b, nq, qc)
-  kseg, kidx = m.kv_segment.reshape(b, nk, kc), m.kv_index.reshape(b, nk, kc)
-
-  def one_query_block(args):
-    qi, qs, qx = args  # [b, qc, kvh, g, d], [b, qc], [b, qc]
-
-    def body(carry, blk):
-      acc, mx, den = carry
-      kk, vv, ks, kx = blk
-      s = jnp.einsum('bqkgd,bskd->bkgqs', qi, kk, preferred_element_type=jnp.float32)
-      ok = (qs[:, :, None] == ks[:, None, :]) & (ks[:, None, :] != 0) & (kx[:, None, :] <= qx[:, :, None])
-      s = jnp.where(ok[:, None, None], s, _NEG)
-      new_mx = jnp.maximum(mx, s.max(-1))
-      corr = jnp.exp(mx - new_mx)
-      p = jnp.exp(s - new_mx[..., None])
-      den = den * corr + p.sum(-1)
-      acc = acc * corr[..., None] + jnp.einsum('bkgqs,bskd->bkgqd', p.astype(vv.dtype), vv,
-                                                preferred_element_type=jnp.float32)
-      return (acc, new_mx, den), None
-
-    init = (jnp.zeros((b, kvh, g, qc, d), jnp.float32),
-            jnp.full((b, kvh, g, qc), _NEG, jnp.float32),
-            jnp.zeros((b, kvh, g, qc), jnp.float32))
-    blocks = (jnp.moveaxis(kb, 1, 0), jnp.moveaxis(vb, 1, 0),
-              jnp.moveaxis(kseg, 1, 0), jnp.moveaxis(kidx, 1, 0))
-    (acc, _, den), _ = jax.lax.scan(body, init, blocks)
-    out = acc / jnp.maximum(den, 1e-30)[..., None]  # [b, kvh, g, qc, d]
-    return jnp.moveaxis(out, 3, 1).reshape(b, qc, h, d)
-
-  outs = jax.lax.map(one_query_block, (jnp.moveaxis(qg, 1, 0), jnp.moveaxis(qseg, 1, 0),
-                                       jnp.moveaxis(qidx, 1, 0)))
-  return jnp.moveaxis(outs, 0, 1).reshape(b, t, h, d).astype(q.dtype)
+  if impl not in fused.KERNELS:
+    return impl, False
+  if decode:
+    return 'chunked', False
+  how = fused.mode(impl)
+  if how is None:
+    if impl not in _warned:
+      _warned.add(impl)
+      log.warning("attention '%s' runs only on %s (this is %s; %s=1 interprets Pallas kernels): "
+                  "using 'chunked' instead", impl, fused.PLATFORM[impl].upper(),
+                  jax.default_backend(), fused.INTERPRET_ENV)
+    return 'chunked', False
+  return impl, how == 'interpret'
 
 
-def splash_attention(q, k, v, m: MaskInfo) -> jax.Array:
-  """Hook point for TPU splash attention (Pallas).
-
-  Plug a kernel from jax.experimental.pallas.ops.tpu.splash_attention in here;
-  until one is wired, TPUs use the chunked kernel, which is exact.
-  """
-  return chunked_attention(q, k, v, m)
+_warned: set = set()
 
 
-KERNELS = {
-    'xla': xla_attention,
-    'cudnn': cudnn_attention,
-    'chunked': chunked_attention,
-    'splash': splash_attention,
-}
-
-
-def _local_attend(q, k, v, m: MaskInfo, impl: str, chunk: int) -> jax.Array:
-  if impl in ('chunked', 'splash'):
-    return chunked_attention(q, k, v, m, chunk)
-  return KERNELS[impl](q, k, v, m)
+def _local_attend(q, k, v, m: MaskInfo, impl: str, chunk: int, window: int,
+                  interpret: bool) -> jax.Array:
+  if impl == 'xla':
+    return xla_attention(q, k, v, m, window)
+  if impl == 'chunked':
+    return chunked_attention(q, k, v, m, chunk, window)
+  return fused.KERNELS[impl](q, k, v, m, window=window, interpret=interpret)
 
 
 def _sequence_axes():
@@ -139,17 +112,26 @@ def _sequence_axes():
   return mesh, tuple(a for a in axes if mesh.shape[a] > 1)
 
 
-def attend(q, k, v, m: MaskInfo, impl: str, chunk: int = 512) -> jax.Array:
-  """Dispatches to a kernel; with the sequence split over devices, gathers K/V first.
+def attend(q, k, v, m: MaskInfo, impl: str, chunk: int = 512, window: int = 0) -> jax.Array:
+  """Runs kernel ``impl`` on q [batch, q_len, heads, head_dim], k/v [batch, kv_len, kv_heads,
+  head_dim] -> [batch, q_len, heads, head_dim], sharded for the current mesh.
 
-  Context parallelism (shard_map): each device keeps its slice of queries and
-  all-gathers keys, values and their mask info over the sequence axes, so
-  activations stay split by length everywhere else. Mask indices are global
-  slot indices, so causality holds across shards.
+  Context parallelism (shard_map): with the sequence split over devices, each
+  device keeps its slice of queries and all-gathers keys, values and their mask
+  info, so activations stay split by length everywhere else. Mask indices are
+  global slot indices, so causality holds across shards. jax's library kernels
+  (splash, pallas_gpu, cudnn) are shard_mapped over batch and heads, since a
+  Pallas call is not partitioned automatically; they cannot split the sequence.
   """
+  decode = q.shape[1] != k.shape[1]  # the KV-cache path runs unsplit
+  impl, interpret = _resolve(impl, decode)
   mesh, seq_axes = _sequence_axes()
-  if not seq_axes or q.shape[1] != k.shape[1]:  # decode (KV cache) runs unsplit
-    return _local_attend(q, k, v, m, impl, chunk)
+  library = impl in fused.KERNELS
+  if decode or mesh.empty or not (seq_axes or library):
+    return _local_attend(q, k, v, m, impl, chunk, window, interpret)
+  if library and seq_axes:
+    raise ValueError(f"attention '{impl}' cannot split the sequence over {seq_axes}; "
+                     "use 'chunked' with mesh.sequence > 1")
   spec = lambda *names: nn.logical_to_mesh_axes(names)
   heads_ok = all(n % _axis_size(mesh, spec('act_heads')[0]) == 0 for n in (q.shape[2], k.shape[2]))
   head = 'act_heads' if heads_ok else None
@@ -162,9 +144,9 @@ def attend(q, k, v, m: MaskInfo, impl: str, chunk: int = 512) -> jax.Array:
   row_spec = spec('act_batch', 'act_length')
 
   def local(q, k, v, qs, ks, qi, ki):
-    gather = lambda x: jax.lax.all_gather(x, seq_axes, axis=1, tiled=True)
+    gather = lambda x: jax.lax.all_gather(x, seq_axes, axis=1, tiled=True) if seq_axes else x
     mi = MaskInfo(qs, gather(ks), qi, gather(ki))
-    return _local_attend(q, gather(k), gather(v), mi, impl, chunk)
+    return _local_attend(q, gather(k), gather(v), mi, impl, chunk, window, interpret)
 
   return jax.shard_map(
       local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec, row_spec, row_spec),
@@ -214,7 +196,7 @@ class Attention(nn.Module):
                                                                  cache_index, axis=1)
       new_cache = {'k': upd(cache['k'], k), 'v': upd(cache['v'], v)}
       k, v = new_cache['k'].astype(q.dtype), new_cache['v'].astype(q.dtype)
-    o = attend(q, k, v, m, c.attention, c.attention_chunk)
+    o = attend(q, k, v, m, c.attention, c.attention_chunk, c.sliding_window)
     o = constrain(o, ('act_batch', 'act_length', 'act_heads', None))
     out_kw = {**kw, 'std': c.init_std / (2 * c.n_layers) ** 0.5}
     out = Dense((c.d_model,), ('heads', 'head_dim'), ('embed',),

@@ -83,6 +83,9 @@ def validate(cfg, need_data: bool = True) -> None:
   if m.sliding_window and m.attention in NO_WINDOW:
     raise ConfigError(f"model.sliding_window={m.sliding_window} is not supported by "
                       f"model.attention='{m.attention}'; use 'chunked' or 'xla'")
+  if m.attention == 'cudnn' and m.dtype == 'float32':
+    raise ConfigError("model.attention='cudnn' needs model.dtype='bfloat16' or 'float16' "
+                      "(cuDNN flash attention has no float32)")
   if m.attention in LIBRARY_KERNELS and cfg.mesh.sequence != 1:
     raise ConfigError(f"model.attention='{m.attention}' cannot split the sequence "
                       f"(mesh.sequence={cfg.mesh.sequence}); use 'chunked'")

@@ -8,7 +8,7 @@ import pytest
 transformers = pytest.importorskip('transformers')
 torch = pytest.importorskip('torch')
 
-from jaxlm import cli, convert, engine  # noqa: E402
+from jaxlm import cli, convert, engine, hf  # noqa: E402
 
 TOKENS = np.array([[5, 17, 250, 3, 99, 42, 7, 0, 299, 12, 64, 1],
                    [8, 8, 8, 200, 100, 50, 25, 12, 6, 3, 1, 0]], np.int32)
@@ -54,12 +54,22 @@ def test_import_matches_transformers_and_export_round_trips(kind, tmp_path):
     assert not saved['model']['tie_embeddings']
   loaded = engine.load(str(tmp_path / 'w'))
   got = _jax_logits(loaded)
-  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+  # The README's figure is 1.5e-7 (fp32); logits have std ~0.1, so 1e-6 catches a wrong
+  # norm epsilon (1e-6 for 1e-5 moves them ~8e-5) that a looser bound would let through.
+  np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
 
   assert cli.main(['convert', f'--to_hf={tmp_path / "out"}', f'--workdir={tmp_path / "w"}']) == 0
   back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'out')).eval()
   assert type(back).__name__ == type(hf_model).__name__
-  np.testing.assert_allclose(_hf_logits(back), want, atol=1e-4, rtol=0)
+  # "Round-trips exactly": every tensor, bit for bit, and the config fields the model reads.
+  original, exported = hf.read_dir(str(tmp_path / 'hf')), hf.read_dir(str(tmp_path / 'out'))
+  assert exported[1].keys() == original[1].keys()
+  for name, tensor in original[1].items():
+    np.testing.assert_array_equal(exported[1][name], tensor, err_msg=name)
+  for key in ('layer_norm_epsilon', 'rms_norm_eps', 'num_key_value_heads', 'tie_word_embeddings',
+              'rope_parameters', 'rope_theta'):
+    assert getattr(back.config, key, None) == getattr(hf_model.config, key, None), key
+  np.testing.assert_array_equal(_hf_logits(back), want)
 
 
 def test_export_cuts_padded_vocab_and_unscanned_layers(tmp_path):
@@ -67,7 +77,6 @@ def test_export_cuts_padded_vocab_and_unscanned_layers(tmp_path):
   _tiny_hf('gpt2', tmp_path / 'hf')
   loaded = engine.load(str(tmp_path / 'hf'))  # an HF dir loads directly too
   import jax  # noqa: PLC0415
-  from jaxlm import hf  # noqa: PLC0415
   m = loaded.cfg.model
   with loaded.cfg.unlocked():
     m.scan_layers = False

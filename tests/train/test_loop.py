@@ -1,9 +1,11 @@
 """The train loop end to end: loss falls, resume is exact, hooks run, metrics are written."""
 
 import json
+import math
 
 import jax
 import numpy as np
+import pytest
 
 from jaxlm.hooks import Hook
 from jaxlm.train.loop import Trainer
@@ -51,14 +53,27 @@ def test_interrupted_run_resumes_bit_identically(tiny_cfg, tmp_path):
   assert _losses(part) == _losses(full)
 
 
-def test_user_hook_metric_reaches_metrics_jsonl(tiny_cfg, tmp_path):
+def test_user_hook_metric_reaches_metrics_jsonl(tiny_cfg, tmp_path, monkeypatch):
   seen = []
 
   def my_hook(ctx):
     seen.append(ctx.step)
     text = ctx.generate(['To be'], max_new_tokens=4, temperature=0.0)[0]
-    return {'eval/my_metric': float(ctx.step), 'eval/sample_len': float(len(text) > 0)}
+    return {'eval/my_metric': float(ctx.step), 'eval/sample_len': float(len(text))}
 
+  # The same run covers the config-only paths: eval.hooks=module:function, periodic
+  # samples to samples.txt, and eval/perplexity next to eval/loss.
+  (tmp_path / 'my_hooks.py').write_text(
+      'def params_norm(ctx):\n'
+      '  import jax, numpy as np\n'
+      '  leaves = jax.tree.leaves(ctx.params)\n'
+      '  return {"eval/params_sq": float(sum(np.sum(np.square(np.asarray(x))) for x in leaves)),\n'
+      '          "eval/hook_step": float(ctx.step)}\n')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  tiny_cfg.eval.hooks = 'my_hooks:params_norm'
+  tiny_cfg.eval.sample_every = 16
+  tiny_cfg.eval.sample_prompts = 'To be|ROMEO:'
+  tiny_cfg.eval.sample_tokens = 6
   tiny_cfg.checkpoint.every = 0
   trainer = Trainer(tiny_cfg, str(tmp_path / 'w'), devices=_one_device())
   trainer.add_hook(Hook(my_hook, every=8))
@@ -66,3 +81,23 @@ def test_user_hook_metric_reaches_metrics_jsonl(tiny_cfg, tmp_path):
   assert seen == [8, 16, 20]
   rows = [json.loads(l) for l in (tmp_path / 'w' / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in rows if 'eval/my_metric' in r] == [8, 16, 20]
+  # The hook's generate call decoded 4 new tokens (tiny uses bytes: 4 characters).
+  assert [r['eval/sample_len'] for r in rows if 'eval/sample_len' in r] == [4.0, 4.0, 4.0]
+
+  # eval.hooks: called every eval.every (10) steps and at the end, on the live params.
+  user = [r for r in rows if 'eval/hook_step' in r]
+  assert [(r['step'], r['eval/hook_step']) for r in user] == [(10, 10.0), (20, 20.0)]
+  assert user[0]['eval/params_sq'] != user[1]['eval/params_sq']  # the params moved
+  evals = [r for r in rows if 'eval/loss' in r]
+  assert [r['step'] for r in evals] == [10, 20]
+  for r in evals:
+    assert r['eval/perplexity'] == pytest.approx(math.exp(r['eval/loss']), rel=1e-6)
+
+  # Samples: every 16 steps and at the end, each prompt continued by 6 bytes.
+  samples = (tmp_path / 'w' / 'samples.txt').read_text()
+  heads = [l for l in samples.splitlines() if l.startswith('--- step')]
+  assert heads == [f"--- step {s} | prompt {p!r}" for s in (16, 20) for p in ('To be', 'ROMEO:')]
+  bodies = samples.split('--- step ')[1:]
+  for body, p in zip(bodies, ['To be', 'ROMEO:'] * 2):
+    text = body.split('\n', 1)[1].rstrip('\n')
+    assert text.startswith(p) and len(text) > len(p), body

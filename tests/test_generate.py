@@ -20,13 +20,27 @@ PROMPTS = [[72, 101, 108], [1, 2, 3, 4, 5, 6, 7], [200]]  # lengths 3, 7, 1: lef
 NEW = 8
 
 
-@pytest.fixture(scope='module')
-def tiny():
+# Model families the KV cache must serve; MoE and sliding-window variants join as they land.
+VARIANTS = {
+    'gpt2': {},
+    'llama': dict(position='rope', norm='rmsnorm', activation='swiglu', use_bias=False,
+                  tie_embeddings=False, n_kv_heads=2),  # RoPE positions, GQA cache (2 of 4 heads)
+}
+
+
+def _tiny(variant='gpt2'):
   cfg = load_config('tiny')
   cfg.model.init_std = 0.3  # peaked logits: no near-ties for float noise to flip
+  for k, v in VARIANTS[variant].items():
+    cfg.model[k] = v
   model = build_model(cfg.model)
   params = model.init(jax.random.key(1), np.zeros((1, 8), np.int32))['params']
   return cfg, model, nn.unbox(params)
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  return _tiny()
 
 
 def _recompute_greedy(model, params, prompt, n):
@@ -40,8 +54,9 @@ def _recompute_greedy(model, params, prompt, n):
   return ids[0, len(prompt):len(prompt) + n].tolist()
 
 
-def test_kv_cache_greedy_matches_full_recompute_with_left_padding(tiny):
-  _, model, params = tiny
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_kv_cache_greedy_matches_full_recompute_with_left_padding(variant, tiny):
+  _, model, params = tiny if variant == 'gpt2' else _tiny(variant)
   got = generate(model, params, PROMPTS, max_new_tokens=NEW, temperature=0.0)
   want = [_recompute_greedy(model, params, p, NEW) for p in PROMPTS]
   assert got == want

@@ -1,7 +1,9 @@
 """launch/ scripts parse, pass shellcheck, and local_multiprocess.sh behaves as documented."""
 
+import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,11 +28,16 @@ def test_bash_syntax(script):
   assert out.returncode == 0, out.stderr
 
 
+def linter(name: str) -> str:
+  """Path of a linter binary from the test extra (next to this Python, or on PATH)."""
+  found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+  assert found, f"{name} is not installed: pip install -e '.[test]' provides it"
+  return found
+
+
 @pytest.mark.parametrize('script', SCRIPTS, ids=lambda p: p.name)
 def test_shellcheck(script):
-  if not shutil.which('shellcheck'):
-    pytest.skip('shellcheck not installed')
-  out = run('shellcheck', '--shell=bash', str(script))
+  out = run(linter('shellcheck'), '--shell=bash', str(script))
   assert out.returncode == 0, out.stdout
 
 
@@ -63,3 +70,30 @@ def test_local_multiprocess_failure_stops_the_rest():
 def test_local_multiprocess_usage_error():
   out = run(str(LAUNCH / 'local_multiprocess.sh'))
   assert out.returncode == 2 and 'Usage' in out.stderr
+
+
+def test_gpu_single_host_print_env_and_user_xla_flags_last(tmp_path):
+  """--print-env exports the launch settings; the user's XLA_FLAGS come after ours (last wins)."""
+  env = {'PATH': os.environ['PATH'], 'HOME': str(tmp_path), 'NCCL_DEBUG': 'INFO',
+         'XLA_FLAGS': '--xla_gpu_enable_triton_gemm=true --xla_dump_to=/tmp/hlo'}
+  script = LAUNCH / 'gpu_single_host.sh'
+  show = f'eval "$({script} --print-env)"; printf "%s\\n" "$XLA_FLAGS" "$NCCL_DEBUG" "$JAX_COMPILATION_CACHE_DIR"'
+  out = subprocess.run(['bash', '-c', show], env=env, capture_output=True, text=True, timeout=30)
+  assert out.returncode == 0, out.stderr
+  flags, nccl, cache = out.stdout.splitlines()
+  flags = flags.split()
+  assert flags[-2:] == ['--xla_gpu_enable_triton_gemm=true', '--xla_dump_to=/tmp/hlo']
+  assert flags.index('--xla_gpu_enable_triton_gemm=false') < flags.index('--xla_gpu_enable_triton_gemm=true')
+  assert '--xla_gpu_enable_latency_hiding_scheduler=true' in flags
+  assert nccl == 'INFO'  # a user's setting is kept
+  assert cache == f'{tmp_path}/.cache/jaxlm/xla'
+
+  # Without --print-env it runs `$JAXLM train <args>` with the same environment.
+  fake = tmp_path / 'fake_jaxlm'
+  fake.write_text('#!/usr/bin/env bash\necho "args: $*"\necho "flags: $XLA_FLAGS"\n')
+  fake.chmod(0o755)
+  out = subprocess.run([str(script), '--config=tiny', '--workdir=w'], env={**env, 'JAXLM': str(fake)},
+                       capture_output=True, text=True, timeout=30)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.splitlines()[0] == 'args: train --config=tiny --workdir=w'
+  assert out.stdout.splitlines()[1].endswith('--xla_gpu_enable_triton_gemm=true --xla_dump_to=/tmp/hlo')

@@ -55,7 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
   d.seq_len = 128  # tokens per training sequence
   d.add_bos = False  # prepend BOS to every document
   d.add_eos = True  # append EOS to every document
-  d.val_fraction = 0.1  # last fraction of the token stream held out for validation
+  d.val_tokens = 4_000_000  # tokens held out from the end of each store for validation...
+  d.val_fraction = 0.1  # ...but at most this fraction of it (so small corpora still train)
   d.seed = 0  # shuffle seed
   d.shuffle = True  # shuffle training windows each epoch
   d.max_docs = 0  # read at most this many documents (0 = all)

@@ -2,8 +2,9 @@
 
 Shared by `jaxlm prepare` and `jaxlm tokenizer train`. A reader yields, in a
 fixed order (the sorted files of each glob, globs in the order given, then
-line or row order), either a document's text or a `Bad` naming why a record
-was dropped:
+line or row order), either a document's text, a `Long` document (a text file
+over `PIECE_BYTES`, read piece by piece so it is never held whole), or a `Bad`
+naming why a record was dropped:
 
   invalid_utf8    bytes that do not decode as UTF-8
   empty           a record with no text (blank line, whitespace-only document)
@@ -12,6 +13,7 @@ was dropped:
   no_tokens       text the tokenizer turned into no tokens (counted by `jaxlm prepare`)
 """
 
+import codecs
 import collections
 import dataclasses
 import glob
@@ -25,6 +27,7 @@ FORMATS = ('text', 'jsonl', 'parquet')
 TEXT_UNITS = ('file', 'line')
 BAD_KINDS = ('invalid_utf8', 'empty', 'malformed_json', 'missing_field', 'no_tokens')
 _PARQUET_BATCH = 4096  # rows per Arrow batch: bounded memory on files of any size
+PIECE_BYTES = 4 << 20  # a text file larger than this is one document read in pieces of this size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +36,42 @@ class Bad:
   kind: str
 
 
-Record = Union[str, Bad]
+@dataclasses.dataclass(frozen=True)
+class Long:
+  """One document too large to hold whole: a text file read back in pieces (`pieces()`)."""
+  path: Path
+
+  def pieces(self) -> Iterator[str]:
+    """The file's text in order, in pieces of about `PIECE_BYTES`, each cut after a newline.
+
+    Cutting at line ends keeps a tokenizer's merges within lines; only where a
+    piece holds no newline is it cut mid-line (at a character boundary).
+    """
+    decoder = codecs.getincrementaldecoder('utf-8')()
+    carry = ''
+    with open(self.path, 'rb') as f:
+      while True:
+        raw = f.read(PIECE_BYTES)
+        text = carry + decoder.decode(raw, final=not raw)
+        if not raw:
+          if text:
+            yield text
+          return
+        cut = text.rfind('\n') + 1 or len(text)
+        carry = text[cut:]
+        if cut:
+          yield text[:cut]
+
+
+Record = Union[str, Long, Bad]
+
+
+def texts(record: Record) -> Iterator[str]:
+  """A record's text as one or more pieces (a `Long` one's pieces; none for a `Bad` one)."""
+  if isinstance(record, str):
+    yield record
+  elif isinstance(record, Long):
+    yield from record.pieces()
 
 
 def define_input_flags(fv) -> None:
@@ -96,12 +134,31 @@ def _decode(raw: bytes) -> Record:
 
 
 def _text(path: Path, unit: str) -> Iterator[Record]:
+  if unit == 'file' and path.stat().st_size > PIECE_BYTES:
+    yield _check_long(path)
+    return
   if unit == 'file':
     yield _decode(path.read_bytes())
     return
   with open(path, 'rb') as lines:
     for line in lines:
       yield _decode(line.rstrip(b'\r\n'))
+
+
+def _check_long(path: Path) -> Record:
+  """A `Long` record for `path`, or the `Bad` the whole file would be (one streaming pass)."""
+  decoder = codecs.getincrementaldecoder('utf-8')()
+  blank = True
+  with open(path, 'rb') as f:
+    while True:
+      raw = f.read(PIECE_BYTES)
+      try:
+        text = decoder.decode(raw, final=not raw)
+      except UnicodeDecodeError:
+        return Bad('invalid_utf8')
+      blank = blank and not text.strip()
+      if not raw:
+        return Bad('empty') if blank else Long(path)
 
 
 def _jsonl(path: Path, field: str) -> Iterator[Record]:

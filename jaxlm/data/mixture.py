@@ -2,7 +2,7 @@
 
 Each `path:weight` item is read exactly as data.path would be (same
 data.source, tokenizer, specials and data.max_docs, per source) and split into
-train/validation by data.val_fraction. Weights are relative (normalized by
+train/validation by data.val_tokens (capped by data.val_fraction), per source. Weights are relative (normalized by
 their sum).
 
 Training draws windows with Grain's `MapDataset.mix`: every source's train
@@ -28,10 +28,10 @@ from jaxlm.errors import ConfigError
 
 @dataclasses.dataclass
 class Source:
-  """One mixture component: where it came from, its weight, its tokens and windows."""
+  """One mixture component: where it came from, its weight, its token stream and windows."""
   name: str
   weight: float
-  store: sources.TokenStore
+  store: object  # sources.TokenStore or store.MappedStore
   train: packing.Windows
   val: packing.Windows
 
@@ -53,10 +53,12 @@ def parse(spec: str) -> List[Tuple[str, float]]:
   return items
 
 
-def make_source(name: str, weight: float, store: sources.TokenStore, val_fraction: float,
-                seq_len: int) -> Source:
-  train, val = packing.train_val_split(store, val_fraction)
-  return Source(name, weight, store, packing.Windows(train, seq_len), packing.Windows(val, seq_len))
+def make_source(name: str, weight: float, store, data_cfg) -> Source:
+  """`store`'s windows, split per data.val_tokens / data.val_fraction (`packing.train_tokens`)."""
+  seq_len = int(data_cfg.seq_len)
+  cut = packing.train_tokens(len(store), int(data_cfg.val_tokens), float(data_cfg.val_fraction))
+  return Source(name, weight, store, packing.Windows(store, seq_len, 0, cut),
+                packing.Windows(store, seq_len, cut, len(store)))
 
 
 def load_sources(cfg, tokenizer) -> List[Source]:
@@ -65,9 +67,7 @@ def load_sources(cfg, tokenizer) -> List[Source]:
   for path, weight in parse(cfg.data.mixture):
     data = cfg.data.copy_and_resolve_references()
     data.path = path
-    store = sources.load_tokens(data, tokenizer)
-    out.append(make_source(path, weight, store, float(cfg.data.val_fraction),
-                           int(cfg.data.seq_len)))
+    out.append(make_source(path, weight, sources.open_tokens(data, tokenizer), cfg.data))
   total = sum(s.weight for s in out)
   for s in out:
     share = s.weight / total

@@ -1,4 +1,8 @@
-"""Train/validation split of the token stream, and packed fixed-length windows over a split.
+"""Train/validation split of a token stream, and packed fixed-length windows over a split.
+
+A stream is anything with `len()` and `read(lo, hi) -> (tokens, doc_ids)`
+(`sources.TokenStore` in memory, `store.MappedStore` on disk); a window reads
+only its own tokens, so the windows of a split cost no memory until read.
 
 A window is `seq_len + 1` consecutive stream tokens, so neighbouring windows
 share one token (window i's last target is window i+1's first input) and no
@@ -10,29 +14,30 @@ rather than dropped, so every next-token pair of a split is trained or evaluated
 exactly once per epoch and a tiny validation split still yields a window.
 """
 
-from typing import Dict, Tuple
+from typing import Dict, Optional
 
 import numpy as np
 
-from jaxlm.data.sources import TokenStore
 from jaxlm.errors import DataError
 
-Stream = Tuple[np.ndarray, np.ndarray]  # (tokens int32 [n], doc_ids int32 [n])
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
 
 
-def train_val_split(store: TokenStore, val_fraction: float) -> Tuple[Stream, Stream]:
-  """Splits the stream: first `int(n * (1 - val_fraction))` tokens train, the rest validation.
+def train_tokens(n_tokens: int, val_tokens: int, val_fraction: float) -> int:
+  """Where the stream splits: all but the last `min(val_tokens, cap)` tokens train.
 
-  The cut is by token, not by document (as nanoGPT's shakespeare split is), so
-  one document may straddle both; the doc_ids keep its two halves one segment each.
+  The cap, `n - int(n * (1 - val_fraction))`, keeps a small corpus mostly for
+  training (and with val_fraction 0.1 it is nanoGPT's 90/10 shakespeare split);
+  on a large one the held-out size is the fixed data.val_tokens. The cut is by
+  token, not by document, so one document may straddle both splits; each half
+  is then its own segment.
   """
+  if val_tokens < 0:
+    raise DataError(f'data.val_tokens {val_tokens} must be >= 0')
   if not 0.0 <= val_fraction < 1.0:
     raise DataError(f'data.val_fraction {val_fraction} must be in [0, 1)')
-  n_train = int(len(store.tokens) * (1.0 - val_fraction))
-  train = (store.tokens[:n_train], store.doc_ids[:n_train])
-  val = (store.tokens[n_train:], store.doc_ids[n_train:])
-  return train, val
+  cap = n_tokens - int(n_tokens * (1.0 - val_fraction))
+  return n_tokens - min(int(val_tokens), cap)
 
 
 def num_windows(n_tokens: int, seq_len: int) -> int:
@@ -100,18 +105,20 @@ def batch_from_documents(rows, width: int) -> Dict[str, np.ndarray]:
 
 
 class Windows:
-  """Random-access windows over one split; a Grain data source (`len`, `[i]`), picklable.
+  """Random-access windows over stream tokens `[lo, hi)`; a Grain data source, picklable.
 
-  Window i is stream tokens `[i * seq_len, i * seq_len + seq_len + 1)`, packed
-  by `pack_window`.
+  Window i is stream tokens `[lo + i * seq_len, lo + i * seq_len + seq_len + 1)`
+  (cut at `hi`), packed by `pack_window`.
   """
 
-  def __init__(self, stream: Stream, seq_len: int):
+  def __init__(self, stream, seq_len: int, lo: int = 0, hi: Optional[int] = None):
     if seq_len < 1:
       raise DataError(f'data.seq_len {seq_len} must be >= 1')
-    self.tokens, self.doc_ids = stream
+    self.stream = stream
     self.seq_len = seq_len
-    self._len = num_windows(len(self.tokens), seq_len)
+    self.lo, self.hi = lo, len(stream) if hi is None else hi
+    self.n_tokens = self.hi - self.lo
+    self._len = num_windows(self.n_tokens, seq_len)
 
   def __len__(self) -> int:
     return self._len
@@ -119,9 +126,9 @@ class Windows:
   def __getitem__(self, i: int) -> Dict[str, np.ndarray]:
     if not 0 <= i < self._len:
       raise IndexError(f'window {i} out of range [0, {self._len})')
-    lo = i * self.seq_len
-    hi = lo + self.seq_len + 1
-    return pack_window(self.tokens[lo:hi], self.doc_ids[lo:hi], self.seq_len)
+    lo = self.lo + i * self.seq_len
+    tokens, doc_ids = self.stream.read(lo, min(lo + self.seq_len + 1, self.hi))
+    return pack_window(tokens, doc_ids, self.seq_len)
 
   def __repr__(self) -> str:
-    return f'Windows(n={self._len}, seq_len={self.seq_len}, tokens={len(self.tokens)})'
+    return f'Windows(n={self._len}, seq_len={self.seq_len}, tokens=[{self.lo}, {self.hi}))'

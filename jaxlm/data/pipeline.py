@@ -78,18 +78,19 @@ def _local_batch(batch_size: int, process_count: int, key: str) -> int:
 class DataPipeline:
   """Train and eval batches for one process, built once from the config.
 
-  Reads and tokenizes everything up front (`sources.load_tokens`), so all data
-  errors surface at construction, before any compile.
+  Opens every source at construction (`sources.open_tokens`: a prepared store is
+  mapped, a small text corpus read whole), so data errors surface before any
+  compile; windows are read from the stream only when a batch needs them.
 
   Args:
     cfg: the full config (uses `data`, `train.batch_size`, `eval.batches`, `eval.batch_size`).
     tokenizer: from `tokenizers.get_tokenizer(cfg.data)`.
     process_index, process_count: this host and the host count (`jax.process_index()` etc.).
-    store: pre-loaded tokens instead of reading `cfg.data` (tests, tools).
+    store: a stream to use instead of opening `cfg.data` (tests, tools).
   """
 
   def __init__(self, cfg, tokenizer, process_index: int = 0, process_count: int = 1,
-               store: sources.TokenStore = None):
+               store=None):
     if not 0 <= process_index < process_count:
       raise DataError(f'process_index {process_index} is not in [0, {process_count})')
     self.cfg = cfg
@@ -102,22 +103,23 @@ class DataPipeline:
     if store is None and cfg.data.mixture:
       self.sources = mixture.load_sources(cfg, tokenizer)
     else:
-      store = store if store is not None else sources.load_tokens(cfg.data, tokenizer)
-      self.sources = [mixture.make_source(store.description, 1.0, store,
-                                          float(cfg.data.val_fraction), self.seq_len)]
+      store = store if store is not None else sources.open_tokens(cfg.data, tokenizer)
+      self.sources = [mixture.make_source(store.description, 1.0, store, cfg.data)]
     # For a mixture, the first source's (`self.sources` has them all).
     self.store, self.train_windows, self.val_windows = (
         self.sources[0].store, self.sources[0].train, self.sources[0].val)
     for s in self.sources:
       if len(s.train) < self.global_batch:
         raise DataError(
-            f"data.path '{s.store.description}': train split has {len(s.train.tokens)} tokens = "
+            f"data.path '{s.store.description}': train split has {s.train.n_tokens} tokens = "
             f'{len(s.train)} windows of data.seq_len {self.seq_len}, fewer than one '
             f'global batch of train.batch_size {self.global_batch}')
     self._eval = None
-    logging.info('data: %d docs, %d tokens (%s); %d train / %d val windows of %d tokens',
-                 self.store.num_docs, len(self.store), tokenizer.name, len(self.train_windows),
-                 len(self.val_windows), self.seq_len)
+    logging.info('data: %d docs, %d tokens (%s); %d train / %d val windows of %d tokens '
+                 '(validation: the last %d tokens; data.val_tokens %d, at most data.val_fraction '
+                 '%g)', self.store.num_docs, len(self.store), tokenizer.name,
+                 len(self.train_windows), len(self.val_windows), self.seq_len,
+                 self.val_windows.n_tokens, cfg.data.val_tokens, cfg.data.val_fraction)
 
   @property
   def steps_per_epoch(self) -> int:
@@ -171,8 +173,8 @@ class DataPipeline:
       for s in self.sources:
         if not len(s.val):
           raise DataError(f"data.path '{s.store.description}': validation split is empty "
-                          f'(data.val_fraction {self.cfg.data.val_fraction}, '
-                          f'{len(s.store)} tokens)')
+                          f'(data.val_tokens {self.cfg.data.val_tokens}, data.val_fraction '
+                          f'{self.cfg.data.val_fraction}, {len(s.store)} tokens)')
       size = int(self.cfg.eval.batch_size) or self.global_batch
       key = 'eval.batch_size' if self.cfg.eval.batch_size else 'train.batch_size'
       local = _local_batch(size, self.process_count, key)

@@ -1,28 +1,35 @@
-"""`jaxlm prepare`: a text/JSONL/Parquet corpus -> a sharded ArrayRecord token store.
+"""`jaxlm prepare`: a text/JSONL/Parquet corpus -> a sharded, memory-mappable token store.
 
     jaxlm prepare --input='corpus/*.jsonl' --format=jsonl --output=data/web \\
         --tokenizer=hf --tokenizer_path=tok/tokenizer.json --workers=8
     jaxlm train --config=configs/gpt2_small.py --config.data.path=data/web ...
 
-Layout of `--output`, which data.source='arrayrecord' reads as it is:
+`--output` is a `jaxlm.data.store` directory (token shards, document index and
+manifest.json with dtype, tokenizer, settings, per-shard document, token and
+bad-record counts), which data.source='arrayrecord' reads as it is, window by
+window.
 
-    shard-00000.array_record, ...  one record per document: its token ids `[doc_tokens]`
-                                   as little-endian uint16 (vocab <= 65536) or uint32
-    manifest.json                  dtype, tokenizer, settings, per-shard document, token and
-                                   bad-record counts; `complete` once every shard is written
+Streaming, so memory is bounded by buffers, not by document or corpus size:
+the main process reads the input in order and cuts it into work units of about
+`UNIT_CHARS` characters (a text file over `corpus.PIECE_BYTES` is one document
+read in pieces cut after newlines); `--workers` processes tokenize units, at
+most `2 * workers` in flight; the main process appends their tokens, in input
+order, to the open shard. A document's pieces stay one document (one entry in
+the document index), however many units it spans.
 
 Documents go to shards in input order, `--docs_per_shard` documents each, so
-which documents a shard holds depends on the input and settings alone. Worker
-processes tokenize and write whole shards, each under a temporary name renamed
-when complete; the manifest lists finished shards, so a re-run after a kill
-skips them (the input is re-read, not re-tokenized). Bad records (see
-`jaxlm.data.corpus`) are counted in the manifest, never fatal.
+which documents a shard holds depends on the input and settings alone. Each
+shard is written under a temporary name renamed when complete; the manifest
+lists finished shards, so a re-run after a kill skips them (the input is
+re-read, not re-tokenized). Bad records (see `jaxlm.data.corpus`) are counted in
+the manifest, never fatal.
 
 `--add_bos` / `--add_eos` store the specials in the records; the manifest says
 so and the loader then does not add them again. Without them (the default) the
 loader adds specials per data.add_bos / data.add_eos at load time.
 """
 
+import collections
 import concurrent.futures as futures
 import hashlib
 import json
@@ -31,16 +38,18 @@ import os
 import sys
 import types
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from absl import flags
 
 from jaxlm.data import corpus
+from jaxlm.data import store as store_lib
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.errors import ConfigError, DataError
 
-MANIFEST = 'manifest.json'
+MANIFEST = store_lib.MANIFEST
+UNIT_CHARS = 1 << 20  # characters per work unit sent to a tokenizer process
 _TOKENIZER = None  # per worker process, built once by _init_worker
 
 
@@ -93,6 +102,7 @@ def prepare(inputs: str, output, fmt: str = 'text', field: str = 'text', text_un
       raise ConfigError(f"--add_{which} is set but tokenizer '{tok.name}' has no "
                         f'{which.upper()} token')
   manifest = {
+      'format': store_lib.FORMAT,
       'dtype': 'uint16' if tok.vocab_size <= 2**16 else 'uint32',
       'add_bos': add_bos, 'add_eos': add_eos, 'complete': False,
       'tokenizer': tok_info,
@@ -104,78 +114,150 @@ def prepare(inputs: str, output, fmt: str = 'text', field: str = 'text', text_un
   }
   done = _finished_shards(out, manifest)
   out.mkdir(parents=True, exist_ok=True)
-  shards: Dict[str, Dict] = {}  # file name -> entry; names sort in shard order
-  _write_manifest(out, manifest, shards, {})
-  spec = (str(out), manifest['dtype'], add_bos, add_eos)
-  records = corpus.read_records(files, fmt, field, text_unit)
-  bar = _progress_bar(progress)
-  trailing: Dict[str, int] = {}
-  skipped = 0
+  _write_manifest(out, manifest, {}, {})
+  specials = (tok.bos_id if add_bos else None, tok.eos_id if add_eos else None)
+  shards = _Shards(out, manifest, done, docs_per_shard, specials, _progress_bar(progress))
   pool = _pool(workers, tokenizer, tokenizer_path)
-  pending: Dict[futures.Future, Dict] = {}
+  pending = collections.deque()  # (future or result, [doc index per piece]), input order
+  unit: List[str] = []
+  unit_docs: List[int] = []
+
+  def submit():
+    task = (_tokenize, manifest['dtype'], list(unit))
+    result = pool.submit(*task) if pool is not None else task[0](*task[1:])
+    pending.append((result, list(unit_docs)))
+    unit.clear()
+    unit_docs.clear()
+    while len(pending) > 2 * max(workers, 0):  # bounded read-ahead: ~2 units per worker
+      _write(shards, *pending.popleft())
+
   try:
-    for index, (texts, bad) in enumerate(_group(records, docs_per_shard)):
-      if not texts:  # bad records after the last document: counted, no shard
-        trailing = bad
-        break
-      name = f'shard-{index:05d}.array_record'
-      if name in done:
-        was = done[name]['docs'] + done[name]['bad'].get('no_tokens', 0)
-        if was != len(texts):
-          raise DataError(f"--output '{out}': {name} was made from {was} documents but the "
-                          f'input now gives {len(texts)}; use a new --output')
-        shards[name] = done[name]
-        skipped += 1
-        bar.update(len(texts))
+    size = 0
+    for record in corpus.read_records(files, fmt, field, text_unit):
+      if isinstance(record, corpus.Bad):
+        shards.bad(record)
         continue
-      entry = {'file': name, 'docs': len(texts), 'bad': bad}
-      if pool is None:
-        _finish(out, manifest, shards, entry, _write_shard(spec, name, texts), bar)
+      if not shards.new_doc():  # its shard was finished by an earlier run
         continue
-      pending[pool.submit(_write_shard, spec, name, texts)] = entry
-      if len(pending) >= 2 * workers:  # bounded read-ahead: memory stays ~2 shards per worker
-        _drain(pending, out, manifest, shards, bar, futures.FIRST_COMPLETED)
-    _drain(pending, out, manifest, shards, bar, futures.ALL_COMPLETED)
+      for piece in corpus.texts(record):
+        unit.append(piece)
+        unit_docs.append(shards.input_docs - 1)
+        size += len(piece)
+        if size >= UNIT_CHARS:
+          submit()
+          size = 0
+    if unit:
+      submit()
+    while pending:
+      _write(shards, *pending.popleft())
+    shards.finish()
   except OSError as e:
     raise DataError(f"--output '{out}': {e}") from None
   finally:
-    bar.close()
+    shards.bar.close()
     if pool is not None:
       pool.shutdown(wait=True, cancel_futures=True)
   manifest['complete'] = True
-  _write_manifest(out, manifest, shards, trailing)
-  return dict(manifest, skipped_shards=skipped)
+  _write_manifest(out, manifest, shards.entries, shards.trailing())
+  return dict(manifest, skipped_shards=shards.skipped)
 
 
-def _group(records: Iterator[corpus.Record],
-           size: int) -> Iterator[Tuple[List[str], Dict[str, int]]]:
-  """Records -> (texts of one shard, bad-record counts met while filling it)."""
-  texts: List[str] = []
-  bad: Dict[str, int] = {}
-  for r in records:
-    if isinstance(r, corpus.Bad):
-      corpus.count_bad(bad, r)
-      continue
-    texts.append(r)
-    if len(texts) == size:
-      yield texts, bad
-      texts, bad = [], {}
-  if texts or bad:
-    yield texts, bad
+def _write(shards: '_Shards', result, docs: List[int]) -> None:
+  pieces = result.result() if isinstance(result, futures.Future) else result
+  for doc, ids in zip(docs, pieces):
+    shards.add(doc, ids)
 
 
-def _drain(pending, out, manifest, shards, bar, how) -> None:
-  finished, _ = futures.wait(list(pending), return_when=how)
-  for f in finished:
-    _finish(out, manifest, shards, pending.pop(f), f.result(), bar)
+class _Shards:
+  """The main process's side of prepare: documents -> shard files, in input order.
 
+  `new_doc()` / `bad()` follow the input as it is read (to number documents and
+  attribute bad records); `add()` receives tokenized pieces later, in the same
+  order, and rolls over to the next shard every `docs_per_shard` input documents.
+  """
 
-def _finish(out, manifest, shards, entry, result, bar) -> None:
-  tokens, no_tokens = result
-  bad = corpus.merge_counts(entry['bad'], {'no_tokens': no_tokens})
-  shards[entry['file']] = dict(entry, docs=entry['docs'] - no_tokens, tokens=tokens, bad=bad)
-  _write_manifest(out, manifest, shards, {})
-  bar.update(entry['docs'])
+  def __init__(self, out: Path, manifest: Dict, done: Dict[str, Dict], docs_per_shard: int,
+               specials: Tuple[Optional[int], Optional[int]], bar):
+    self.out, self.manifest, self.done, self.per = out, manifest, done, docs_per_shard
+    self.specials, self.bar = specials, bar
+    self.input_docs = 0  # documents read from the input so far
+    self.entries: Dict[str, Dict] = {}  # finished shards by file name (names sort in order)
+    self.skipped = 0
+    self._bad: Dict[int, Dict[str, int]] = collections.defaultdict(dict)  # by shard index
+    self._writer: Optional[store_lib.ShardWriter] = None
+    self._shard = -1  # index of the open writer's shard
+    self._doc = -1  # input index of the open document
+    self._no_tokens = 0  # documents of the open shard that had no tokens
+
+  @staticmethod
+  def name(index: int) -> str:
+    return f'shard-{index:05d}{store_lib.TOKENS_SUFFIX}'
+
+  def bad(self, record: corpus.Bad) -> None:
+    corpus.count_bad(self._bad[self.input_docs // self.per], record)
+
+  def new_doc(self) -> bool:
+    """Counts one input document; False if its shard is already done (nothing to write)."""
+    index = self.input_docs // self.per
+    self.input_docs += 1
+    name = self.name(index)
+    if name not in self.done:
+      return True
+    have = self.input_docs - index * self.per  # input documents of this shard so far
+    if have == self._made_from(name):
+      self.entries[name] = self.done[name]
+      self.skipped += 1
+      self.bar.update(have)
+    elif have > self._made_from(name):
+      self._mismatch(name, 'more')
+    return False
+
+  def _made_from(self, name: str) -> int:
+    entry = self.done[name]
+    return entry['docs'] + entry['bad'].get('no_tokens', 0)
+
+  def _mismatch(self, name: str, gives) -> None:
+    raise DataError(f"--output '{self.out}': {name} was made from {self._made_from(name)} "
+                    f'documents but the input now gives {gives}; use a new --output')
+
+  def add(self, doc: int, ids) -> None:
+    if doc != self._doc:
+      self._end_doc()
+      self._doc = doc
+      if doc // self.per != self._shard:
+        self._close()
+        self._shard = doc // self.per
+        self._writer = store_lib.ShardWriter(self.out, self.name(self._shard),
+                                             self.manifest['dtype'], *self.specials)
+    self._writer.add(ids)
+
+  def _end_doc(self) -> None:
+    if self._writer is not None and self._doc >= 0:
+      self._no_tokens += not self._writer.end_doc()
+      self.bar.update(1)
+
+  def _close(self) -> None:
+    if self._writer is None:
+      return
+    entry = self._writer.close()
+    bad = corpus.merge_counts(self._bad.pop(self._shard, {}), {'no_tokens': self._no_tokens})
+    self.entries[entry['file']] = dict(entry, bad=bad)
+    _write_manifest(self.out, self.manifest, self.entries, {})
+    self._writer, self._no_tokens = None, 0
+
+  def finish(self) -> None:
+    """Closes the last shard; checks a resumed store's last shard still matches the input."""
+    self._end_doc()
+    self._close()
+    last = (self.input_docs - 1) // self.per
+    name = self.name(last)
+    if self.input_docs and name in self.done and name not in self.entries:
+      self._mismatch(name, self.input_docs - last * self.per)
+
+  def trailing(self) -> Dict[str, int]:
+    """Bad records after the last document, in no shard."""
+    return self._bad.get(self.input_docs // self.per, {}) if self.input_docs % self.per == 0 \
+        else {}
 
 
 def _write_manifest(out: Path, manifest: Dict, shards: Dict[str, Dict], trailing) -> None:
@@ -193,20 +275,21 @@ def _finished_shards(out: Path, manifest: Dict) -> Dict[str, Dict]:
   """Shards an earlier run with the same settings finished; raises if the settings differ."""
   path = out / MANIFEST
   if not path.is_file():
-    if out.is_dir() and any(out.glob('*.array_record')):
-      raise DataError(f"--output '{out}' holds ArrayRecord files but no {MANIFEST}; "
+    if out.is_dir() and (any(out.glob('*.array_record')) or any(out.glob('*.tokens'))):
+      raise DataError(f"--output '{out}' holds shard files but no {MANIFEST}; "
                       'use a new --output')
     return {}
   try:
     old = json.loads(path.read_text())
   except (OSError, ValueError) as e:
     raise DataError(f"'{path}' is not readable JSON: {e}") from None
-  keys = ('dtype', 'add_bos', 'add_eos', 'tokenizer', 'settings')
+  keys = ('format', 'dtype', 'add_bos', 'add_eos', 'tokenizer', 'settings')
   changed = [k for k in keys if old.get(k) != manifest[k]]
   if changed:
     raise DataError(f"--output '{out}' holds a store prepared with different "
                     f"{', '.join(changed)}; use a new --output")
-  return {s['file']: s for s in old.get('shards', []) if (out / s['file']).is_file()}
+  return {s['file']: s for s in old.get('shards', [])
+          if (out / s['file']).is_file() and (out / store_lib.docs_file(s['file'])).is_file()}
 
 
 def _tokenizer_info(kind: str, path: str) -> Dict:
@@ -245,29 +328,9 @@ def _pool(workers: int, kind: str, path: str):
                                      initializer=_init_worker, initargs=(kind, path))
 
 
-def _write_shard(spec, name: str, texts: List[str]) -> Tuple[int, int]:
-  """Tokenizes `texts` into `<out>/<name>`; returns (tokens written, texts with no tokens)."""
-  from array_record.python import array_record_module  # noqa: PLC0415
-  out, dtype, add_bos, add_eos = spec
-  dt = np.dtype(dtype).newbyteorder('<')
-  bos = [_TOKENIZER.bos_id] if add_bos else []
-  eos = [_TOKENIZER.eos_id] if add_eos else []
-  tmp = Path(out) / (name.split('.')[0] + '.partial')  # not matched by the loader's globs
-  writer = array_record_module.ArrayRecordWriter(str(tmp), 'group_size:1')
-  tokens = empty = 0
-  try:
-    for text in texts:
-      ids = _TOKENIZER.encode(text)
-      if not len(ids):
-        empty += 1
-        continue
-      doc = np.concatenate([np.asarray(bos, dt), ids.astype(dt), np.asarray(eos, dt)])
-      writer.write(doc.tobytes())
-      tokens += len(doc)
-  finally:
-    writer.close()
-  os.replace(tmp, Path(out) / name)
-  return tokens, empty
+def _tokenize(dtype: str, pieces: List[str]) -> List[np.ndarray]:
+  """Token ids of each text piece `[piece_tokens]`, in the store's `dtype` (compact to send back)."""
+  return [_TOKENIZER.encode(p).astype(dtype) for p in pieces]
 
 
 class _NoBar:

@@ -1,4 +1,14 @@
-"""Reads documents from text/JSONL/ArrayRecord/stdlib sources into one flat TokenStore.
+"""The token stream of data.source: a prepared store mapped from disk, or a small corpus in memory.
+
+`open_tokens` returns either
+  * a `store.MappedStore` for a `jaxlm prepare` store (data.source='arrayrecord',
+    data.path its directory): opened in milliseconds, read window by window; or
+  * a `TokenStore` for text, JSONL, this Python's stdlib, or ArrayRecord files of
+    one document per record: read and tokenized whole, up front, so only for
+    corpora up to `IN_MEMORY_LIMIT_MB` of input files (above that, a one-line
+    error says to run `jaxlm prepare`).
+Both give `len()` (stream tokens), `read(lo, hi)`, `num_docs`, `skipped` and
+`description`.
 
 Documents are concatenated in a fixed order (sorted file names, then line or
 record order), each wrapped in BOS/EOS per `data.add_bos` / `data.add_eos`.
@@ -16,8 +26,12 @@ from typing import Iterable, Iterator, List, Sequence
 
 import numpy as np
 
+from jaxlm.data import store as store_lib
 from jaxlm.errors import DataError
 
+# Input bytes read whole into memory at most: a TokenStore costs ~10 bytes of RAM per token
+# while loading (int32 tokens and doc ids plus the text), so ~1 GB at the byte tokenizer.
+IN_MEMORY_LIMIT_MB = 100
 _SOURCES = ('text', 'jsonl', 'arrayrecord', 'pystdlib')
 # Stdlib folders that are test suites or third-party code, not the library itself.
 _STDLIB_SKIP = {'test', 'tests', 'idle_test', 'site-packages', 'dist-packages', '__pycache__'}
@@ -43,9 +57,50 @@ class TokenStore:
   def __len__(self) -> int:
     return len(self.tokens)
 
+  def read(self, lo: int, hi: int) -> store_lib.Read:
+    """Stream tokens `[lo, hi)` and their document ids, both `[hi - lo]`."""
+    return self.tokens[lo:hi], self.doc_ids[lo:hi]
+
+
+def open_tokens(data_cfg, tokenizer):
+  """The stream of `data_cfg` (module doc): a MappedStore if data.path is a prepared store."""
+  if data_cfg.source == 'arrayrecord' and data_cfg.path and not glob.has_magic(data_cfg.path):
+    folder = Path(data_cfg.path).expanduser()
+    manifest = store_lib.read_manifest(folder) if folder.is_dir() else None
+    if manifest is not None:
+      return _open_store(folder, manifest, data_cfg, tokenizer)
+  return load_tokens(data_cfg, tokenizer)
+
+
+def _open_store(folder: Path, manifest: dict, data_cfg, tokenizer) -> store_lib.MappedStore:
+  if not manifest.get('complete'):
+    raise DataError(f"data.path '{folder}' is a partly written store; finish it by running "
+                    'the same `jaxlm prepare` command again')
+  # Specials the store does not hold already are inserted while reading.
+  bos = _special(tokenizer, 'bos')[0] if data_cfg.add_bos and not manifest['add_bos'] else None
+  eos = _special(tokenizer, 'eos')[0] if data_cfg.add_eos and not manifest['add_eos'] else None
+  largest = max((int(s['max_token']) for s in manifest['shards']), default=-1)
+  if largest >= tokenizer.vocab_size:
+    raise DataError(f"data.path '{folder}' has token id {largest} >= vocab size "
+                    f"{tokenizer.vocab_size} of tokenizer '{tokenizer.name}'")
+  store = store_lib.MappedStore(folder, manifest, bos, eos, int(data_cfg.max_docs))
+  if not len(store):
+    raise DataError(f"data.path '{folder}' yielded zero tokens")
+  return store
+
+
+def _check_size(files: Sequence[Path], where: str, source: str) -> None:
+  size = sum(f.stat().st_size for f in files)
+  if size <= IN_MEMORY_LIMIT_MB * 2**20:
+    return
+  what = (f"--input='{where}'" if source != 'arrayrecord' else '--input=<the original text>')
+  raise DataError(f"data.path '{where}' is {size / 2**20:,.0f} MB of {source} files, more than "
+                  f'the {IN_MEMORY_LIMIT_MB} MB read into memory; run `jaxlm prepare {what} '
+                  '--output=STORE` and train with data.source=arrayrecord data.path=STORE')
+
 
 def load_tokens(data_cfg, tokenizer) -> TokenStore:
-  """Reads `data_cfg.source` and tokenizes it into a TokenStore (see module doc)."""
+  """Reads `data_cfg.source` whole and tokenizes it into a TokenStore (see module doc)."""
   source = data_cfg.source
   if source not in _SOURCES:
     raise DataError(f"data.source '{source}' is not one of {', '.join(map(repr, _SOURCES))}")
@@ -56,14 +111,19 @@ def load_tokens(data_cfg, tokenizer) -> TokenStore:
     docs = (tokenizer.encode(_read_text(f)) for f in _stdlib_files(Path(where)))
   elif source == 'text':
     where = data_cfg.path
-    docs = (tokenizer.encode(_read_text(f)) for f in _match_files(where, ('*.txt',)))
+    files = _match_files(where, ('*.txt',))
+    _check_size(files, where, source)
+    docs = (tokenizer.encode(_read_text(f)) for f in files)
   elif source == 'jsonl':
     where = data_cfg.path
-    texts = _jsonl_texts(_match_files(where, ('*.jsonl',)), data_cfg.jsonl_field, skipped)
+    files = _match_files(where, ('*.jsonl',))
+    _check_size(files, where, source)
+    texts = _jsonl_texts(files, data_cfg.jsonl_field, skipped)
     docs = (tokenizer.encode(t) for t in texts)
   else:
     where = data_cfg.path
     files = _match_files(where, ('*.array_record*', '*.arrayrecord'))
+    _check_size(files, where, source)
     docs = _arrayrecord_docs(files)
     stored = _manifest(files)  # a `jaxlm prepare` store may hold its specials already
     if not stored.get('complete', True):

@@ -76,7 +76,7 @@ def sample(inputs: str, fmt: str, field: str, text_unit: str, max_bytes: int,
   document (a single text file) still gives both parts.
   """
   records = corpus.read_records(corpus.match_inputs(inputs), fmt, field, text_unit)
-  docs, _ = _split_bytes((r for r in records if isinstance(r, str)), max_bytes, rest=False)
+  docs, _ = _split_bytes((t for r in records for t in corpus.texts(r)), max_bytes, rest=False)
   if not docs:
     raise DataError(f"--input '{inputs}' holds no usable documents (--format={fmt})")
   total = sum(len(d.encode('utf-8')) for d in docs)

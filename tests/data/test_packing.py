@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from _data_cfg import SHAKESPEARE, make_cfg
-from jaxlm.data.packing import BATCH_KEYS, Windows, num_windows, pack_window, train_val_split
+from jaxlm.data.packing import BATCH_KEYS, Windows, num_windows, pack_window, train_tokens
 from jaxlm.data.sources import TokenStore, load_tokens
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.errors import DataError
@@ -43,7 +43,7 @@ def test_pack_window_padding():
 
 def test_windows_tile_the_stream():
   store = _store([5, 9, 3])  # 17 tokens, 16 next-token pairs
-  windows = Windows((store.tokens, store.doc_ids), seq_len=6)
+  windows = Windows(store, seq_len=6)
   assert len(windows) == num_windows(17, 6) == 3
   # A document continuing from the previous window restarts at segment 1, position 0.
   w1 = windows[1]
@@ -69,20 +69,29 @@ def test_shakespeare_split_is_first_90_percent():
   text = SHAKESPEARE.read_text(encoding='utf-8')
   cfg = make_cfg(path=str(SHAKESPEARE), add_eos=False)
   tok = ByteTokenizer()
-  train, val = train_val_split(load_tokens(cfg.data, tok), cfg.data.val_fraction)
   n = len(text)  # all ASCII, so bytes == characters
-  assert tok.decode(train[0]) == text[:int(n * 0.9)]
-  assert tok.decode(val[0]) == text[int(n * 0.9):]
-  assert (train[1] == 0).all() and (val[1] == 0).all()
+  assert len(load_tokens(cfg.data, tok)) == n
+  # Base's data.val_tokens (4M) is above the 10% cap here, so this is nanoGPT's split.
+  assert train_tokens(n, cfg.data.val_tokens, cfg.data.val_fraction) == int(n * 0.9)
 
 
-def test_split_edges():
-  store = _store([10, 10])
-  train, val = train_val_split(store, 0.0)
-  assert len(train[0]) == 20 and len(val[0]) == 0
-  train, val = train_val_split(store, 0.25)
-  np.testing.assert_array_equal(np.concatenate([train[0], val[0]]), store.tokens)
-  assert len(val[0]) == 5
+def test_split_by_tokens_capped_by_fraction():
+  assert train_tokens(20, 5, 0.5) == 15  # val_tokens under the cap: held out as asked
+  assert train_tokens(20, 100, 0.25) == 15  # capped: a quarter of the stream
+  assert train_tokens(10**12, 4_000_000, 0.1) == 10**12 - 4_000_000
+  assert train_tokens(20, 5, 0.0) == 20 and train_tokens(20, 0, 0.5) == 20
   for bad in (-0.1, 1.0):
     with pytest.raises(DataError, match='data.val_fraction'):
-      train_val_split(store, bad)
+      train_tokens(20, 5, bad)
+  with pytest.raises(DataError, match='data.val_tokens -1'):
+    train_tokens(20, -1, 0.1)
+
+
+def test_windows_over_a_split():
+  store = _store([5, 9, 3])
+  val = Windows(store, seq_len=6, lo=11)
+  assert len(val) == 1 and val.n_tokens == 6
+  # Stream tokens 11..16 (ids 21..26): the end of document 1, then document 2.
+  np.testing.assert_array_equal(val[0]['inputs'], [21, 22, 23, 24, 25, 26])
+  np.testing.assert_array_equal(val[0]['segment_ids'], [1, 1, 1, 2, 2, 2])
+  np.testing.assert_array_equal(val[0]['loss_mask'], [1, 1, 0, 1, 1, 0])

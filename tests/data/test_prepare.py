@@ -13,7 +13,7 @@ from conftest import load_config
 from jaxlm import cli
 from jaxlm.data import prepare as prepare_lib
 from jaxlm.data.pipeline import DataPipeline
-from jaxlm.data.sources import load_tokens
+from jaxlm.data.sources import open_tokens
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.errors import DataError
 from jaxlm.train.loop import Trainer
@@ -60,8 +60,7 @@ def test_shakespeare_with_workers_decodes_back(bpe, tmp_path):
                   '--workers=2') == 0
   manifest = json.loads((out / 'manifest.json').read_text())
   assert manifest['complete'] and manifest['dtype'] == 'uint16'
-  assert [s['file'] for s in manifest['shards']] == [f'shard-0000{i}.array_record'
-                                                     for i in range(3)]
+  assert [s['file'] for s in manifest['shards']] == [f'shard-0000{i}.tokens' for i in range(3)]
   assert manifest['tokenizer']['kind'] == 'hf' and manifest['tokenizer']['sha256']
   assert manifest['bad_records'] == {'empty': 7223}  # tinyshakespeare's blank lines
   lines = [l for l in SHAKESPEARE.read_text().split('\n') if l.strip()]
@@ -90,16 +89,16 @@ def test_bad_records_resume_and_specials(bpe, tmp_path, capsys):
   assert [s['docs'] for s in manifest['shards']] == [3, 3, 1]
   tok = get_tokenizer(types.SimpleNamespace(tokenizer='hf', tokenizer_path=bpe))
   # The store holds EOS already, so data.add_eos=True must not add a second one.
-  store = load_tokens(make_cfg(source='arrayrecord', path=str(out), tokenizer='hf',
+  store = open_tokens(make_cfg(source='arrayrecord', path=str(out), tokenizer='hf',
                                tokenizer_path=bpe, add_eos=True).data, tok)
-  docs = np.split(store.tokens, np.flatnonzero(np.diff(store.doc_ids)) + 1)
+  tokens, doc_ids = store.read(0, len(store))
+  docs = np.split(tokens, np.flatnonzero(np.diff(doc_ids)) + 1)
   assert [tok.decode(d) for d in docs] == ZH_EN
   assert all(d[-1] == tok.eos_id and tok.eos_id not in d[:-1] for d in docs)
 
   # A kill mid-run: shard 1 lost before its rename, a stale temp file left behind.
-  (out / 'shard-00001.array_record').rename(out / 'shard-00001.partial')
-  before = {f: os.stat(out / f).st_mtime_ns for f in ('shard-00000.array_record',
-                                                      'shard-00002.array_record')}
+  (out / 'shard-00001.tokens').rename(out / 'shard-00001.tokens.partial')
+  before = {f: os.stat(out / f).st_mtime_ns for f in ('shard-00000.tokens', 'shard-00002.tokens')}
   assert _prepare(*args) == 0
   assert '3 shards (2 already done)' in capsys.readouterr().out
   assert before == {f: os.stat(out / f).st_mtime_ns for f in before}
@@ -117,7 +116,7 @@ def test_incomplete_store_is_refused(tmp_path):
   manifest['complete'] = False
   (tmp_path / 'store' / 'manifest.json').write_text(json.dumps(manifest))
   with pytest.raises(DataError, match='partly written store'):
-    load_tokens(make_cfg(source='arrayrecord', path=str(tmp_path / 'store')).data,
+    open_tokens(make_cfg(source='arrayrecord', path=str(tmp_path / 'store')).data,
                 get_tokenizer(make_cfg().data))
 
 

@@ -11,6 +11,7 @@ exceptions). A ``kill -9`` leaves it; the next run takes it over when
 
   * its PID is gone and it was taken on this host, or
   * its heartbeat is older than ``stale_after`` seconds (any host), or
+  * it was taken by an earlier run of the same SLURM job (a requeue), or
   * the user passes ``--force_unlock`` (a run on a host we cannot see).
 
 A second writer while the holder is alive gets a LockError naming the holder
@@ -112,7 +113,7 @@ class WorkdirLock:
     storage.check(self.workdir)
     now = _now()
     self._info = {'host': socket.gethostname(), 'pid': os.getpid(), 'start': now,
-                  'heartbeat': now, 'token': uuid.uuid4().hex}
+                  'heartbeat': now, 'token': uuid.uuid4().hex, **_slurm_job()}
     for _ in range(3):
       if storage.create_exclusive(self.path, self._encode()):
         if self._owner_token() == self._info['token']:
@@ -141,6 +142,10 @@ class WorkdirLock:
       return f'last heartbeat {age:.0f} s ago > {self.stale_after:.0f} s'
     if holder.get('host') == socket.gethostname() and not _pid_alive(int(holder.get('pid', -1))):
       return f"PID {holder.get('pid')} is gone on this host"
+    ours = _slurm_job()
+    if ours and holder.get('slurm_job') == ours['slurm_job'] and \
+        int(holder.get('slurm_restart', 0)) < ours['slurm_restart']:
+      return f"an earlier run of SLURM job {ours['slurm_job']} (requeued)"
     return ''
 
   def release(self) -> None:
@@ -208,6 +213,14 @@ class WorkdirLock:
 
   def _owner_token(self) -> str:
     return (self._read() or {}).get('token', '')
+
+
+def _slurm_job() -> dict:
+  """{'slurm_job', 'slurm_restart'} inside a SLURM job: a requeued job reuses its id."""
+  job = os.environ.get('SLURM_JOB_ID')
+  if not job:
+    return {}
+  return {'slurm_job': job, 'slurm_restart': int(os.environ.get('SLURM_RESTART_COUNT') or 0)}
 
 
 def _exit_on_sigterm(signum, frame):

@@ -9,8 +9,12 @@
 #   XLA_FLAGS='--xla_dump_to=/tmp/hlo' launch/gpu_single_host.sh ... # your flags go last and win
 #   JAXLM='.venv/bin/jaxlm' launch/gpu_single_host.sh ...           # a jaxlm not on PATH
 #   eval "$(launch/gpu_single_host.sh --print-env)"                  # just export the settings
+#   launch/gpu_single_host.sh eval --workdir=runs/gpt2_small          # any jaxlm command
 #
-# All arguments go to `jaxlm train`. launch/slurm_gpu.sbatch runs this script once per node.
+# Arguments go to `jaxlm train`, or to `jaxlm` itself when the first one is a jaxlm command
+# (train, eval, generate, ...). This file is the one source of the GPU XLA/NCCL settings:
+# launch/slurm_gpu.sbatch runs it on every node and docker/Dockerfile.gpu uses it as the
+# entrypoint.
 # The XLA flags below target Hopper (H100/H200) with FSDP over scanned layers; they were
 # checked to parse on jaxlib 0.10. Unknown flags abort XLA at startup, so re-check them
 # when upgrading jaxlib.
@@ -53,4 +57,8 @@ if [[ "${1:-}" == "--print-env" ]]; then
   exit 0
 fi
 
-exec ${JAXLM:-jaxlm} train "$@"
+case ${1:-} in
+  train | eval | generate | plan | convert | finetune | prepare | tokenizer | help | -h | --help) ;;
+  *) set -- train "$@" ;;
+esac
+exec ${JAXLM:-jaxlm} "$@"

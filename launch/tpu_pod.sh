@@ -15,14 +15,21 @@
 #                     v5p: v2-alpha-tpuv5, v6e: v2-alpha-tpuv6e
 #   PROJECT           default: gcloud's configured project
 #   INSTALL           'copy' (default): copy this working tree (tracked + untracked, not
-#                     ignored files) to ~/jaxlm on every worker and `pip install -e` it;
-#                     'skip': already installed; anything else is a pip requirement,
-#                     e.g. INSTALL='git+https://github.com/you/jaxlm@main' (then --config
-#                     must name a file that exists on every worker)
+#                     ignored files) to ~/jaxlm on every worker and install it with its
+#                     tpu and cloud extras into a Python 3.11 venv, ~/jaxlm-venv, made by uv
+#                     (uv fetches Python 3.11 if the image lacks it; jaxlm needs >= 3.11);
+#                     'skip': the venv is already there;
+#                     'docker': run IMAGE (docker/Dockerfile.tpu, pushed to a registry the
+#                     workers can pull from) instead of a venv;
+#                     anything else is a pip requirement installed into the venv, e.g.
+#                     INSTALL='jaxlm[tpu,cloud] @ git+https://github.com/you/jaxlm@main'
+#   IMAGE             with INSTALL=docker: e.g. us-docker.pkg.dev/PROJECT/repo/jaxlm:tpu
 #   SPOT=1            create a Spot slice
 #
-# Every worker runs the same command; jax.distributed.initialize() finds the other workers
-# through the TPU metadata server, so no coordinator address is needed. A --workdir on GCS
+# Every worker runs the same command, through launch/tpu_host.sh (LIBTPU_INIT_ARGS for
+# async collectives, the persistent compilation cache in ~/.cache/jaxlm/xla on each worker);
+# jax.distributed.initialize() finds the other workers through the TPU metadata server,
+# so no coordinator address is needed. A --workdir on GCS
 # (gs://...) or a shared disk is required on multi-host slices: all workers write one
 # checkpoint. Stop a run with Ctrl-C here, then kill leftovers on the workers with
 #   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command='pkill -f "jaxlm train"'
@@ -63,8 +70,14 @@ else
     --version="$RUNTIME_VERSION" "${spot[@]}"
 fi
 
+# uv on the worker: from pip if the image has it, else uv's standalone installer.
+# shellcheck disable=SC2016  # $HOME and $PATH must expand on the worker, not here
+get_uv='export PATH=$HOME/.local/bin:$PATH; command -v uv >/dev/null ||
+  python3 -m pip install -q --user uv || curl -LsSf https://astral.sh/uv/install.sh | sh'
+make_venv='uv venv -q --python 3.11 --allow-existing ~/jaxlm-venv'
+
 case $INSTALL in
-  skip) ;;
+  skip | docker) ;;
   copy)
     repo=$(git rev-parse --show-toplevel)
     tmp=$(mktemp -d)
@@ -73,14 +86,27 @@ case $INSTALL in
     git -C "$repo" ls-files -z --cached --others --exclude-standard \
       | tar -C "$repo" -czf "$archive" --null --ignore-failed-read -T -
     tpu scp "$archive" "$TPU_NAME:jaxlm.tar.gz" --worker=all
-    on_all_workers 'set -e; rm -rf ~/jaxlm; mkdir ~/jaxlm; tar -xzf ~/jaxlm.tar.gz -C ~/jaxlm
-      pip install -q -U "jax[tpu]" && pip install -q -e ~/jaxlm'
+    on_all_workers "set -e; rm -rf ~/jaxlm; mkdir ~/jaxlm; tar -xzf ~/jaxlm.tar.gz -C ~/jaxlm
+      $get_uv; $make_venv
+      uv pip install -q --python ~/jaxlm-venv/bin/python -e ~/jaxlm'[tpu,cloud]'"
     ;;
   *)
-    on_all_workers "set -e; pip install -q -U 'jax[tpu]' && pip install -q $(printf '%q' "$INSTALL")"
+    on_all_workers "set -e; $get_uv; $make_venv
+      uv pip install -q --python ~/jaxlm-venv/bin/python 'jax[tpu]' gcsfs $(printf '%q' "$INSTALL")"
     ;;
 esac
 
 # Quote each argument so the remote shell sees exactly what was typed here.
 args=$(printf ' %q' "$@")
-on_all_workers "cd ~/jaxlm 2>/dev/null || cd ~; PATH=\$HOME/.local/bin:\$PATH exec jaxlm train$args"
+if [[ $INSTALL == docker ]]; then
+  : "${IMAGE:?set IMAGE to the jaxlm TPU image (docker/Dockerfile.tpu) for INSTALL=docker}"
+  # --privileged: the TPU chips; --net=host: the other workers and the metadata server.
+  on_all_workers "sudo docker run --rm --privileged --net=host \
+    -v \$HOME/.cache/jaxlm:/root/.cache/jaxlm $(printf '%q' "$IMAGE") train$args"
+else
+  # The TPU settings travel as launch/tpu_host.sh whatever INSTALL was.
+  tpu scp "$(dirname "$0")/tpu_host.sh" "$TPU_NAME:jaxlm_tpu_host.sh" --worker=all
+  # Run from the copied tree when there is one (relative --config/data paths), else from ~.
+  on_all_workers "cd ~/jaxlm 2>/dev/null || cd ~
+    JAXLM=\$HOME/jaxlm-venv/bin/jaxlm exec bash ~/jaxlm_tpu_host.sh train$args"
+fi

@@ -97,3 +97,35 @@ def test_gpu_single_host_print_env_and_user_xla_flags_last(tmp_path):
   assert out.returncode == 0, out.stderr
   assert out.stdout.splitlines()[0] == 'args: train --config=tiny --workdir=w'
   assert out.stdout.splitlines()[1].endswith('--xla_gpu_enable_triton_gemm=true --xla_dump_to=/tmp/hlo')
+
+
+def _fake_jaxlm(tmp_path):
+  fake = tmp_path / 'jaxlm'
+  fake.write_text('#!/usr/bin/env bash\necho "XLA_FLAGS=$XLA_FLAGS"\n'
+                  'echo "LIBTPU_INIT_ARGS=$LIBTPU_INIT_ARGS"\necho "ARGS=$*"\n')
+  fake.chmod(0o755)
+  return fake
+
+
+@pytest.mark.parametrize('script,var,flag', [
+    ('gpu_single_host.sh', 'XLA_FLAGS', '--xla_gpu_enable_latency_hiding_scheduler=true'),
+    ('tpu_host.sh', 'LIBTPU_INIT_ARGS', '--xla_tpu_enable_async_collective_fusion=true')])
+def test_host_scripts_set_flags_and_pass_any_command(tmp_path, monkeypatch, script, var, flag):
+  monkeypatch.setenv('JAXLM', str(_fake_jaxlm(tmp_path)))
+  monkeypatch.setenv(var, '--mine=1')
+  out = run(str(LAUNCH / script), 'eval', '--workdir=w').stdout.splitlines()
+  assert f'{var}=' in out[0 if var == 'XLA_FLAGS' else 1]
+  line = next(l for l in out if l.startswith(f'{var}='))
+  assert flag in line and line.endswith('--mine=1')  # the user's flags come last and win
+  assert out[-1] == 'ARGS=eval --workdir=w'
+  out = run(str(LAUNCH / script), '--config=tiny').stdout.splitlines()
+  assert out[-1] == 'ARGS=train --config=tiny'  # bare flags mean `jaxlm train`
+
+
+@pytest.mark.parametrize('dockerfile,script', [('Dockerfile.gpu', 'gpu_single_host.sh'),
+                                                ('Dockerfile.tpu', 'tpu_host.sh')])
+def test_docker_entrypoint_is_the_launch_script(dockerfile, script):
+  text = (LAUNCH.parent / 'docker' / dockerfile).read_text()
+  entry = [l for l in text.splitlines() if l.startswith('ENTRYPOINT')]
+  assert entry == [f'ENTRYPOINT ["/opt/jaxlm/launch/{script}"]']
+  assert 'COPY launch ./launch' in text and 'WORKDIR /opt/jaxlm' in text

@@ -121,3 +121,14 @@ def test_read_only_commands_ignore_the_lock(tmp_path, capsys):
   code = main(['eval', f'--workdir={tmp_path}'])
   err = capsys.readouterr().err
   assert code == 2 and 'no config.json' in err and 'in use by' not in err, err
+
+
+def test_requeued_slurm_job_takes_over_its_earlier_run(tmp_path, monkeypatch):
+  monkeypatch.setenv('SLURM_JOB_ID', '42')
+  monkeypatch.setenv('SLURM_RESTART_COUNT', '1')
+  _holder(tmp_path, host='node7', pid=1, slurm_job='41', slurm_restart=0)
+  with pytest.raises(LockError):  # another job: refused
+    WorkdirLock(str(tmp_path)).acquire()
+  _holder(tmp_path, host='node7', pid=1, slurm_job='42', slurm_restart=0)
+  with WorkdirLock(str(tmp_path)):
+    assert json.loads((tmp_path / lock_lib.NAME).read_text())['slurm_restart'] == 1

@@ -36,6 +36,7 @@ class _Signals:
   def __init__(self):
     self.stop = False
     self._old = {}
+    self._sync_failed = False
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -58,11 +59,17 @@ class _Signals:
     """Whether to stop after ``step``; all processes of a multi-host run agree on it."""
     if jax.process_count() == 1:
       return self.stop
-    try:
-      if multihost_utils.reached_preemption_sync_point(step):
-        return True
-    except Exception:  # noqa: BLE001  (no preemption service outside TPU pods)
-      pass
+    if not self._sync_failed:
+      try:
+        if multihost_utils.reached_preemption_sync_point(step):
+          return True
+      except Exception as e:  # noqa: BLE001  (jax raises RuntimeError/XlaRuntimeError)
+        # Said once: without jax.distributed's preemption service (off TPU pods) the
+        # signal agreement below is the only stop; a repeat every step would be noise.
+        self._sync_failed = True
+        log.info('preemption sync point unavailable (%s: %s); stopping on signals agreed '
+                 'every %d steps instead', type(e).__name__, str(e).splitlines()[0][:200],
+                 max(sync_every, 1))
     # A signal may reach only some processes; agree every few steps (a tiny all-gather).
     if step % max(sync_every, 1) == 0:
       return bool(np.any(multihost_utils.process_allgather(np.array(self.stop))))

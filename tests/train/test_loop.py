@@ -101,3 +101,25 @@ def test_user_hook_metric_reaches_metrics_jsonl(tiny_cfg, tmp_path, monkeypatch)
   for body, p in zip(bodies, ['To be', 'ROMEO:'] * 2):
     text = body.split('\n', 1)[1].rstrip('\n')
     assert text.startswith(p) and len(text) > len(p), body
+
+
+
+
+def test_preemption_sync_failure_is_logged_once(monkeypatch, caplog):
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  from jaxlm.train import loop  # noqa: PLC0415
+
+  def unavailable(step):
+    raise RuntimeError('Preemption sync manager has not been initialized.')
+
+  monkeypatch.setattr(loop.jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(multihost_utils, 'reached_preemption_sync_point', unavailable)
+  monkeypatch.setattr(multihost_utils, 'process_allgather', lambda x: np.array([x, x]))
+  signals = loop._Signals()  # noqa: SLF001
+  with caplog.at_level('INFO', logger='jaxlm'):
+    assert not any(signals.preempted(step, 5) for step in range(1, 11))
+  lines = [r for r in caplog.records if 'preemption sync point unavailable' in r.getMessage()]
+  assert len(lines) == 1 and 'has not been initialized' in lines[0].getMessage()
+  signals.stop = True
+  assert not signals.preempted(11, 5) and signals.preempted(15, 5)  # agreed every 5 steps

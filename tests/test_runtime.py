@@ -1,0 +1,71 @@
+"""jaxlm.runtime: which jax.distributed.initialize call each cluster gets, and the compile cache."""
+
+import jax
+import pytest
+
+from jaxlm import runtime
+
+
+@pytest.fixture
+def calls(monkeypatch):
+  """Records jax.distributed.initialize calls instead of joining a cluster."""
+  seen = []
+  monkeypatch.setattr(runtime, '_initialized', False)
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda *a, **kw: seen.append((a, kw)))
+  monkeypatch.setattr(jax.config, 'update', lambda *a: None)
+  for var in ('SLURM_JOB_ID', 'SLURM_NTASKS', 'SLURM_STEP_NUM_TASKS', 'SLURM_NNODES',
+              'SLURM_STEP_NUM_NODES', 'CUDA_VISIBLE_DEVICES', 'SLURM_GPUS_ON_NODE',
+              'JAXLM_COORDINATOR_ADDRESS', 'JAXLM_NUM_PROCESSES', 'JAXLM_PROCESS_ID'):
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setattr(runtime, 'on_cloud_tpu_vm', lambda: False)
+  return seen
+
+
+def _slurm(monkeypatch, tasks, nodes, gpus='0,1,2,3,4,5,6,7'):
+  monkeypatch.setenv('SLURM_JOB_ID', '7')
+  monkeypatch.setenv('SLURM_STEP_NUM_TASKS', str(tasks))
+  monkeypatch.setenv('SLURM_STEP_NUM_NODES', str(nodes))
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', gpus)
+
+
+def test_slurm_one_task_per_node_gets_all_gpus(calls, monkeypatch):
+  _slurm(monkeypatch, tasks=2, nodes=2)
+  runtime.initialize()
+  assert calls == [((), {'local_device_ids': list(range(8))})]
+
+
+def test_slurm_one_task_per_gpu_keeps_jax_default(calls, monkeypatch):
+  _slurm(monkeypatch, tasks=16, nodes=2, gpus='0,1,2,3,4,5,6,7')
+  runtime.initialize()
+  assert calls == [((), {'local_device_ids': None})]  # jax picks GPU SLURM_LOCALID
+
+
+def test_explicit_coordinator_under_slurm_still_gets_all_gpus(calls, monkeypatch):
+  _slurm(monkeypatch, tasks=2, nodes=2, gpus='0,1,2,3')
+  runtime.initialize('head:1234', 2, 1)
+  assert calls == [(('head:1234', 2, 1), {'local_device_ids': [0, 1, 2, 3]})]
+
+
+def test_cloud_tpu_vm_always_initializes_without_arguments(calls, monkeypatch):
+  monkeypatch.setattr(runtime, 'on_cloud_tpu_vm', lambda: True)
+  runtime.initialize()
+  assert calls == [((), {})]
+
+
+def test_single_process_does_not_initialize(calls):
+  runtime.initialize()
+  assert calls == []
+
+
+def test_compilation_cache_on_by_default_and_user_setting_wins(monkeypatch, tmp_path):
+  monkeypatch.setenv('HOME', str(tmp_path))
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    jax.config.update('jax_compilation_cache_dir', None)
+    runtime.enable_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / '.cache' / 'jaxlm' / 'xla')
+    jax.config.update('jax_compilation_cache_dir', '/elsewhere')  # JAX_COMPILATION_CACHE_DIR
+    runtime.enable_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir == '/elsewhere'
+  finally:
+    jax.config.update('jax_compilation_cache_dir', before)

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-cloud test-slurm test-package clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,25 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -x --timeout=900 tests
+
+# Real runs on gs:// against fake-gcs-server on localhost (tests/cloud; a few minutes).
+$(VENV)/.installed-test-cloud: $(VENV)/.installed-test
+	$(BIN)/pip install -q -e '.[test-cloud]'
+	touch $@
+
+test-cloud: $(VENV)/.installed-test-cloud
+	$(BIN)/python -m pytest -q -x --timeout=2400 -m cloud tests/cloud
+
+# launch/slurm_gpu.sbatch on a one-node SLURM cluster started by the test (root; Debian's
+# slurm-wlm and munge, installed here when missing).
+test-slurm: $(VENV)/.installed-test
+	command -v slurmctld >/dev/null && command -v munged >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge; }
+	$(BIN)/python -m pytest -q -x --timeout=1800 -m slurm tests/slurm
+
+# `pip install .` (not editable) into a fresh venv; commands run outside the checkout.
+test-package: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -x --timeout=2400 -m package tests/package
 
 clean:
 	rm -rf runs

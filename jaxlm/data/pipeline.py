@@ -22,6 +22,7 @@ from typing import Dict, List
 import grain
 import numpy as np
 
+from jaxlm import config as config_lib
 from jaxlm.data import mixture, packing, sources
 from jaxlm.errors import DataError
 
@@ -83,7 +84,7 @@ class DataPipeline:
   compile; windows are read from the stream only when a batch needs them.
 
   Args:
-    cfg: the full config (uses `data`, `train.batch_size`, `eval.batches`, `eval.batch_size`).
+    cfg: the full config (uses `data`, `train.batch_size`, `train.grad_accum`, `eval`).
     tokenizer: from `tokenizers.get_tokenizer(cfg.data)`.
     process_index, process_count: this host and the host count (`jax.process_index()` etc.).
     store: a stream to use instead of opening `cfg.data` (tests, tools).
@@ -175,8 +176,9 @@ class DataPipeline:
           raise DataError(f"data.path '{s.store.description}': validation split is empty "
                           f'(data.val_tokens {self.cfg.data.val_tokens}, data.val_fraction '
                           f'{self.cfg.data.val_fraction}, {len(s.store)} tokens)')
-      size = int(self.cfg.eval.batch_size) or self.global_batch
-      key = 'eval.batch_size' if self.cfg.eval.batch_size else 'train.batch_size'
+      size = config_lib.eval_batch_size(self.cfg)
+      key = ('eval.batch_size' if self.cfg.eval.batch_size else
+             'train.batch_size / train.grad_accum')
       local = _local_batch(size, self.process_count, key)
       # The source indexes modulo its length, so repeat() is the wrap-around.
       ds = (mixture.val_dataset(self.sources) if len(self.sources) > 1 else

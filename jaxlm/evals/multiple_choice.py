@@ -18,13 +18,13 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import sharding
 from jaxlm.data.packing import batch_from_documents
 from jaxlm.errors import DataError
 from jaxlm.hooks import Hook, HookContext
+from jaxlm.model.loss import sequence_losses
 
 
 def load_examples(path: str) -> list[dict]:
@@ -80,13 +80,10 @@ def _pack(rows, width: int) -> dict:
 @functools.partial(jax.jit, static_argnames=('model',))
 def _loglik(model, params, batch):
   """Per row: summed log p(target) over the loss mask, and whether every masked target is
-  the argmax (greedy decoding would produce it). Batch arrays [batch, length] -> [batch]."""
-  logits = model.apply({'params': params}, batch['inputs'], batch['positions'],
-                       batch['segment_ids'])
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  tok = jnp.take_along_axis(logp, batch['targets'][..., None], axis=-1)[..., 0]
-  hit = (jnp.argmax(logits, axis=-1) == batch['targets']) | (batch['loss_mask'] == 0)
-  return jnp.sum(tok * batch['loss_mask'], axis=-1), jnp.all(hit, axis=-1)
+  the argmax (greedy decoding would produce it). Batch arrays [batch, length] -> [batch].
+  Logits are built a chunk of positions at a time (jaxlm.model.loss)."""
+  losses, misses = sequence_losses(model, params, batch, count_misses=True)
+  return -losses, misses == 0
 
 
 def score_rows(model, params, rows, batch_size: int = 32, max_len: int = 0, mesh=None,

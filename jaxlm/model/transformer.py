@@ -39,7 +39,12 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """tokens [batch, length] -> logits [batch, length, vocab] (fp32)."""
+  """tokens [batch, length] -> logits [batch, length, vocab] (fp32).
+
+  ``features`` (the blocks) and ``logits`` (the head) are also callable apart
+  (``model.apply(v, ..., method='features')``), so a loss can build the logits a
+  chunk at a time instead of all at once.
+  """
   cfg: object
 
   def setup(self):
@@ -67,7 +72,17 @@ class Transformer(nn.Module):
                         dtype=c.dtype, param_dtype=c.param_dtype)
 
   def __call__(self, tokens, positions=None, segment_ids=None, cache=None, cache_index=None):
-    """Returns logits, or (logits, new_cache) when a cache is given.
+    """Returns logits [batch, length, vocab] (fp32), or (logits, new_cache) with a cache.
+
+    Arguments as ``features``. Training and eval losses call ``features`` and
+    ``logits`` separately, one sequence chunk at a time (jaxlm.model.loss).
+    """
+    x, new_cache = self.features(tokens, positions, segment_ids, cache, cache_index)
+    logits = self.logits(x)
+    return logits if cache is None else (logits, new_cache)
+
+  def features(self, tokens, positions=None, segment_ids=None, cache=None, cache_index=None):
+    """(final-normed hidden states [batch, length, embed], new cache or None).
 
     tokens/positions/segment_ids: [batch, length]. segment_ids separate packed
     documents (0 = padding); positions restart at 0 in each document.
@@ -107,14 +122,14 @@ class Transformer(nn.Module):
       new_layer_cache = None if layer_cache is None else jax.tree.map(
           lambda *a: jnp.stack(a), *outs)
     x = self.final_norm(x)
-    if c.tie_embeddings:
-      logits = self.embed.attend(x)
-    else:
-      logits = self.head(x)
-    logits = constrain(logits.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))
     if cache is None:
-      return logits
-    return logits, {**new_layer_cache, 'segment': kv_segment}
+      return x, None
+    return x, {**new_layer_cache, 'segment': kv_segment}
+
+  def logits(self, x):
+    """Hidden states [batch, length, embed] -> fp32 logits [batch, length, vocab]."""
+    logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.head(x)
+    return constrain(logits.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))
 
 
 def init_cache(cfg, batch: int, max_len: int, dtype=None):

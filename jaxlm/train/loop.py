@@ -145,7 +145,9 @@ class Trainer:
     last = {}
     t_last, step_last = time.perf_counter(), step
     log.info('train: steps %d -> %d', step, cfg.train.steps)
-    with _Signals() as signals:
+    # Leaving the block (also by an exception, e.g. a hook running out of memory)
+    # closes the checkpointer, which first finishes any save in flight.
+    with _Signals() as signals, ckpt:
       while step < cfg.train.steps:
         if profile and step == profile[0]:
           jax.profiler.start_trace(f'{workdir}/profile')
@@ -173,8 +175,15 @@ class Trainer:
         if bar is not None:
           bar.update(1)
         self._state = state
+        # The step's checkpoint is written before hooks run, so a hook that fails
+        # (an eval that runs out of memory) cannot cost it.
+        preempted = signals.preempted(step, cfg.train.log_every)
+        saved = (step == cfg.train.steps or preempted
+                 or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0))
+        if saved:
+          ckpt.save(step, state, it.get_state(), force=step == cfg.train.steps or preempted)
         out = hooks_lib.run_hooks(hooks, context(step))
-        stopping = self._stop_requested or signals.preempted(step, cfg.train.log_every)
+        stopping = self._stop_requested or preempted
         final = step == cfg.train.steps or stopping
         if final:  # every hook runs once more at the end (forced), e.g. final eval
           out.update(hooks_lib.run_hooks([h for h in hooks if not h.due(step, False)],
@@ -184,8 +193,8 @@ class Trainer:
           last.update(out)
           if bar is not None and 'eval/loss' in out:
             bar.write(f"step {step}: eval/loss {out['eval/loss']:.4f}")
-        if final or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-          ckpt.save(step, state, it.get_state(), force=final)
+        if final and not saved:  # a hook asked to stop
+          ckpt.save(step, state, it.get_state(), force=True)
         if (ckpt.keep_best and 'eval/loss' in out
             and ckpt.save_best(step, state, it.get_state(), out['eval/loss'])):
           log.info('checkpoint: step %d is among the %d best by eval/loss (%.4f) in %s',
@@ -198,8 +207,6 @@ class Trainer:
           break
     if bar is not None:
       bar.close()
-    ckpt.wait()
-    ckpt.close()
     writer.close()
     if hasattr(it, 'close'):
       it.close()

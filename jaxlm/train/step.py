@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from jaxlm.model.loss import sequence_losses
+
 
 class TrainState(struct.PyTreeNode):
   step: jax.Array
@@ -19,22 +21,10 @@ class TrainState(struct.PyTreeNode):
   opt_state: Any
 
 
-def token_losses(logits, targets, z_loss: float = 0.0):
-  """Next-token cross entropy per position. logits [batch, length, vocab] fp32."""
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  loss = lse - target_logit
-  if z_loss:
-    loss = loss + z_loss * jnp.square(lse)
-  return loss
-
-
 def loss_sums(model, params, batch, z_loss: float = 0.0):
-  """(sum of masked token losses, number of target tokens)."""
-  logits = model.apply({'params': params}, batch['inputs'], batch['positions'],
-                       batch['segment_ids'])
-  mask = batch['loss_mask'].astype(jnp.float32)
-  return jnp.sum(token_losses(logits, batch['targets'], z_loss) * mask), jnp.sum(mask)
+  """(sum of masked token losses, number of target tokens); logits built a chunk at a time."""
+  return (jnp.sum(sequence_losses(model, params, batch, z_loss)),
+          jnp.sum(batch['loss_mask'].astype(jnp.float32)))
 
 
 def make_train_step(model, tx: optax.GradientTransformation, lr_schedule, grad_accum: int = 1,
@@ -69,8 +59,22 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule, grad_a
   return train_step
 
 
-def make_eval_step(model):
-  """eval_step(params, batch) -> (loss sum, token count); no z-loss."""
+def make_eval_step(model, micro_batches: int = 1):
+  """eval_step(params, batch) -> (loss sum, token count); no z-loss.
+
+  With ``micro_batches`` > 1 the batch runs as that many slices in sequence (a
+  scan), so eval holds one train-sized micro-batch of activations at a time.
+  Slice i takes rows i, i + n, ...: each device keeps its own rows.
+  """
   def eval_step(params, batch):
-    return loss_sums(model, params, batch)
+    if micro_batches == 1:
+      return loss_sums(model, params, batch)
+    micro = jax.tree.map(lambda x: jnp.moveaxis(
+        x.reshape(-1, micro_batches, *x.shape[1:]), 1, 0), batch)
+
+    def body(carry, mb):
+      return jax.tree.map(jnp.add, carry, loss_sums(model, params, mb)), None
+
+    out, _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), micro)
+    return out
   return eval_step

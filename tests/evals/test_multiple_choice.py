@@ -2,6 +2,7 @@
 
 import json
 
+import ml_collections
 import numpy as np
 import pytest
 from flax import linen as nn
@@ -15,12 +16,20 @@ BOOST = 5.0  # logit of byte t+1 after byte t; every other logit is 0
 
 
 class Bigram(nn.Module):
-  """logits[t] = table[token t]: a model whose next-token distribution we choose."""
+  """logits[t] = table[token t]: a model whose next-token distribution we choose.
+
+  Shaped like jaxlm's Transformer for the scorer: ``features`` then ``logits``,
+  the loss built 8 positions at a time (``cfg.loss_chunk``).
+  """
   vocab: int = 258
+  cfg: object = ml_collections.FrozenConfigDict({'loss_chunk': 8})
 
   @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None):
-    return self.param('table', nn.initializers.zeros, (self.vocab, self.vocab))[tokens]
+  def features(self, tokens, positions=None, segment_ids=None):
+    return self.param('table', nn.initializers.zeros, (self.vocab, self.vocab))[tokens], None
+
+  def logits(self, x):
+    return x
 
 
 def _bigram():

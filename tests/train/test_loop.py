@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxlm.checkpoint import Checkpointer
 from jaxlm.hooks import Hook
 from jaxlm.train.loop import Trainer
 
@@ -103,8 +104,6 @@ def test_user_hook_metric_reaches_metrics_jsonl(tiny_cfg, tmp_path, monkeypatch)
     assert text.startswith(p) and len(text) > len(p), body
 
 
-
-
 def test_preemption_sync_failure_is_logged_once(monkeypatch, caplog):
   from jax.experimental import multihost_utils  # noqa: PLC0415
 
@@ -123,3 +122,17 @@ def test_preemption_sync_failure_is_logged_once(monkeypatch, caplog):
   assert len(lines) == 1 and 'has not been initialized' in lines[0].getMessage()
   signals.stop = True
   assert not signals.preempted(11, 5) and signals.preempted(15, 5)  # agreed every 5 steps
+
+
+def test_a_failing_hook_keeps_the_steps_checkpoint(tiny_cfg, tmp_path):
+  """An eval that runs out of memory (simulated: a hook that raises) costs no checkpoint."""
+  def eval_out_of_memory(ctx):
+    raise RuntimeError('RESOURCE_EXHAUSTED: out of memory while running eval (simulated)')
+
+  tiny_cfg.checkpoint.every = 10
+  trainer = Trainer(tiny_cfg, str(tmp_path / 'w'), devices=_one_device())
+  trainer.add_hook(Hook(eval_out_of_memory, every=10))
+  with pytest.raises(RuntimeError, match='RESOURCE_EXHAUSTED'):
+    trainer.run()
+  with Checkpointer(str(tmp_path / 'w'), tiny_cfg.checkpoint, read_only=True) as ckpt:
+    assert ckpt.steps() == [10]  # written before the hook ran, and finished (async save)

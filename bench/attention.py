@@ -57,8 +57,8 @@ def main():
         f'fp32 score matrix {scores / 2**20:.0f} MiB')
   for impl in a.kernels.split(','):
     if impl in kernels.PLATFORM and kernels.mode(impl) is None:
-      print(f'{impl:>10}: skipped, runs on {kernels.PLATFORM[impl].upper()} only '
-            f'(or {kernels.INTERPRET_ENV}=1 for the Pallas interpreter)')
+      hint = '' if impl == 'cudnn' else f' (or {kernels.INTERPRET_ENV}=1: Pallas interpreter)'
+      print(f'{impl:>10}: skipped, runs on {kernels.PLATFORM[impl].upper()} only{hint}')
       continue
     fwd = jax.jit(lambda q, k, v, impl=impl: attend(q, k, v, m, impl, a.chunk, a.window))
     grad = jax.jit(jax.grad(lambda q, k, v, impl=impl: attend(

@@ -1,0 +1,205 @@
+"""Orbax checkpoints of the train state plus the data iterator's position.
+
+Each step directory holds ``state`` (params, optimizer state, step; sharded
+arrays written by every process) and ``data`` (the Grain iterator state as
+JSON). Orbax writes into a temporary directory and renames it on commit, so a
+save killed half-way is never listed as a step.
+
+With ``checkpoint.keep_best=K`` the K checkpoints with the lowest eval loss are
+also kept, in ``<workdir>/checkpoints_best``: a separate Orbax manager, because
+one manager ranks either by recency (keep last K + every M-th) or by a metric,
+not both. ``restore(step)`` finds a step in either directory.
+"""
+
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxlm import storage
+from jaxlm.errors import CheckpointError
+
+log = logging.getLogger('jaxlm')
+BEST_METRIC = 'eval/loss'
+
+
+class Checkpointer:
+  """Saves and restores ``(state, data_state)`` under ``<workdir>/checkpoints``."""
+
+  def __init__(self, workdir: str, ckpt_cfg, read_only: bool = False):
+    storage.check(workdir)  # names the cloud extra before Orbax raises ImportError
+    root = workdir.rstrip('/')
+    if not storage.is_remote(workdir):
+      root = str(Path(root).absolute())
+    self.directory = root + '/checkpoints'
+    self.best_directory = root + '/checkpoints_best'
+    self.manager = _manager(self.directory, ocp.CheckpointManagerOptions(
+        max_to_keep=ckpt_cfg.keep,
+        keep_period=ckpt_cfg.keep_period or None,
+        enable_async_checkpointing=ckpt_cfg.async_save,
+        create=not read_only,
+    ))
+    self.keep_best = ckpt_cfg.get('keep_best', 0)
+    self.best = None  # opened on first use: most runs never write or read it
+    self._best_losses: dict[int, float] = {}
+    self._best_options = ocp.CheckpointManagerOptions(
+        max_to_keep=self.keep_best or None,
+        best_fn=lambda metrics: metrics[BEST_METRIC],
+        best_mode='min',
+        enable_async_checkpointing=ckpt_cfg.async_save,
+        create=not read_only,
+    )
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_state: dict | None, force: bool = False) -> bool:
+    return self.manager.save(step, args=_save_args(state, data_state), force=force)
+
+  def _best_manager(self):
+    if self.best is None:
+      self.best = _manager(self.best_directory, self._best_options)
+    return self.best
+
+  def best_steps(self) -> dict[int, float]:
+    """{step: eval loss} of the kept best checkpoints (empty when there are none)."""
+    if self.best is None and not _exists(self.best_directory):
+      return {}
+    best = self._best_manager()
+    out = {}
+    for s in sorted(best.all_steps()):
+      if s not in self._best_losses:
+        metrics = best.metrics(s)  # None until an async save of this process commits
+        if metrics is None:
+          continue
+        self._best_losses[s] = float(metrics[BEST_METRIC])
+      out[s] = self._best_losses[s]
+    return out
+
+  def save_best(self, step: int, state, data_state: dict | None, eval_loss: float) -> bool:
+    """Saves into checkpoints_best if ``eval_loss`` ranks among the ``keep_best`` lowest."""
+    if not self.keep_best:
+      return False
+    kept = self.best_steps()
+    if step in kept or (len(kept) >= self.keep_best and eval_loss >= max(kept.values())):
+      return False  # would be deleted at once; skip the write
+    self._best_losses[step] = float(eval_loss)
+    return self._best_manager().save(step, args=_save_args(state, data_state),
+                                     metrics={BEST_METRIC: float(eval_loss)}, force=True)
+
+  def wait(self) -> None:
+    for m in (self.manager, self.best):
+      if m is not None:
+        m.wait_until_finished()
+
+  def close(self) -> None:
+    for m in (self.manager, self.best):
+      if m is not None:
+        m.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    # Also on errors: an unclosed manager's background threads fail noisily at exit.
+    self.close()
+
+  def _check_shapes(self, manager, step: int, abstract_state) -> None:
+    """Names the first parameter whose saved shape differs from the model's."""
+    try:
+      meta = manager.item_metadata(step)['state']
+    except Exception:  # noqa: BLE001  (unreadable metadata is reported by restore)
+      return
+    if meta is None:
+      return
+    meta_tree = getattr(meta, 'tree', meta)
+    saved = {leaf_name(p): getattr(v, 'shape', None)
+             for p, v in jax.tree_util.tree_flatten_with_path(meta_tree)[0]}
+    for p, v in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+      key = leaf_name(p)
+      if key in saved and saved[key] is not None and tuple(saved[key]) != tuple(v.shape):
+        raise CheckpointError(
+            f'checkpoint step {step} in {manager.directory}: parameter {key} has shape '
+            f'{tuple(saved[key])} but the config gives {tuple(v.shape)}')
+
+  def restore(self, step: int, abstract_state, params_only: bool = False):
+    """Restores onto ``abstract_state``'s shardings (any mesh). Returns (state, data_state).
+
+    ``params_only``: reads only the parameters (no optimizer state, e.g. to
+    fine-tune); ``abstract_state`` may be a TrainState or just its params, and
+    the result is ``(params, None)``.
+    """
+    manager, directory = self.manager, self.directory
+    if step not in self.steps():
+      best_steps = sorted(self.best_steps())
+      if step not in best_steps:
+        best = f'; best by eval loss: {best_steps}' if best_steps else ''
+        raise CheckpointError(f'no checkpoint for step {step} in {self.directory} '
+                              f'(available: {self.steps() or "none"}{best})')
+      manager, directory = self.best, self.best_directory
+    if params_only:
+      abstract_state = {'params': getattr(abstract_state, 'params', abstract_state)}
+    self._check_shapes(manager, step, abstract_state)
+    try:
+      if params_only:
+        # StandardCheckpointHandler refuses a partial tree; the PyTree handler reads
+        # the same files and can restore a subtree.
+        reader = ocp.CheckpointManager(
+            directory, options=ocp.CheckpointManagerOptions(create=False),
+            item_handlers={'state': ocp.PyTreeCheckpointHandler()})
+        restored = reader.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=abstract_state,
+                restore_args=jax.tree.map(_restore_arg, abstract_state),
+                partial_restore=True)))
+        reader.close()
+        return restored['state']['params'], None
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    except CheckpointError:
+      raise
+    except Exception as e:  # noqa: BLE001  (tensorstore/orbax raise many types)
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise CheckpointError(
+          f'checkpoint step {step} in {directory} is corrupt or incomplete '
+          f'({type(e).__name__}: {first[:200]}); pass --restore_step=N to use an '
+          f'earlier one (available: {self.steps()})') from None
+    return restored['state'], restored['data'] or None
+
+
+def _manager(directory: str, options) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      directory, options=options,
+      item_handlers={'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler()})
+
+
+def _save_args(state, data_state: dict | None):
+  return ocp.args.Composite(state=ocp.args.StandardSave(state),
+                            data=ocp.args.JsonSave(data_state or {}))
+
+
+def _exists(directory: str) -> bool:
+  return storage.path(directory).is_dir()
+
+
+def leaf_name(path) -> str:
+  """'params/layers/mlp/down/kernel' for a pytree key path (dict, attr or index keys)."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+
+
+def _restore_arg(x):
+  if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None:
+    return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
+  return ocp.RestoreArgs()
+
+
+def abstract_like(tree):
+  """ShapeDtypeStructs (with shardings) for every array in ``tree``."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None))
+      if isinstance(x, (jax.Array, np.ndarray)) else x, tree)

@@ -1,0 +1,153 @@
+"""Loading, checking and saving run configs.
+
+Validation happens here, once, before anything is compiled, so that bad input
+fails in a second with a message naming the key.
+"""
+
+import json
+
+import ml_collections
+
+from jaxlm import storage
+from jaxlm.errors import ConfigError
+
+CHOICES = {
+    'model.norm': ('layernorm', 'rmsnorm'),
+    'model.activation': ('gelu', 'swiglu'),
+    'model.position': ('learned', 'rope'),
+    'model.rope_scaling': ('', 'llama3'),
+    'model.attention': ('xla', 'chunked', 'splash', 'pallas_gpu', 'cudnn'),
+    'model.remat': ('none', 'full', 'dots'),
+    'model.param_dtype': ('float32', 'bfloat16', 'float16'),
+    'model.dtype': ('float32', 'bfloat16', 'float16'),
+    'data.source': ('text', 'jsonl', 'arrayrecord', 'pystdlib'),
+    'data.tokenizer': ('byte', 'sentencepiece', 'hf'),
+    'optim.schedule': ('cosine', 'linear', 'constant'),
+    'optim.mu_dtype': ('', 'float32', 'bfloat16'),
+}
+
+# jax's library attention kernels (jaxlm/model/kernels.py) and where each compiles natively;
+# they cannot split the sequence, and those in NO_WINDOW have no sliding window.
+LIBRARY_KERNELS = {'splash': 'tpu', 'pallas_gpu': 'gpu', 'cudnn': 'gpu'}
+NO_WINDOW = ('pallas_gpu',)
+
+# Keys that may change when resuming a run in an existing workdir: they alter
+# how the run is observed or laid out, not what it computes.
+RESUMABLE_KEYS = ('name', 'train.steps', 'train.log_every', 'train.peak_flops', 'train.profile_steps',
+                  'train.progress', 'eval.', 'checkpoint.', 'mesh.', 'data.worker_count',
+                  'data.prefetch', 'data.path', 'data.tokenizer_path')
+
+
+def _get(cfg, dotted: str):
+  for part in dotted.split('.'):
+    cfg = cfg[part]
+  return cfg
+
+
+def flatten(cfg, prefix: str = '') -> dict:
+  """{'model.d_model': 128, ...} for a (nested) ConfigDict or dict."""
+  out = {}
+  for k, v in (cfg.items() if hasattr(cfg, 'items') else []):
+    key = f'{prefix}{k}'
+    if isinstance(v, (ml_collections.ConfigDict, dict)):
+      out.update(flatten(v, key + '.'))
+    else:
+      out[key] = v
+  return out
+
+
+def validate(cfg, need_data: bool = True) -> None:
+  """Raises ConfigError naming the first inconsistent key (data paths only if need_data)."""
+  for key, allowed in CHOICES.items():
+    if _get(cfg, key) not in allowed:
+      raise ConfigError(f"{key}='{_get(cfg, key)}' is not one of {', '.join(map(repr, allowed))}")
+  m, d, t = cfg.model, cfg.data, cfg.train
+  positive = ('model.vocab_size', 'model.d_model', 'model.n_layers', 'model.n_heads',
+              'model.n_kv_heads', 'model.mlp_dim', 'model.max_seq_len', 'data.seq_len',
+              'train.steps', 'train.batch_size', 'train.grad_accum', 'train.log_every',
+              'eval.batches', 'checkpoint.keep', 'model.attention_chunk')
+  for key in positive:
+    if _get(cfg, key) <= 0:
+      raise ConfigError(f'{key}={_get(cfg, key)} must be positive')
+  for key in ('model.sliding_window', 'checkpoint.keep_period', 'checkpoint.keep_best', 'checkpoint.every', 'data.prefetch',
+              'data.worker_count'):
+    if _get(cfg, key) < 0:
+      raise ConfigError(f'{key}={_get(cfg, key)} must be >= 0')
+  if cfg.checkpoint.keep_best and not cfg.eval.every:
+    raise ConfigError(f'checkpoint.keep_best={cfg.checkpoint.keep_best} ranks checkpoints by '
+                      'eval loss, so it needs eval.every > 0')
+  if m.n_heads % m.n_kv_heads:
+    raise ConfigError(f'model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}')
+  if not m.head_dim and m.d_model % m.n_heads:
+    raise ConfigError(f'model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}')
+  if m.sliding_window and m.attention in NO_WINDOW:
+    raise ConfigError(f"model.sliding_window={m.sliding_window} is not supported by "
+                      f"model.attention='{m.attention}'; use 'chunked' or 'xla'")
+  if m.attention == 'cudnn' and m.dtype == 'float32':
+    raise ConfigError("model.attention='cudnn' needs model.dtype='bfloat16' or 'float16' "
+                      "(cuDNN flash attention has no float32)")
+  if m.attention in LIBRARY_KERNELS and cfg.mesh.sequence != 1:
+    raise ConfigError(f"model.attention='{m.attention}' cannot split the sequence "
+                      f"(mesh.sequence={cfg.mesh.sequence}); use 'chunked'")
+  if m.position == 'rope' and (m.head_dim or m.d_model // m.n_heads) % 2:
+    raise ConfigError('model.head_dim must be even for RoPE')
+  if d.seq_len > m.max_seq_len:
+    raise ConfigError(f'data.seq_len={d.seq_len} is above model.max_seq_len={m.max_seq_len}')
+  if t.batch_size % t.grad_accum:
+    raise ConfigError(f'train.batch_size={t.batch_size} is not divisible by '
+                      f'train.grad_accum={t.grad_accum}')
+  if not 0.0 <= d.val_fraction < 1.0:
+    raise ConfigError(f'data.val_fraction={d.val_fraction} must be in [0, 1)')
+  if need_data and d.source != 'pystdlib' and not d.path and not d.mixture:
+    raise ConfigError(f"data.path is empty but data.source='{d.source}' needs one (or data.mixture)")
+  if need_data and d.tokenizer != 'byte' and not d.tokenizer_path:
+    raise ConfigError(f"data.tokenizer_path is empty but data.tokenizer='{d.tokenizer}' needs one")
+  if t.profile_steps:
+    parts = t.profile_steps.split(',')
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+      raise ConfigError(f"train.profile_steps='{t.profile_steps}' must be 'start,stop'")
+
+
+def to_json(cfg) -> str:
+  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
+
+
+def save(cfg, workdir: str) -> None:
+  storage.write_atomic(storage.join(workdir, 'config.json'), to_json(cfg))
+
+
+def _read_saved(workdir: str) -> dict | None:
+  """config.json of ``workdir`` as a dict; None if there is none."""
+  path = storage.path(workdir) / 'config.json'
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def load_saved(workdir: str):
+  """The config a run was started with, as a locked ConfigDict."""
+  saved = _read_saved(workdir)
+  if saved is None:
+    raise ConfigError(f"workdir '{workdir}' has no config.json (was it trained with jaxlm?)")
+  cfg = ml_collections.ConfigDict(saved)
+  cfg.lock()
+  return cfg
+
+
+def conflicts(cfg, workdir: str) -> list[str]:
+  """Keys whose value differs from the run already in ``workdir``."""
+  saved = _read_saved(workdir)
+  if saved is None:
+    return []
+  old = flatten(saved)
+  new = flatten(cfg.to_dict())
+  out = []
+  for key in sorted(set(old) | set(new)):
+    if any(key == k or (k.endswith('.') and key.startswith(k)) for k in RESUMABLE_KEYS):
+      continue
+    if old.get(key) != new.get(key):
+      out.append(f'{key} ({old.get(key)!r} -> {new.get(key)!r})')
+  return out

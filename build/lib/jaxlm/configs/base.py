@@ -1,0 +1,128 @@
+"""Every jaxlm config field, its default, and what it means.
+
+Size files (``configs/<size>.py``) call ``base.get_config()`` and change only
+what differs. The returned config is locked, so a mistyped key raises.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = 'base'  # run name shown in logs
+
+  # ---- model: one Transformer; GPT-2 vs Llama is a choice of these fields.
+  m = c.model = ml_collections.ConfigDict()
+  m.vocab_size = 320  # embedding rows; >= tokenizer vocab (padded for speed)
+  m.d_model = 128  # residual stream width
+  m.n_layers = 2  # Transformer blocks
+  m.n_heads = 4  # query heads
+  m.n_kv_heads = 4  # key/value heads (< n_heads means grouped-query attention)
+  m.head_dim = 0  # per-head width; 0 means d_model // n_heads
+  m.mlp_dim = 512  # hidden width of the MLP (per branch for SwiGLU)
+  m.max_seq_len = 256  # longest sequence the model supports (learned positions table size)
+  m.norm = 'layernorm'  # 'layernorm' (GPT-2) or 'rmsnorm' (Llama)
+  m.norm_eps = 1e-5  # epsilon inside the norm
+  m.activation = 'gelu'  # 'gelu' (GPT-2 MLP) or 'swiglu' (Llama MLP)
+  m.position = 'learned'  # 'learned' (GPT-2) or 'rope' (Llama)
+  m.rope_theta = 10000.0  # RoPE base frequency
+  m.rope_scaling = ''  # '' (plain RoPE) or 'llama3' (Llama 3.1 long-context frequency scaling)
+  m.rope_factor = 8.0  # llama3 scaling: low frequencies are divided by this
+  m.rope_low_freq_factor = 1.0  # llama3 scaling: wavelengths above original_len / this are scaled
+  m.rope_high_freq_factor = 4.0  # llama3 scaling: wavelengths below original_len / this are kept
+  m.rope_original_max_len = 8192  # llama3 scaling: context length the model was pretrained at
+  m.qkv_bias = False  # bias on the query/key/value projections only (Qwen2); use_bias covers all
+  m.qk_norm = False  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3)
+  m.use_bias = True  # biases in dense layers and norms (GPT-2 yes, Llama no)
+  m.tie_embeddings = True  # output head reuses the token embedding (GPT-2)
+  m.init_std = 0.02  # normal init std for kernels and embeddings
+  m.param_dtype = 'float32'  # dtype parameters are stored in
+  m.dtype = 'float32'  # compute dtype ('bfloat16' for mixed precision)
+  m.attention = 'xla'  # 'xla' reference, 'chunked' (flash, any backend), 'splash' (TPU), 'pallas_gpu'/'cudnn' (GPU)
+  m.attention_chunk = 512  # key/query block size of chunked attention
+  m.sliding_window = 0  # attend only to the latest N tokens, self included (Mistral); 0 = off
+  m.scan_layers = True  # nn.scan over blocks: one compiled block, stacked params
+  m.remat = 'none'  # activation checkpointing: 'none', 'full', 'dots' (save matmul outputs)
+
+  # ---- data: where tokens come from and how they are packed.
+  d = c.data = ml_collections.ConfigDict()
+  d.source = 'text'  # 'text', 'jsonl', 'arrayrecord' or 'pystdlib' (this Python's stdlib .py files)
+  d.path = ''  # file, directory or glob for text/jsonl/arrayrecord
+  d.mixture = ''  # 'path1:0.7,path2:0.3' weighted sources (same data.source/tokenizer); '' = data.path only
+  d.jsonl_field = 'text'  # JSONL key holding the document text
+  d.tokenizer = 'byte'  # 'byte', 'sentencepiece' (.model file) or 'hf' (tokenizer.json)
+  d.tokenizer_path = ''  # path for sentencepiece/hf tokenizers
+  d.seq_len = 128  # tokens per training sequence
+  d.add_bos = False  # prepend BOS to every document
+  d.add_eos = True  # append EOS to every document
+  d.val_tokens = 4_000_000  # tokens held out from the end of each store for validation...
+  d.val_fraction = 0.1  # ...but at most this fraction of it (so small corpora still train)
+  d.seed = 0  # shuffle seed
+  d.shuffle = True  # shuffle training windows each epoch
+  d.max_docs = 0  # read at most this many documents (0 = all)
+  d.worker_count = 0  # Grain worker processes (0 = in the main process)
+  # Batches Grain's reader threads prepare ahead (0 = read in the train loop's thread, which
+  # is cheapest for in-memory or local data: threads cost ~0.5 ms CPU per batch; raise it
+  # for remote storage).
+  d.prefetch = 0
+
+  # ---- training.
+  t = c.train = ml_collections.ConfigDict()
+  t.steps = 1000  # optimizer steps
+  t.batch_size = 32  # global batch (sequences per step, summed over all devices)
+  t.grad_accum = 1  # micro-batches per step (batch_size must divide by it)
+  t.seed = 0  # parameter init and dropout RNG seed
+  t.log_every = 10  # steps between metric lines
+  t.z_loss = 0.0  # weight of the z-loss (log-partition squared) term
+  t.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 means look up the platform
+  t.profile_steps = ''  # 'start,stop' writes a jax.profiler trace for those steps
+  t.progress = True  # show a progress bar on the console
+
+  # ---- optimizer (optax AdamW).
+  o = c.optim = ml_collections.ConfigDict()
+  o.lr = 3e-4  # peak learning rate
+  o.min_lr_ratio = 0.1  # final lr = lr * min_lr_ratio
+  o.warmup_steps = 100  # linear warmup steps
+  o.schedule = 'cosine'  # decay after warmup: 'cosine', 'linear' or 'constant'
+  o.b1 = 0.9  # Adam beta1
+  o.b2 = 0.95  # Adam beta2
+  o.eps = 1e-8  # Adam epsilon
+  o.weight_decay = 0.1  # decoupled weight decay (kernels only; see decay_exclude)
+  o.decay_exclude = 'norm,bias,embed'  # comma list of param-path substrings not decayed
+  o.clip_norm = 1.0  # global gradient-norm clip (0 disables)
+  o.mu_dtype = ''  # dtype of Adam's first moment ('bfloat16' saves memory; '' = param dtype)
+
+  # ---- evaluation.
+  e = c.eval = ml_collections.ConfigDict()
+  e.every = 200  # steps between validation-loss evals (0 = only at the end)
+  e.batches = 8  # validation batches per eval
+  e.batch_size = 0  # sequences per eval batch (0 = train.batch_size)
+  e.sample_every = 0  # steps between text samples from sample_prompts (0 = off)
+  e.sample_prompts = ''  # '|'-separated prompts for periodic samples
+  e.sample_tokens = 64  # tokens generated per sample
+  e.hooks = ''  # comma list of 'module:function' user hooks, called every eval.every steps
+  e.multiple_choice = ''  # JSONL of {context, choices, label} scored every eval.every steps ('' = off)
+  e.lm_eval_tasks = ''  # comma list of lm-evaluation-harness tasks run every eval.every steps ('' = off; needs jaxlm[eval])
+  e.lm_eval_include = ''  # folder of extra lm-eval task YAMLs (local tasks), '' = the built-in tasks only
+  e.lm_eval_limit = 0  # examples per lm-eval task (0 = all)
+  e.lm_eval_fewshot = -1  # few-shot examples per lm-eval prompt (-1 = each task's default)
+
+  # ---- checkpoints (Orbax).
+  k = c.checkpoint = ml_collections.ConfigDict()
+  k.every = 500  # steps between checkpoints (a final one is always written)
+  k.keep = 3  # most recent checkpoints kept
+  k.keep_period = 0  # also keep every Nth step forever (0 = off)
+  k.keep_best = 0  # also keep the N lowest-eval-loss checkpoints in checkpoints_best (0 = off)
+  k.async_save = True  # save in the background while training continues
+
+  # ---- device mesh: product of all axes must equal the device count; -1 = the rest.
+  mesh = c.mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # pure data parallel (replicated params)
+  mesh.fsdp = 1  # fully sharded data parallel (params/grads/opt state sharded)
+  mesh.tensor = 1  # Megatron tensor parallel (heads and MLP hidden split)
+  mesh.sequence = 1  # sequence/context parallel (length split)
+  mesh.dcn_data = 1  # data-parallel replicas across slices/hosts (DCN)
+  mesh.dcn_fsdp = 1  # FSDP across slices/hosts (DCN)
+  mesh.rules = ''  # overrides of logical-axis rules, e.g. 'mlp=tensor;embed=fsdp'
+  c.lock()  # a mistyped key in a size file or override raises
+  return c

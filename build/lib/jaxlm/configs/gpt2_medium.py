@@ -1,0 +1,21 @@
+"""GPT-2 medium, 350M (Radford et al. 2019); lr from GPT-3's 350M row (Brown et al. 2020).
+
+Same family and recipe as gpt2_small.py; only the size and learning rate differ.
+"""
+
+from jaxlm.configs import gpt2_small
+
+
+def get_config():
+  c = gpt2_small.get_config()
+  c.name = 'gpt2_medium'
+
+  m = c.model
+  m.d_model = 1024
+  m.n_layers = 24
+  m.n_heads = 16
+  m.n_kv_heads = 16
+  m.mlp_dim = 4096
+
+  c.optim.lr = 3e-4
+  return c

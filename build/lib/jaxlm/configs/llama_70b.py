@@ -1,0 +1,23 @@
+"""Llama 3 70B (Meta, 2024, "The Llama 3 Herd of Models"; Meta-Llama-3-70B config.json).
+
+Llama 3 family recipe from llama_8b.py; only what differs is set here.
+"""
+
+from jaxlm.configs import llama_8b
+
+
+def get_config():
+  c = llama_8b.get_config()
+  c.name = 'llama_70b'
+
+  m = c.model
+  m.d_model = 8192
+  m.n_layers = 80
+  m.n_heads = 64
+  m.mlp_dim = 28672
+
+  # 4M tokens per step (512 x 8192); 335000 steps ~ 1.4T tokens, 20 tokens per parameter.
+  c.train.steps = 335000
+  c.optim.lr = 1.5e-4
+  c.optim.mu_dtype = 'bfloat16'  # halves Adam's first-moment memory
+  return c

@@ -1,0 +1,134 @@
+"""Train/validation split of a token stream, and packed fixed-length windows over a split.
+
+A stream is anything with `len()` and `read(lo, hi) -> (tokens, doc_ids)`
+(`sources.TokenStore` in memory, `store.MappedStore` on disk); a window reads
+only its own tokens, so the windows of a split cost no memory until read.
+
+A window is `seq_len + 1` consecutive stream tokens, so neighbouring windows
+share one token (window i's last target is window i+1's first input) and no
+next-token pair is lost. Documents are packed back to back; `segment_ids`,
+`positions` and `loss_mask` keep attention and loss inside each document.
+
+The final partial window of a split is padded (token 0, segment 0, loss mask 0)
+rather than dropped, so every next-token pair of a split is trained or evaluated
+exactly once per epoch and a tiny validation split still yields a window.
+"""
+
+from typing import Dict, Optional
+
+import numpy as np
+
+from jaxlm.errors import DataError
+
+BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
+
+
+def train_tokens(n_tokens: int, val_tokens: int, val_fraction: float) -> int:
+  """Where the stream splits: all but the last `min(val_tokens, cap)` tokens train.
+
+  The cap, `n - int(n * (1 - val_fraction))`, keeps a small corpus mostly for
+  training (and with val_fraction 0.1 it is nanoGPT's 90/10 shakespeare split);
+  on a large one the held-out size is the fixed data.val_tokens. The cut is by
+  token, not by document, so one document may straddle both splits; each half
+  is then its own segment.
+  """
+  if val_tokens < 0:
+    raise DataError(f'data.val_tokens {val_tokens} must be >= 0')
+  if not 0.0 <= val_fraction < 1.0:
+    raise DataError(f'data.val_fraction {val_fraction} must be in [0, 1)')
+  cap = n_tokens - int(n_tokens * (1.0 - val_fraction))
+  return n_tokens - min(int(val_tokens), cap)
+
+
+def num_windows(n_tokens: int, seq_len: int) -> int:
+  """Windows over `n_tokens` stream tokens, the final partial one included (it is padded)."""
+  return 0 if n_tokens < 2 else -(-(n_tokens - 1) // seq_len)
+
+
+def pack_window(tokens: np.ndarray, doc_ids: np.ndarray, seq_len: int) -> Dict[str, np.ndarray]:
+  """Turns up to `seq_len + 1` stream tokens into one training example.
+
+  Args:
+    tokens: int `[k]`, k <= seq_len + 1; fewer means the rest is padding.
+    doc_ids: int `[k]`, the document of each token (any ids; only equality matters).
+    seq_len: length of the example.
+
+  Returns:
+    A dict of `[seq_len]` arrays: `inputs`, `targets` (inputs shifted by one),
+    `segment_ids` (1, 2, ... per document within the window; 0 on padding),
+    `positions` (0-based within each segment), all int32; and `loss_mask`
+    (float32 1.0 where input and target are in the same document, else 0.0).
+  """
+  k = len(tokens)
+  t = np.zeros(seq_len + 1, np.int32)
+  d = np.full(seq_len + 1, -1, np.int64)  # -1 marks padding; never equal to a real id
+  t[:k] = tokens
+  d[:k] = doc_ids
+  d_in, d_tgt = d[:-1], d[1:]
+  real = d_in >= 0
+  starts = np.ones(seq_len, bool)
+  starts[1:] = d_in[1:] != d_in[:-1]
+  segment_ids = np.cumsum(starts).astype(np.int32) * real
+  idx = np.arange(seq_len)
+  positions = (idx - np.maximum.accumulate(np.where(starts, idx, 0))) * real
+  return {
+      'inputs': t[:-1].copy(),
+      'targets': t[1:].copy(),
+      'segment_ids': segment_ids.astype(np.int32),
+      'positions': positions.astype(np.int32),
+      'loss_mask': (real & (d_in == d_tgt)).astype(np.float32),
+  }
+
+
+def batch_from_documents(rows, width: int) -> Dict[str, np.ndarray]:
+  """Rows of whole documents -> one batch of `BATCH_KEYS` arrays, each `[len(rows), width]`.
+
+  For scoring and fine-tuning, where examples are documents rather than a
+  token stream. A row is a list of `(ids, target_mask)` documents placed back
+  to back: `ids` int `[n + 1]` gives n (input, target) pairs and `target_mask`
+  float `[n]` marks the targets that count. Each document is its own segment
+  (1, 2, ...) with positions from 0; the rest of the row is padding (segment
+  0, mask 0). Documents must fit: their pairs add up to at most `width`.
+  """
+  out = {k: np.zeros((len(rows), width), np.float32 if k == 'loss_mask' else np.int32)
+         for k in BATCH_KEYS}
+  for r, docs in enumerate(rows):
+    at = 0
+    for seg, (ids, mask) in enumerate(docs, 1):
+      n = len(ids) - 1
+      sl = slice(at, at + n)
+      out['inputs'][r, sl], out['targets'][r, sl] = ids[:-1], ids[1:]
+      out['loss_mask'][r, sl], out['segment_ids'][r, sl] = mask, seg
+      out['positions'][r, sl] = np.arange(n)
+      at += n
+  return out
+
+
+class Windows:
+  """Random-access windows over stream tokens `[lo, hi)`; a Grain data source, picklable.
+
+  Window i is stream tokens `[lo + i * seq_len, lo + i * seq_len + seq_len + 1)`
+  (cut at `hi`), packed by `pack_window`.
+  """
+
+  def __init__(self, stream, seq_len: int, lo: int = 0, hi: Optional[int] = None):
+    if seq_len < 1:
+      raise DataError(f'data.seq_len {seq_len} must be >= 1')
+    self.stream = stream
+    self.seq_len = seq_len
+    self.lo, self.hi = lo, len(stream) if hi is None else hi
+    self.n_tokens = self.hi - self.lo
+    self._len = num_windows(self.n_tokens, seq_len)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, i: int) -> Dict[str, np.ndarray]:
+    if not 0 <= i < self._len:
+      raise IndexError(f'window {i} out of range [0, {self._len})')
+    lo = self.lo + i * self.seq_len
+    tokens, doc_ids = self.stream.read(lo, min(lo + self.seq_len + 1, self.hi))
+    return pack_window(tokens, doc_ids, self.seq_len)
+
+  def __repr__(self) -> str:
+    return f'Windows(n={self._len}, seq_len={self.seq_len}, tokens=[{self.lo}, {self.hi}))'

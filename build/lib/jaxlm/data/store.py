@@ -1,0 +1,247 @@
+"""The `jaxlm prepare` token store on disk: memory-mapped shards, read window by window.
+
+Layout of a store directory (written by `ShardWriter`, read by `MappedStore`):
+
+    shard-00000.tokens     token ids of its documents back to back, little-endian `dtype`
+                           (uint16 when the vocabulary fits, else uint32), no header
+    shard-00000.docs.npy   int64 `[docs + 1]`: where each document starts in the shard's
+                           tokens, then the token count (a NumPy file, memory-mapped)
+    manifest.json          `format` (`FORMAT`), dtype, specials stored, per-shard
+                           document/token counts and largest token id; `complete` at the end
+
+Why memory maps rather than reading ArrayRecord records: a window is one slice of
+a file the OS pages in on demand, so a store of any size opens in milliseconds
+and a process holds only the pages it has touched, plus an in-memory index of
+one entry per shard. Finding a window's documents is a binary search in the
+mapped `docs.npy` (NumPy's Megatron-style .bin/.idx layout, without the format).
+
+BOS/EOS the store does not hold are inserted while reading (per data.add_bos /
+data.add_eos), so one store serves configs with and without them; the stream a
+pipeline sees is every document, each wrapped in its specials, in shard order.
+"""
+
+import bisect
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from jaxlm.errors import DataError
+
+FORMAT = 'jaxlm-token-shards-1'
+MANIFEST = 'manifest.json'
+TOKENS_SUFFIX = '.tokens'
+DOCS_SUFFIX = '.docs.npy'
+Read = Tuple[np.ndarray, np.ndarray]  # (tokens int32 [n], doc ids int64 [n])
+
+
+def docs_file(tokens_file: str) -> str:
+  """'shard-00000.tokens' -> 'shard-00000.docs.npy'."""
+  return tokens_file[:-len(TOKENS_SUFFIX)] + DOCS_SUFFIX
+
+
+def read_manifest(folder: Path) -> Optional[dict]:
+  """The store manifest in `folder` if it is one of this format, else None."""
+  path = Path(folder) / MANIFEST
+  if not path.is_file():
+    return None
+  try:
+    manifest = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise DataError(f"'{path}' is not readable JSON: {e}") from None
+  return manifest if isinstance(manifest, dict) and manifest.get('format') == FORMAT else None
+
+
+class ShardWriter:
+  """Appends documents, piece by piece, to one shard; memory is one piece plus the doc index.
+
+  `add(tokens)` appends to the current document; `end_doc()` closes it. Files are
+  written under `.partial` names and renamed by `close()`, tokens last, so a
+  `.tokens` file exists only for a finished shard.
+  """
+
+  def __init__(self, folder: Path, name: str, dtype: str, bos: Optional[int] = None,
+               eos: Optional[int] = None):
+    self.folder, self.name = Path(folder), name
+    self._dt = np.dtype(dtype).newbyteorder('<')
+    self._bos = None if bos is None else np.asarray([bos], self._dt)
+    self._eos = None if eos is None else np.asarray([eos], self._dt)
+    self._tmp = self.folder / (name + '.partial')
+    self._file = open(self._tmp, 'wb')
+    self._starts: List[int] = []  # per kept document
+    self._n = 0  # tokens written
+    self._doc_len = 0  # tokens of the open document so far
+    self.max_token = -1
+
+  def _write(self, ids: np.ndarray) -> None:
+    self.max_token = max(self.max_token, int(ids.max()))
+    self._file.write(ids.astype(self._dt, copy=False).tobytes())
+    self._n += len(ids)
+    self._doc_len += len(ids)
+
+  def add(self, ids: np.ndarray) -> None:
+    """Appends token ids `[piece]` to the open document (BOS first, if stored)."""
+    if not len(ids):
+      return
+    if self._doc_len == 0:
+      self._starts.append(self._n)
+      if self._bos is not None:
+        self._write(self._bos)
+    self._write(np.asarray(ids))
+
+  def end_doc(self) -> bool:
+    """Closes the open document (EOS last, if stored); False if it had no tokens (not kept)."""
+    kept = self._doc_len > 0
+    if kept and self._eos is not None:
+      self._write(self._eos)
+    self._doc_len = 0
+    return kept
+
+  def close(self) -> Dict:
+    """Finishes the shard; returns its manifest entry (`file`, `docs`, `tokens`, `max_token`)."""
+    self._file.close()
+    docs_tmp = self.folder / (docs_file(self.name) + '.partial')
+    with open(docs_tmp, 'wb') as f:
+      np.save(f, np.asarray(self._starts + [self._n], np.int64))
+    os.replace(docs_tmp, self.folder / docs_file(self.name))
+    os.replace(self._tmp, self.folder / self.name)
+    return {'file': self.name, 'docs': len(self._starts), 'tokens': self._n,
+            'max_token': self.max_token}
+
+  def abort(self) -> None:
+    self._file.close()
+
+
+class MappedStore:
+  """A prepared store as one random-access token stream (same protocol as `TokenStore.read`).
+
+  Memory: the manifest and one small array per shard; token and document files
+  are mapped on first use by each process (so the object pickles small, for
+  Grain's worker processes).
+
+  Args:
+    folder: the store directory.
+    manifest: its parsed manifest.json (`read_manifest`).
+    bos, eos: ids to insert around each document (None = the store's own, if any).
+    max_docs: keep only the first documents (0 = all).
+  """
+
+  def __init__(self, folder: Path, manifest: dict, bos: Optional[int] = None,
+               eos: Optional[int] = None, max_docs: int = 0):
+    self.folder = Path(folder)
+    self.description = str(folder)
+    self.skipped = 0
+    self.dtype = np.dtype(manifest['dtype']).newbyteorder('<')
+    self._bos, self._eos = bos, eos
+    self._k = (bos is not None) + (eos is not None)  # specials added per document
+    files, docs, tokens = [], [], []
+    left = max_docs or None  # documents still wanted
+    for s in manifest['shards']:
+      n_docs, n_tokens = int(s['docs']), int(s['tokens'])
+      if left is not None and n_docs >= left:
+        n_docs, left = left, 0
+        n_tokens = int(np.load(self.folder / docs_file(s['file']), mmap_mode='r')[n_docs])
+      elif left is not None:
+        left -= n_docs
+      if n_docs:
+        self._check(s['file'], int(s['tokens']))
+        files.append(s['file'])
+        docs.append(n_docs)
+        tokens.append(n_tokens)
+      if left == 0:
+        break
+    self._files = files
+    self._docs = docs
+    lengths = [t + self._k * d for t, d in zip(tokens, docs)]  # with inserted specials
+    # Python ints: bisect on a short list beats NumPy calls per window.
+    self._bounds = [0] + np.cumsum(lengths, dtype=np.int64).tolist()  # stream start per shard
+    self._doc_base = [0] + np.cumsum(docs, dtype=np.int64).tolist()  # global id of first doc
+    self.num_docs = self._doc_base[-1]
+    self._maps: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
+
+  def _check(self, name: str, n_tokens: int) -> None:
+    path = self.folder / name
+    if not path.is_file() or not (self.folder / docs_file(name)).is_file():
+      raise DataError(f"data.path '{self.folder}': shard '{name}' listed in {MANIFEST} is "
+                      'missing; prepare the store again')
+    if path.stat().st_size != n_tokens * self.dtype.itemsize:
+      raise DataError(f"data.path '{self.folder}': shard '{name}' is {path.stat().st_size} "
+                      f'bytes, not the {n_tokens} {self.dtype.name} tokens {MANIFEST} lists')
+
+  def __len__(self) -> int:
+    return self._bounds[-1]
+
+  def __getstate__(self):
+    return dict(self.__dict__, _maps={})  # maps are per process, reopened on use
+
+  def _shard(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
+    if i not in self._maps:
+      name = self._files[i]
+      tokens = np.memmap(self.folder / name, dtype=self.dtype, mode='r')
+      # np.asarray: plain ndarray views of the maps index faster than np.memmap objects.
+      docs = np.load(self.folder / docs_file(name), mmap_mode='r')
+      self._maps[i] = (np.asarray(tokens), np.asarray(docs))
+    return self._maps[i]
+
+  def read(self, lo: int, hi: int) -> Read:
+    """Stream tokens `[lo, hi)` and their documents' global ids, both `[hi - lo]`."""
+    if not 0 <= lo <= hi <= len(self):
+      raise IndexError(f'[{lo}, {hi}) is outside the stream [0, {len(self)})')
+    if lo == hi:
+      return np.zeros(0, np.int32), np.zeros(0, np.int64)
+    s = bisect.bisect_right(self._bounds, lo) - 1
+    if hi <= self._bounds[s + 1]:  # the usual case: one shard
+      tokens, docs = self._read_shard(s, lo - self._bounds[s], hi - self._bounds[s])
+      return tokens, docs + self._doc_base[s]
+    parts = []
+    while lo < hi:
+      end = min(hi, self._bounds[s + 1])
+      tokens, docs = self._read_shard(s, lo - self._bounds[s], end - self._bounds[s])
+      parts.append((tokens, docs + self._doc_base[s]))
+      lo, s = end, s + 1
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+  def _read_shard(self, i: int, lo: int, hi: int) -> Read:
+    """Shard i's stream `[lo, hi)` (specials inserted) and shard-local document ids.
+
+    Few NumPy calls on purpose: this runs once per window, and at ~1 us per call the
+    call count, not the bytes, sets the loader's speed.
+    """
+    tokens, starts = self._shard(i)
+    n_docs, k, n = self._docs[i], self._k, hi - lo
+    # Documents j0..j1 hold [lo, hi): the last whose stream start (token start + k per earlier
+    # document) is <= lo, and <= hi - 1. Starts increase strictly (no empty documents).
+    if k:
+      key = lambda j: int(starts[j]) + j * k  # noqa: E731
+      j0 = bisect.bisect_right(range(n_docs), lo, key=key) - 1
+      j1 = bisect.bisect_right(range(n_docs), hi - 1, lo=j0, key=key) - 1
+    else:
+      j0 = int(np.searchsorted(starts, lo, 'right')) - 1
+      j1 = int(np.searchsorted(starts, hi - 1, 'right')) - 1
+    j = np.arange(j0, j1 + 2)
+    edges = starts[j0:j1 + 2] - lo  # stream starts of documents j0..j1 + 1, relative to lo
+    if k:
+      edges += j * k
+    first, after = int(edges[0]), int(edges[-1])  # <= 0 and >= n
+    edges[0], edges[-1] = 0, n
+    doc = np.repeat(j[:-1], np.diff(edges))
+    if not k:  # raw tokens are the stream
+      return tokens[lo:hi].astype(np.int32), doc
+    # Raw tokens behind [lo, hi): stream position v of document j is raw v - j * k - nb.
+    nb = int(self._bos is not None)
+    a = max(lo - j0 * k - nb, int(starts[j0]))
+    b = min(hi - 1 - j1 * k - nb, int(starts[j1 + 1]) - 1) + 1
+    out = np.empty(n, np.int32)
+    special = np.zeros(n, bool)
+    if nb:  # at each document's start, the first one's only if [lo, hi) has it
+      at = edges[:-1] if first == 0 else edges[1:-1]
+      out[at] = self._bos
+      special[at] = True
+    if self._eos is not None:  # before each document's end, the last one's only if in [lo, hi)
+      at = (edges[1:] if after == n else edges[1:-1]) - 1
+      out[at] = self._eos
+      special[at] = True
+    out[~special] = tokens[a:b]
+    return out, doc

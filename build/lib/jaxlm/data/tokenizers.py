@@ -1,0 +1,139 @@
+"""Tokenizers behind one small protocol: byte-level, SentencePiece and HF `tokenizer.json`.
+
+Every tokenizer has `.encode(text) -> int32 [tokens]` (no specials added),
+`.decode(ids) -> str` (specials skipped, bad UTF-8 replaced), `.vocab_size`,
+`.bos_id`, `.eos_id` (an int or None) and `.name`.
+"""
+
+from pathlib import Path
+from typing import Optional, Protocol, Sequence, Union
+
+import numpy as np
+
+from jaxlm.errors import DataError
+
+Ids = Union[np.ndarray, Sequence[int]]
+
+# Names under which HF tokenizer files commonly store their specials, most specific first.
+# GPT-2 style vocabularies use one '<|endoftext|>' for both, so it closes both lists.
+_HF_BOS_NAMES = ('<|begin_of_text|>', '<s>', '<bos>', '[BOS]', '<|startoftext|>', '<|endoftext|>')
+_HF_EOS_NAMES = ('<|end_of_text|>', '</s>', '<eos>', '[EOS]', '<|endoftext|>')
+
+
+class Tokenizer(Protocol):
+  name: str
+  vocab_size: int
+  bos_id: Optional[int]
+  eos_id: Optional[int]
+
+  def encode(self, text: str) -> np.ndarray:
+    """`text` -> int32 ids `[tokens]`, no BOS/EOS added."""
+
+  def decode(self, ids: Ids) -> str:
+    """int ids `[tokens]` -> text, special tokens skipped."""
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as tokens: ids 0..255 are bytes, 256 is BOS, 257 is EOS.
+
+  Needs no file and round-trips any text exactly, which makes it the default
+  for demos and tests (at the cost of ~4x longer sequences than BPE).
+  """
+
+  name = 'byte'
+  vocab_size = 258
+  bos_id = 256
+  eos_id = 257
+
+  def encode(self, text: str) -> np.ndarray:
+    """`text` -> int32 `[utf8_bytes]`."""
+    return self.encode_bytes(text.encode('utf-8'))
+
+  def encode_bytes(self, data: bytes) -> np.ndarray:
+    """Raw `data` -> int32 `[len(data)]`; frombuffer keeps tens of MB well under a second."""
+    return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
+
+  def decode_bytes(self, ids: Ids) -> bytes:
+    """int ids `[tokens]` -> the raw bytes, specials (>= 256) dropped."""
+    ids = np.asarray(ids).reshape(-1)
+    return ids[(ids >= 0) & (ids < 256)].astype(np.uint8).tobytes()
+
+  def decode(self, ids: Ids) -> str:
+    """int ids `[tokens]` -> text; a sample cut mid-character decodes with U+FFFD."""
+    return self.decode_bytes(ids).decode('utf-8', errors='replace')
+
+
+class SentencePieceTokenizer:
+  """A trained SentencePiece `.model` file."""
+
+  def __init__(self, path: Path):
+    import sentencepiece as spm
+    try:
+      self._sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as e:
+      raise DataError(f"data.tokenizer_path '{path}' is not a SentencePiece model: {e}") from None
+    self.name = f'sentencepiece:{path.name}'
+    self.vocab_size = int(self._sp.get_piece_size())
+    # SentencePiece reports a disabled special as -1.
+    self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+    self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+
+  def encode(self, text: str) -> np.ndarray:
+    """`text` -> int32 `[tokens]`."""
+    return np.asarray(self._sp.encode(text), dtype=np.int32)
+
+  def decode(self, ids: Ids) -> str:
+    """int ids `[tokens]` -> text; control ids (BOS/EOS/PAD) and out-of-range ids skipped."""
+    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    keep = [i for i in ids if 0 <= i < self.vocab_size and not self._sp.is_control(i)]
+    return self._sp.decode(keep)
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizer.json` loaded with the `tokenizers` library (no network)."""
+
+  def __init__(self, path: Path):
+    import tokenizers
+    if path.is_dir():
+      path = path / 'tokenizer.json'
+      if not path.is_file():
+        raise DataError(f"data.tokenizer_path '{path.parent}' has no tokenizer.json")
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises a bare Exception on bad JSON
+      raise DataError(f"data.tokenizer_path '{path}' is not a tokenizer.json: {e}") from None
+    self.name = f'hf:{path.name}'
+    self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+    self.bos_id = self._first_id(_HF_BOS_NAMES)
+    self.eos_id = self._first_id(_HF_EOS_NAMES)
+
+  def _first_id(self, names: Sequence[str]) -> Optional[int]:
+    for name in names:
+      i = self._tok.token_to_id(name)
+      if i is not None:
+        return int(i)
+    return None
+
+  def encode(self, text: str) -> np.ndarray:
+    """`text` -> int32 `[tokens]`."""
+    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+  def decode(self, ids: Ids) -> str:
+    """int ids `[tokens]` -> text, special tokens skipped."""
+    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    return self._tok.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=True)
+
+
+def get_tokenizer(data_cfg) -> Tokenizer:
+  """Builds the tokenizer named by `data_cfg.tokenizer` ('byte', 'sentencepiece' or 'hf')."""
+  kind = data_cfg.tokenizer
+  if kind == 'byte':
+    return ByteTokenizer()
+  if kind not in ('sentencepiece', 'hf'):
+    raise DataError(f"data.tokenizer '{kind}' is not one of 'byte', 'sentencepiece', 'hf'")
+  if not data_cfg.tokenizer_path:
+    raise DataError(f"data.tokenizer '{kind}' needs data.tokenizer_path")
+  path = Path(data_cfg.tokenizer_path).expanduser()
+  if not path.exists():
+    raise DataError(f"data.tokenizer_path '{path}' does not exist")
+  return SentencePieceTokenizer(path) if kind == 'sentencepiece' else HFTokenizer(path)

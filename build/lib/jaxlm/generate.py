@@ -1,0 +1,96 @@
+"""Batched sampling with a KV cache, compiled once per (batch, lengths) shape.
+
+Prompts of different lengths are left-padded into one batch; padding has
+segment id 0 so no real token attends to it. Temperature 0 is greedy.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.model.transformer import Transformer, init_cache
+
+
+def _filter_logits(logits, top_k: int, top_p: float):
+  """Masks logits outside the top-k set and outside the top-p nucleus. logits [batch, vocab]."""
+  if top_k and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if 0.0 < top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+    keep = jnp.cumsum(probs, axis=-1) - probs < top_p
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return logits
+
+
+def sample_token(rng, logits, temperature, top_k: int, top_p: float):
+  """One token per row of ``logits`` [batch, vocab]."""
+  greedy = jnp.argmax(logits, axis=-1)
+  scaled = _filter_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
+  sampled = jax.random.categorical(rng, scaled, axis=-1)
+  return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'top_k', 'top_p'))
+def _decode(model, params, tokens, segment, rng, temperature, stop_ids, *, max_new_tokens,
+            top_k, top_p):
+  b, p = tokens.shape
+  positions = jnp.maximum(jnp.cumsum(segment, axis=1) - 1, 0).astype(jnp.int32)
+  cache = init_cache(model.cfg, b, p + max_new_tokens)
+  logits, cache = model.apply({'params': params}, tokens, positions, segment, cache=cache,
+                              cache_index=0)
+  last_logits, last_pos = logits[:, -1], positions[:, -1]
+  out = jnp.zeros((b, max_new_tokens), jnp.int32)
+  done = jnp.zeros((b,), bool)
+
+  def body(i, carry):
+    out, cache, last_logits, last_pos, done, rng = carry
+    rng, sub = jax.random.split(rng)
+    tok = sample_token(sub, last_logits, temperature, top_k, top_p)
+    tok = jnp.where(done, 0, tok)
+    out = out.at[:, i].set(tok)
+    done = done | jnp.isin(tok, stop_ids)
+    pos = last_pos + 1
+    logits, cache = model.apply({'params': params}, tok[:, None], pos[:, None],
+                                jnp.ones((b, 1), jnp.int32), cache=cache, cache_index=p + i)
+    return out, cache, logits[:, -1], pos, done, rng
+
+  out, *_ , done, _ = jax.lax.fori_loop(
+      0, max_new_tokens, body, (out, cache, last_logits, last_pos, done, rng))
+  return out
+
+
+def left_pad(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens, segment_ids) [batch, max_prompt_len], left-padded with segment 0."""
+  width = max(1, max(len(p) for p in prompts))
+  tokens = np.zeros((len(prompts), width), np.int32)
+  segment = np.zeros((len(prompts), width), np.int32)
+  for i, p in enumerate(prompts):
+    if p:
+      tokens[i, width - len(p):] = p
+      segment[i, width - len(p):] = 1
+  return tokens, segment
+
+
+def generate(model: Transformer, params, prompts: list[list[int]], max_new_tokens: int = 64,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             stop_ids: tuple[int, ...] = ()) -> list[list[int]]:
+  """Continues each prompt (token ids); returns only the new tokens, cut at a stop token."""
+  tokens, segment = left_pad(prompts)
+  stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
+  out = _decode(model, params, jnp.asarray(tokens), jnp.asarray(segment),
+                jax.random.key(seed), jnp.float32(temperature), stops,
+                max_new_tokens=max_new_tokens, top_k=int(top_k), top_p=float(top_p))
+  result = []
+  for row in np.asarray(out).tolist():
+    for j, t in enumerate(row):
+      if t in stop_ids:
+        row = row[:j]
+        break
+    result.append(row)
+  return result

@@ -1,0 +1,426 @@
+"""Hugging Face <-> jaxlm: config fields and parameter names, GPT-2 and Llama families.
+
+Pure numpy, no torch: ``read_dir`` loads a local HF directory (config.json +
+safetensors, sharded or not); ``model_fields`` turns its config into jaxlm
+``model`` fields; ``to_params`` / ``from_params`` map tensors both ways.
+
+Layouts worth knowing:
+  GPT-2 Conv1D weights are ``[in, out]`` and ``c_attn`` packs q, k, v along
+  ``out``; Llama ``nn.Linear`` weights are ``[out, in]``. jaxlm kernels are
+  ``[in..., out...]`` with heads split out (``query/kernel [embed, heads,
+  head_dim]``, ``out/kernel [heads, head_dim, embed]``). jaxlm RoPE uses the
+  half-split layout of HF Llama, so q/k need no permutation.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from jaxlm import storage
+from jaxlm.errors import CheckpointError, ConfigError
+
+_TANH_GELUS = ('gelu_new', 'gelu_pytorch_tanh', 'gelu_fast')
+
+
+# ---- reading and writing HF directories -------------------------------------------------
+
+def read_dir(path: str) -> tuple[dict, dict[str, np.ndarray]]:
+  """(config.json as a dict, {tensor name: array}) from a local HF model directory."""
+  d = Path(path)
+  if not (d / 'config.json').is_file():
+    raise ConfigError(f"--from_hf '{path}' has no config.json (is it a Hugging Face model dir?)")
+  hf = json.loads((d / 'config.json').read_text())
+  family(hf)  # an unsupported architecture is named before any weights are read
+  index = d / 'model.safetensors.index.json'
+  if index.is_file():
+    files = sorted(set(json.loads(index.read_text())['weight_map'].values()))
+  elif (d / 'model.safetensors').is_file():
+    files = ['model.safetensors']
+  else:
+    raise CheckpointError(f"'{path}' has no model.safetensors (a pytorch_model.bin must first be "
+                          'resaved with save_pretrained(..., safe_serialization=True))')
+  tensors = {}
+  for f in files:
+    tensors.update(_load_safetensors(d / f))
+  return hf, tensors
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+  from safetensors.numpy import load_file  # noqa: PLC0415
+  try:
+    return load_file(str(path))
+  except TypeError:  # numpy has no bfloat16: read those files through ml_dtypes
+    return _load_with_bf16(path)
+
+
+def _load_with_bf16(path: Path) -> dict[str, np.ndarray]:
+  """Reads a safetensors file by its format (u64 header size, JSON header, raw bytes)."""
+  import ml_dtypes  # noqa: PLC0415  (ships with jax)
+  dtypes = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
+            'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
+            'BOOL': np.bool_}
+  raw = np.memmap(path, dtype=np.uint8, mode='r')
+  n = int(raw[:8].view(np.uint64)[0])
+  header = json.loads(bytes(raw[8:8 + n]))
+  out = {}
+  for name, info in header.items():
+    if name == '__metadata__':
+      continue
+    start, end = info['data_offsets']
+    buf = np.asarray(raw[8 + n + start: 8 + n + end])
+    out[name] = buf.view(dtypes[info['dtype']]).reshape(info['shape']).astype(np.float32)
+  return out
+
+
+def write_dir(path: str, hf_config: dict, tensors: dict[str, np.ndarray]) -> None:
+  """Writes config.json and one model.safetensors that transformers' from_pretrained reads.
+
+  ``path`` may be local or a gs:// / s3:// URI (jaxlm.storage).
+  """
+  from safetensors.numpy import save  # noqa: PLC0415
+  d = storage.path(path)
+  d.mkdir(parents=True, exist_ok=True)
+  (d / 'config.json').write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+  (d / 'model.safetensors').write_bytes(
+      save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={'format': 'pt'}))
+
+
+# ---- config: one function per family each way -----------------------------------------
+# Every family is a setting of the one jaxlm Transformer. Import: ``<family>_fields(hf)`` ->
+# jaxlm ``model`` fields. Export: ``<family>_config(m, common)`` -> config.json dict.
+
+
+def family(hf: dict) -> str:
+  """The HF ``model_type`` if jaxlm imports it; ConfigError naming the supported ones."""
+  t = hf.get('model_type', '')
+  if t not in IMPORTERS:
+    raise ConfigError(f"Hugging Face model_type '{t}' is not supported "
+                      f"(supported: {', '.join(IMPORTERS)})")
+  return t
+
+
+def _rope_fields(hf: dict) -> dict:
+  """RoPE base and scaling; transformers 5 writes rope_parameters, 4 rope_theta/rope_scaling."""
+  rp = dict(hf.get('rope_scaling') or {}, **(hf.get('rope_parameters') or {}))
+  kind = rp.get('rope_type') or rp.get('type') or 'default'
+  out = dict(rope_theta=float(rp.get('rope_theta', hf.get('rope_theta', 10000.0))))
+  if kind == 'llama3':
+    out.update(rope_scaling='llama3', rope_factor=float(rp['factor']),
+               rope_low_freq_factor=float(rp['low_freq_factor']),
+               rope_high_freq_factor=float(rp['high_freq_factor']),
+               rope_original_max_len=int(rp['original_max_position_embeddings']))
+  elif kind != 'default':
+    raise ConfigError(f"rope scaling '{kind}' is not supported by jaxlm's RoPE "
+                      "(supported: default, llama3)")
+  return out
+
+
+def gpt2_fields(hf: dict) -> dict:
+  act = hf.get('activation_function', 'gelu_new')
+  if act not in _TANH_GELUS:
+    raise ConfigError(f"GPT-2 activation_function '{act}' is not supported "
+                      f"(jaxlm's GELU is the tanh approximation: {', '.join(_TANH_GELUS)})")
+  if hf.get('scale_attn_by_inverse_layer_idx') or not hf.get('scale_attn_weights', True):
+    raise ConfigError('GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported')
+  d = hf['n_embd']
+  return dict(vocab_size=hf['vocab_size'], d_model=d, n_layers=hf['n_layer'],
+              n_heads=hf['n_head'], n_kv_heads=hf['n_head'], head_dim=0,
+              mlp_dim=hf.get('n_inner') or 4 * d, max_seq_len=hf['n_positions'],
+              norm='layernorm', norm_eps=float(hf.get('layer_norm_epsilon', 1e-5)),
+              activation='gelu', position='learned', use_bias=True,
+              tie_embeddings=bool(hf.get('tie_word_embeddings', True)))
+
+
+def llama_fields(hf: dict) -> dict:
+  """Llama 2/3/3.1/3.2: RoPE (+ llama3 scaling), RMSNorm, SwiGLU, GQA, optional tied head."""
+  if hf.get('hidden_act', 'silu') != 'silu':
+    raise ConfigError(f"{hf.get('model_type')} hidden_act '{hf['hidden_act']}' is not supported "
+                      "(only 'silu')")
+  d, heads = hf['hidden_size'], hf['num_attention_heads']
+  hd = hf.get('head_dim') or d // heads
+  return dict(vocab_size=hf['vocab_size'], d_model=d, n_layers=hf['num_hidden_layers'],
+              n_heads=heads, n_kv_heads=hf.get('num_key_value_heads') or heads,
+              head_dim=0 if hd == d // heads else hd, mlp_dim=hf['intermediate_size'],
+              max_seq_len=hf['max_position_embeddings'], norm='rmsnorm',
+              norm_eps=float(hf.get('rms_norm_eps', 1e-6)), activation='swiglu',
+              position='rope', **_rope_fields(hf),
+              use_bias=bool(hf.get('attention_bias') or hf.get('mlp_bias')),
+              tie_embeddings=bool(hf.get('tie_word_embeddings', False)))
+
+
+def _no_sliding_window(hf: dict) -> None:
+  window = hf.get('sliding_window')
+  uses = hf.get('use_sliding_window', hf.get('model_type') == 'mistral')
+  if uses and window and window < hf.get('max_position_embeddings', 0):
+    raise ConfigError(f"{hf.get('model_type')} sliding-window attention is not supported")
+
+
+def mistral_fields(hf: dict) -> dict:
+  """Mistral: Llama with sliding-window attention."""
+  _no_sliding_window(hf)
+  return llama_fields(hf)
+
+
+def qwen2_fields(hf: dict) -> dict:
+  """Qwen2/2.5: Llama with a bias on the q/k/v projections only."""
+  _no_sliding_window(hf)
+  return dict(llama_fields(hf), use_bias=False, qkv_bias=True)
+
+
+def qwen3_fields(hf: dict) -> dict:
+  """Qwen3: Llama with RMSNorm on each query/key head (before RoPE)."""
+  _no_sliding_window(hf)
+  if hf.get('attention_bias'):
+    raise ConfigError('Qwen3 attention_bias=true is not supported (jaxlm biases attention and '
+                      'MLP together)')
+  return dict(llama_fields(hf), use_bias=False, qk_norm=True)
+
+
+IMPORTERS = {'gpt2': gpt2_fields, 'llama': llama_fields, 'mistral': mistral_fields,
+             'qwen2': qwen2_fields, 'qwen3': qwen3_fields}
+
+
+def model_fields(hf: dict) -> dict:
+  """jaxlm ``model`` fields for an HF config dict of any supported family."""
+  return IMPORTERS[family(hf)](hf)
+
+
+def export_family(m) -> str:
+  """The HF model_type a jaxlm ``model`` section maps onto exactly, or ConfigError."""
+  if (m.position, m.norm, m.activation) == ('learned', 'layernorm', 'gelu'):
+    if m.n_kv_heads != m.n_heads or (m.head_dim and m.head_dim * m.n_heads != m.d_model):
+      raise ConfigError('GPT-2 export needs n_kv_heads == n_heads and head_dim == d_model / n_heads')
+    return 'gpt2'
+  if (m.position, m.norm, m.activation) != ('rope', 'rmsnorm', 'swiglu'):
+    raise ConfigError(f'no Hugging Face architecture matches model.position={m.position!r}, '
+                      f'model.norm={m.norm!r}, model.activation={m.activation!r}')
+  if m.qk_norm or m.qkv_bias:
+    if m.use_bias or (m.qk_norm and m.qkv_bias):
+      raise ConfigError('no Hugging Face architecture matches model.qk_norm / model.qkv_bias '
+                        'together with each other or with model.use_bias')
+    if m.rope_scaling:
+      raise ConfigError(f'Qwen export does not support model.rope_scaling={m.rope_scaling!r}')
+    return 'qwen3' if m.qk_norm else 'qwen2'
+  return 'llama'
+
+
+def _rope_config(m) -> dict:
+  rp = {'rope_theta': m.rope_theta, 'rope_type': 'default'}
+  if m.rope_scaling == 'llama3':
+    rp.update(rope_type='llama3', factor=m.rope_factor, low_freq_factor=m.rope_low_freq_factor,
+              high_freq_factor=m.rope_high_freq_factor,
+              original_max_position_embeddings=m.rope_original_max_len)
+  # Both spellings: transformers 4 reads rope_theta/rope_scaling, 5 reads rope_parameters.
+  out = dict(rope_theta=m.rope_theta, rope_parameters=rp)
+  if m.rope_scaling:
+    out['rope_scaling'] = rp
+  return out
+
+
+def gpt2_config(m, common: dict) -> dict:
+  return dict(common, architectures=['GPT2LMHeadModel'], n_embd=m.d_model,
+              n_layer=m.n_layers, n_head=m.n_heads, n_inner=m.mlp_dim,
+              n_positions=m.max_seq_len, layer_norm_epsilon=m.norm_eps,
+              activation_function='gelu_new', resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+              scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+              reorder_and_upcast_attn=False)
+
+
+def llama_config(m, common: dict) -> dict:
+  return dict(common, architectures=['LlamaForCausalLM'], hidden_size=m.d_model,
+              intermediate_size=m.mlp_dim, num_hidden_layers=m.n_layers,
+              num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
+              head_dim=m.head_dim or m.d_model // m.n_heads,
+              max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps,
+              hidden_act='silu', attention_bias=bool(m.use_bias), mlp_bias=bool(m.use_bias),
+              attention_dropout=0.0, **_rope_config(m))
+
+
+def qwen2_config(m, common: dict) -> dict:
+  out = dict(llama_config(m, common), architectures=['Qwen2ForCausalLM'],
+             use_sliding_window=False, sliding_window=None)
+  for k in ('attention_bias', 'mlp_bias'):  # Qwen2 always biases q/k/v, nothing else
+    out.pop(k)
+  return out
+
+
+def qwen3_config(m, common: dict) -> dict:
+  out = dict(llama_config(m, common), architectures=['Qwen3ForCausalLM'],
+             use_sliding_window=False, sliding_window=None)
+  out.pop('mlp_bias')
+  return out
+
+
+EXPORTERS = {'gpt2': gpt2_config, 'llama': llama_config, 'qwen2': qwen2_config,
+             'qwen3': qwen3_config}
+
+
+def hf_config(m, vocab_size: int, bos_id=None, eos_id=None) -> dict:
+  """The config.json dict for a jaxlm ``model`` section (its ``export_family``)."""
+  kind = export_family(m)
+  common = dict(model_type=kind, vocab_size=vocab_size, tie_word_embeddings=bool(m.tie_embeddings),
+                bos_token_id=bos_id, eos_token_id=eos_id, torch_dtype='float32', dtype='float32')
+  return EXPORTERS[kind](m, common)
+
+
+# ---- parameters -----------------------------------------------------------------------
+
+def _getter(tensors: dict, prefixes: tuple[str, ...]):
+  """get(name) -> fp32 array, trying each prefix (hub GPT-2 files lack 'transformer.')."""
+  def get(name, default=None):
+    for p in prefixes:
+      if p + name in tensors:
+        return np.asarray(tensors[p + name], np.float32)
+    if default is not None:
+      return default
+    raise CheckpointError(f"Hugging Face weights have no tensor '{prefixes[0]}{name}'")
+  return get
+
+
+def _norm(w, b=None) -> dict:
+  return {'scale': w} if b is None else {'scale': w, 'bias': b}
+
+
+def _dense(kernel, bias=None, use_bias=False) -> dict:
+  out = {'kernel': kernel}
+  if use_bias:
+    out['bias'] = bias if bias is not None else np.zeros(kernel.shape[-1:], np.float32)
+  return out
+
+
+def _gpt2_layer(get, i, m) -> dict:
+  h, hd, d = m.n_heads, m.d_model // m.n_heads, m.d_model
+  p = f'h.{i}.'
+  qkv_w = np.split(get(p + 'attn.c_attn.weight'), 3, axis=1)  # 3 x [embed, heads*head_dim]
+  qkv_b = np.split(get(p + 'attn.c_attn.bias'), 3)
+  attn = {n: {'kernel': w.reshape(d, h, hd), 'bias': b.reshape(h, hd)}
+          for n, w, b in zip(('query', 'key', 'value'), qkv_w, qkv_b)}
+  attn['out'] = {'kernel': get(p + 'attn.c_proj.weight').reshape(h, hd, d),
+                 'bias': get(p + 'attn.c_proj.bias')}
+  return {'attn_norm': _norm(get(p + 'ln_1.weight'), get(p + 'ln_1.bias')),
+          'mlp_norm': _norm(get(p + 'ln_2.weight'), get(p + 'ln_2.bias')),
+          'attn': attn,
+          'mlp': {'up': {'kernel': get(p + 'mlp.c_fc.weight'), 'bias': get(p + 'mlp.c_fc.bias')},
+                  'down': {'kernel': get(p + 'mlp.c_proj.weight'),
+                           'bias': get(p + 'mlp.c_proj.bias')}}}
+
+
+def _llama_layer(get, i, m) -> dict:
+  """Llama-style layer (Llama, Mistral, Qwen2, Qwen3): nn.Linear weights are [out, in]."""
+  h, kv, d = m.n_heads, m.n_kv_heads, m.d_model
+  hd = m.head_dim or d // h
+  p = f'layers.{i}.'
+  bias = lambda name: get(p + name + '.bias', np.zeros(0))  # absent: zeros if the model has one
+  fix = lambda b, shape: None if not b.size else b.reshape(shape)
+  attn = {}
+  for name, heads in (('query', h), ('key', kv), ('value', kv)):
+    proj = f'self_attn.{name[0]}_proj'
+    attn[name] = _dense(get(p + proj + '.weight').T.reshape(d, heads, hd),
+                        fix(bias(proj), (heads, hd)), m.use_bias or m.qkv_bias)
+  attn['out'] = _dense(get(p + 'self_attn.o_proj.weight').T.reshape(h, hd, d),
+                       fix(bias('self_attn.o_proj'), (d,)), m.use_bias)
+  if m.qk_norm:
+    attn['query_norm'] = _norm(get(p + 'self_attn.q_norm.weight'))
+    attn['key_norm'] = _norm(get(p + 'self_attn.k_norm.weight'))
+  mlp = {n: _dense(get(f'{p}mlp.{n}_proj.weight').T, fix(bias(f'mlp.{n}_proj'), (-1,)),
+                   m.use_bias)
+         for n in ('gate', 'up', 'down')}
+  return {'attn_norm': _norm(get(p + 'input_layernorm.weight')),
+          'mlp_norm': _norm(get(p + 'post_attention_layernorm.weight')),
+          'attn': attn, 'mlp': mlp}
+
+
+def to_params(tensors: dict[str, np.ndarray], m) -> dict:
+  """HF tensors -> the jaxlm params tree (fp32 numpy) for model section ``m``.
+
+  Layers are stacked on a leading ``[layers]`` axis under 'layers' when
+  ``m.scan_layers``, else stored as 'layer_0', 'layer_1', ...
+  """
+  if m.position == 'learned':
+    get = _getter(tensors, ('transformer.', ''))
+    layers = [_gpt2_layer(get, i, m) for i in range(m.n_layers)]
+    params = {'embed': {'embedding': get('wte.weight')},
+              'pos_embed': {'embedding': get('wpe.weight')},
+              'final_norm': _norm(get('ln_f.weight'), get('ln_f.bias'))}
+  else:
+    get = _getter(tensors, ('model.', ''))
+    layers = [_llama_layer(get, i, m) for i in range(m.n_layers)]
+    params = {'embed': {'embedding': get('embed_tokens.weight')},
+              'final_norm': _norm(get('norm.weight'))}
+  if not m.tie_embeddings:
+    head = tensors.get('lm_head.weight')
+    if head is None:  # tied in the file but not in the config: copy the embedding
+      head = params['embed']['embedding']
+    params['head'] = {'kernel': np.asarray(head, np.float32).T}  # [embed, vocab]
+  if m.scan_layers:
+    import jax  # noqa: PLC0415
+    params['layers'] = jax.tree.map(lambda *a: np.stack(a), *layers)
+  else:
+    params.update({f'layer_{i}': l for i, l in enumerate(layers)})
+  return params
+
+
+def from_params(params: dict, m, vocab_size: int) -> dict[str, np.ndarray]:
+  """jaxlm params (numpy) -> HF tensor dict; the vocab is cut to ``vocab_size`` rows."""
+  if 'layers' in params:
+    layers = [_index(params['layers'], i) for i in range(m.n_layers)]
+  else:
+    layers = [params[f'layer_{i}'] for i in range(m.n_layers)]
+  f32 = lambda x: np.asarray(x, np.float32)
+  embed = f32(params['embed']['embedding'])[:vocab_size]
+  out = {}
+  if export_family(m) == 'gpt2':
+    d = m.d_model
+    zeros = lambda *s: np.zeros(s, np.float32)
+    bias = lambda tree, shape: f32(tree['bias']).reshape(shape) if 'bias' in tree else zeros(*shape)
+    for i, l in enumerate(layers):
+      p, a = f'transformer.h.{i}.', l['attn']
+      out[p + 'ln_1.weight'], out[p + 'ln_1.bias'] = f32(l['attn_norm']['scale']), bias(l['attn_norm'], (d,))
+      out[p + 'ln_2.weight'], out[p + 'ln_2.bias'] = f32(l['mlp_norm']['scale']), bias(l['mlp_norm'], (d,))
+      out[p + 'attn.c_attn.weight'] = np.concatenate(
+          [f32(a[n]['kernel']).reshape(d, d) for n in ('query', 'key', 'value')], axis=1)
+      out[p + 'attn.c_attn.bias'] = np.concatenate(
+          [bias(a[n], (d,)) for n in ('query', 'key', 'value')])
+      out[p + 'attn.c_proj.weight'] = f32(a['out']['kernel']).reshape(d, d)
+      out[p + 'attn.c_proj.bias'] = bias(a['out'], (d,))
+      out[p + 'mlp.c_fc.weight'] = f32(l['mlp']['up']['kernel'])
+      out[p + 'mlp.c_fc.bias'] = bias(l['mlp']['up'], (m.mlp_dim,))
+      out[p + 'mlp.c_proj.weight'] = f32(l['mlp']['down']['kernel'])
+      out[p + 'mlp.c_proj.bias'] = bias(l['mlp']['down'], (d,))
+    out['transformer.wte.weight'] = embed
+    out['transformer.wpe.weight'] = f32(params['pos_embed']['embedding'])
+    out['transformer.ln_f.weight'] = f32(params['final_norm']['scale'])
+    out['transformer.ln_f.bias'] = bias(params['final_norm'], (d,))
+  else:
+    for i, l in enumerate(layers):
+      p, a = f'model.layers.{i}.', l['attn']
+      out[p + 'input_layernorm.weight'] = f32(l['attn_norm']['scale'])
+      out[p + 'post_attention_layernorm.weight'] = f32(l['mlp_norm']['scale'])
+      for n in ('query', 'key', 'value'):
+        k = f32(a[n]['kernel'])  # [embed, heads, head_dim]
+        out[f'{p}self_attn.{n[0]}_proj.weight'] = k.reshape(k.shape[0], -1).T
+        if 'bias' in a[n]:
+          out[f'{p}self_attn.{n[0]}_proj.bias'] = f32(a[n]['bias']).reshape(-1)
+      k = f32(a['out']['kernel'])  # [heads, head_dim, embed]
+      out[p + 'self_attn.o_proj.weight'] = k.reshape(-1, k.shape[-1]).T
+      if 'bias' in a['out']:
+        out[p + 'self_attn.o_proj.bias'] = f32(a['out']['bias'])
+      for n in ('query', 'key'):
+        if f'{n}_norm' in a:
+          out[f'{p}self_attn.{n[0]}_norm.weight'] = f32(a[f'{n}_norm']['scale'])
+      for n in ('gate', 'up', 'down'):
+        out[f'{p}mlp.{n}_proj.weight'] = f32(l['mlp'][n]['kernel']).T
+        if 'bias' in l['mlp'][n]:
+          out[f'{p}mlp.{n}_proj.bias'] = f32(l['mlp'][n]['bias'])
+    out['model.embed_tokens.weight'] = embed
+    out['model.norm.weight'] = f32(params['final_norm']['scale'])
+  if not m.tie_embeddings:
+    out['lm_head.weight'] = f32(params['head']['kernel']).T[:vocab_size]
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def _index(tree, i):
+  if isinstance(tree, dict):
+    return {k: _index(v, i) for k, v in tree.items()}
+  return np.asarray(tree)[i]

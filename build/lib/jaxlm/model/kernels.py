@@ -1,0 +1,133 @@
+"""Attention kernels shipped with jax for one platform: splash (TPU), Pallas flash and cuDNN (GPU).
+
+Each takes the layouts of ``attention.py`` for self-attention (queries and keys
+the same slots, so ``q_index == kv_index``) and never builds a [len, len] mask
+or bias. ``attention.attend`` shards them over batch and heads with shard_map
+(Pallas calls have no automatic partitioning) and sends the KV-cache decode
+path, whose queries sit at an offset, to the index-aware chunked kernel.
+
+Off their platform the Pallas kernels run in Pallas interpret mode when
+``JAXLM_PALLAS_INTERPRET=1`` (slow; what the CPU tests use); otherwise
+``attend`` logs why and uses the chunked kernel instead.
+"""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.config import LIBRARY_KERNELS as PLATFORM  # kernel -> the platform it compiles for
+
+INTERPRET_ENV = 'JAXLM_PALLAS_INTERPRET'
+
+
+def mode(impl: str) -> str | None:
+  """'native', 'interpret' (Pallas interpreter, off-platform) or None (cannot run here)."""
+  if jax.default_backend() == PLATFORM[impl]:
+    return 'native'
+  if impl != 'cudnn' and os.environ.get(INTERPRET_ENV) == '1':
+    return 'interpret'
+  return None
+
+
+def _pad_len(x, n: int):
+  """Pads axis 1 to length n with zeros (segment 0: padding no real query attends)."""
+  extra = n - x.shape[1]
+  return x if not extra else jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(heads: int, length: int, block: int, window: int, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
+      splash_attention_kernel as sk, splash_attention_mask as sm)
+  shape = (length, length)
+  # Causal is the window's right edge: LocalMask (left, right=0) keeps window - 1 earlier keys.
+  one = sm.LocalMask(shape, (window - 1, 0), offset=0) if window else sm.CausalMask(shape)
+  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                        block_q_dq=block, block_kv_dq=block)
+  # Concrete mask arrays, not tracers of whichever jit first asked: the kernel is cached.
+  with jax.ensure_compile_time_eval():
+    return sk.make_splash_mha(sm.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1,
+                              q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(q, k, v, m, window: int = 0, interpret: bool = False) -> jax.Array:
+  """TPU splash attention (Pallas): causal (+ sliding window) mask, segment ids, GQA.
+
+  Splash skips blocks its static mask excludes; segment ids mask the rest, so
+  packed documents never see each other. Lengths are padded to whole blocks.
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # noqa: PLC0415
+  b, t, h, d = q.shape
+  block = min(512, -(-t // 128) * 128)  # TPU lanes: blocks are multiples of 128
+  n = -(-t // block) * block
+  kernel = _splash_kernel(h, n, block, window, interpret)
+  heads_first = lambda x: _pad_len(x, n).transpose(0, 2, 1, 3)  # [batch, heads, len, head_dim]
+  seg = sk.SegmentIds(_pad_len(m.q_segment, n), _pad_len(m.kv_segment, n))
+  out = jax.vmap(kernel)(heads_first(q * jnp.asarray(d ** -0.5, q.dtype)), heads_first(k),
+                         heads_first(v), segment_ids=seg)
+  return out.transpose(0, 2, 1, 3)[:, :t]
+
+
+def pallas_gpu_attention(q, k, v, m, window: int = 0, interpret: bool = False) -> jax.Array:
+  """jax's Pallas (Triton) flash attention for GPU: causal, segment ids; GQA by repeating K/V.
+
+  The kernel takes one segment-id array for queries and keys (self-attention)
+  and has no sliding window (config validation refuses one).
+  """
+  from jax.experimental.pallas.ops.gpu import attention as gpu_attention  # noqa: PLC0415
+  if window:
+    raise ValueError("attention 'pallas_gpu' has no sliding window")
+  b, t, h, d = q.shape
+  groups = h // k.shape[2]
+  block = 64
+  n = -(-t // block) * block
+  k, v = (_pad_len(jnp.repeat(x, groups, axis=2), n) for x in (k, v))
+  sizes = gpu_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=block,
+                                   block_kv_dkv=block, block_q_dq=block, block_kv_dq=block)
+  out = gpu_attention.mha(_pad_len(q, n), k, v, _pad_len(m.q_segment, n), sm_scale=d ** -0.5,
+                          causal=True, block_sizes=sizes, interpret=interpret)
+  return out[:, :t]
+
+
+def packed_lengths(segment):
+  """cuDNN's packed-sequence layout from segment ids [batch, len] (contiguous runs).
+
+  Returns (seqlen [batch, len], offsets [batch, len + 1]): the length and start
+  of each run of one non-zero segment id in order, then -1 (cuDNN's filler).
+  Padding (segment 0) gets no entry.
+  """
+  b, t = segment.shape
+  prev = jnp.pad(segment, [(0, 0), (1, 0)], constant_values=0)[:, :-1]
+  starts = (segment != prev) & (segment != 0)  # [batch, len]
+  nxt = jnp.pad(segment, [(0, 0), (0, 1)], constant_values=0)[:, 1:]
+  ends = (segment != nxt) & (segment != 0)
+  pos = jnp.arange(t, dtype=jnp.int32)
+  order = lambda mask: jnp.sort(jnp.where(mask, pos, t), axis=1)  # run starts/ends first
+  first, last = order(starts), order(ends)
+  some = first < t
+  seqlen = jnp.where(some, last - first + 1, -1).astype(jnp.int32)
+  offsets = jnp.where(some, first, -1).astype(jnp.int32)
+  return seqlen, jnp.pad(offsets, [(0, 0), (0, 1)], constant_values=-1)
+
+
+def cudnn_attention(q, k, v, m, window: int = 0, interpret: bool = False) -> jax.Array:
+  """cuDNN flash attention (GPU only): causal, packed segments as cuDNN ragged offsets.
+
+  ``jax.nn.dot_product_attention`` takes no segment ids (as of jax 0.10), so this
+  calls the function it wraps with per-row segment lengths and offsets, cuDNN's
+  packed (THD) layout; fp16/bf16 only.
+  """
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # noqa: PLC0415
+  del interpret  # cuDNN has no interpreter
+  seqlen, offsets = packed_lengths(m.q_segment)
+  return cudnn.dot_product_attention(
+      q, k, v, q_seqlen=seqlen, kv_seqlen=seqlen, q_offsets=offsets, kv_offsets=offsets,
+      scale=q.shape[-1] ** -0.5, mask_type=cudnn.MaskType.PADDING_CAUSAL,
+      sliding_window_length=window or None)
+
+
+KERNELS = {'splash': splash_attention, 'pallas_gpu': pallas_gpu_attention,
+           'cudnn': cudnn_attention}

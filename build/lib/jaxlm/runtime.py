@@ -1,0 +1,125 @@
+"""Process-level setup: logging, jax.distributed and the compilation cache, once per process.
+
+Multi-host runs call ``jax.distributed.initialize`` here and nowhere else:
+  * explicit: ``--coordinator_address/--num_processes/--process_id`` or the
+    ``JAXLM_COORDINATOR_ADDRESS / JAXLM_NUM_PROCESSES / JAXLM_PROCESS_ID`` env vars;
+  * SLURM with more than one task: jax's SLURM detection. With one task per
+    node (launch/slurm_gpu.sbatch) each process gets *all* of its node's GPUs;
+    jax alone would give it only the GPU numbered ``SLURM_LOCALID`` (0). With
+    one task per GPU jax's default (GPU ``SLURM_LOCALID``) is right and kept;
+  * Cloud TPU VMs (libtpu installed and TPU chips present): always, with no
+    arguments: jax finds the slice's other workers through the TPU metadata
+    server (or GKE's variables), and a single-host slice is a 1-process cluster.
+"""
+
+import glob
+import importlib.util
+import logging
+import os
+import sys
+
+import jax
+
+log = logging.getLogger('jaxlm')
+_initialized = False
+
+
+class _CurrentStderr(logging.StreamHandler):
+  """Writes to whatever sys.stderr is now (it may be swapped, e.g. by tests)."""
+
+  @property
+  def stream(self):
+    return sys.stderr
+
+  @stream.setter
+  def stream(self, _):
+    pass
+
+
+def setup_logging() -> None:
+  if not log.handlers:
+    handler = _CurrentStderr()
+    handler.setFormatter(logging.Formatter('%(asctime)s jaxlm: %(message)s', '%H:%M:%S'))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+  # Orbax and absl are chatty at INFO; keep the console for the user's run.
+  logging.getLogger('absl').setLevel(logging.WARNING)
+
+
+def initialize(coordinator_address: str = '', num_processes: int = 0, process_id: int = -1) -> None:
+  """Joins the multi-controller runtime if this is one of several processes."""
+  global _initialized
+  if _initialized:
+    return
+  setup_logging()
+  addr = coordinator_address or os.environ.get('JAXLM_COORDINATOR_ADDRESS', '')
+  nproc = num_processes or int(os.environ.get('JAXLM_NUM_PROCESSES', '0') or 0)
+  pid = process_id if process_id >= 0 else int(os.environ.get('JAXLM_PROCESS_ID', '-1') or -1)
+  slurm = _slurm_tasks() > 1
+  explicit = bool(addr and nproc > 1)
+  if (explicit or slurm) and os.environ.get('JAX_PLATFORMS') == 'cpu':
+    # CPU rehearsal of a multi-host run: collectives over gloo on loopback.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if explicit:
+    jax.distributed.initialize(addr, nproc, pid, local_device_ids=slurm_local_device_ids())
+  elif slurm:
+    jax.distributed.initialize(local_device_ids=slurm_local_device_ids())
+  elif on_cloud_tpu_vm():
+    jax.distributed.initialize()
+  _initialized = True
+  enable_compilation_cache()
+  log.info('process %d/%d: %d local devices, %d global (%s)', jax.process_index(),
+           jax.process_count(), jax.local_device_count(), jax.device_count(),
+           jax.devices()[0].device_kind)
+  if jax.process_index() != 0:
+    log.setLevel(logging.WARNING)  # one console voice: process 0's
+
+
+def _slurm_tasks() -> int:
+  if not os.environ.get('SLURM_JOB_ID'):
+    return 0
+  return int(os.environ.get('SLURM_STEP_NUM_TASKS') or os.environ.get('SLURM_NTASKS') or 1)
+
+
+def slurm_local_device_ids() -> list[int] | None:
+  """All GPUs of this node when SLURM runs one task per node; None (jax decides) otherwise."""
+  if _slurm_tasks() < 1:
+    return None
+  nodes = int(os.environ.get('SLURM_STEP_NUM_NODES') or os.environ.get('SLURM_NNODES') or 1)
+  if _slurm_tasks() != nodes:
+    return None  # several tasks per node: one GPU each, jax's SLURM_LOCALID default
+  visible = os.environ.get('CUDA_VISIBLE_DEVICES', '')
+  n = len([d for d in visible.split(',') if d.strip()]) if visible else \
+      int(os.environ.get('SLURM_GPUS_ON_NODE') or 0)
+  return list(range(n)) if n else None
+
+
+def on_cloud_tpu_vm() -> bool:
+  """A Cloud TPU VM (or GKE TPU node): libtpu installed and TPU chips visible to this host."""
+  if os.environ.get('JAX_PLATFORMS', 'tpu') not in ('', 'tpu') and \
+      'tpu' not in os.environ.get('JAX_PLATFORMS', ''):
+    return False
+  has_libtpu = importlib.util.find_spec('libtpu') is not None
+  return has_libtpu and bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'))
+
+
+def enable_compilation_cache() -> None:
+  """jax's persistent compilation cache, on every platform: restarts skip recompiling.
+
+  ``JAX_COMPILATION_CACHE_DIR`` (set by the launch scripts) wins; the default is
+  ``~/.cache/jaxlm/xla``, local to each host (the cache is keyed by program and
+  backend, so hosts never share entries wrongly).
+  """
+  if jax.config.jax_compilation_cache_dir:
+    return  # set by the user (JAX_COMPILATION_CACHE_DIR or jax.config)
+  cache = os.path.join(os.path.expanduser('~'), '.cache', 'jaxlm', 'xla')
+  try:
+    os.makedirs(cache, exist_ok=True)
+  except OSError:
+    return  # a read-only home: run without a cache
+  jax.config.update('jax_compilation_cache_dir', cache)
+
+
+def is_main() -> bool:
+  return jax.process_index() == 0

@@ -1,0 +1,201 @@
+"""Workdir storage: one path layer (etils.epath) for local dirs, gs:// and s3://.
+
+Every read and write of a workdir file goes through here or through Orbax,
+which uses the same epath (plus tensorstore for array data), so a run behaves
+the same on a laptop disk and in a bucket. ``gs://`` goes through gcsfs and
+``s3://`` through s3fs (the ``cloud`` extra); ``check`` names the extra before
+anything is loaded.
+
+Object stores have no append and no atomic rename, so:
+  * ``write_atomic``: tmp + rename locally; one object PUT (already atomic) remotely;
+  * ``TextLog`` (metrics.jsonl): appended and flushed locally; remotely the whole
+    object is rewritten at most every ``upload_every`` seconds and on close;
+  * ``create_exclusive`` (the workdir lock): ``O_CREAT|O_EXCL`` locally; a
+    create-only-if-absent upload remotely (GCS ``ifGenerationMatch=0``, S3
+    ``If-None-Match: *``), through the same fsspec filesystem epath uses.
+"""
+
+import importlib.util
+import os
+import time
+
+from etils import epath
+
+from jaxlm.errors import ConfigError
+
+# URI scheme -> the fsspec package epath needs for it.
+_CLOUD_PACKAGES = {'gs': 'gcsfs', 's3': 's3fs'}
+
+
+def scheme(p) -> str:
+  """'gs', 's3', ... for a URI; '' for a local path."""
+  s = os.fspath(p) if not isinstance(p, str) else p
+  return s.split('://', 1)[0] if '://' in s else ''
+
+
+def is_remote(p) -> bool:
+  return bool(scheme(p))
+
+
+def check(p) -> None:
+  """ConfigError naming the missing package for a gs:// or s3:// path (one line, no traceback)."""
+  pkg = _CLOUD_PACKAGES.get(scheme(p))
+  if pkg and importlib.util.find_spec(pkg) is None:
+    raise ConfigError(f"'{p}' needs the {pkg} package: pip install 'jaxlm[cloud]'")
+
+
+def path(p) -> epath.Path:
+  """An epath.Path for a local path or URI (checked for its cloud package)."""
+  check(p)
+  return epath.Path(p)
+
+
+def join(p, *parts) -> str:
+  """``p/part/...`` as a string (URIs keep their scheme)."""
+  return os.fspath(path(p).joinpath(*parts))
+
+
+def read_text(p) -> str:
+  return path(p).read_text(encoding='utf-8')
+
+
+def write_atomic(p, text: str) -> None:
+  """Writes ``text`` so readers see the old file or the new one, never half of it."""
+  target = path(p)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  if is_remote(p):
+    target.write_text(text, encoding='utf-8')  # an object upload commits whole
+    return
+  tmp = target.parent / f'.{target.name}.tmp{os.getpid()}'
+  tmp.write_text(text, encoding='utf-8')
+  os.replace(tmp, target)
+
+
+def append_text(p, text: str) -> None:
+  """Appends ``text``; remotely a read-modify-write of the object (for rare writes)."""
+  target = path(p)
+  if not is_remote(p):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, 'a', encoding='utf-8') as f:
+      f.write(text)
+    return
+  old = target.read_text(encoding='utf-8') if target.exists() else ''
+  target.write_text(old + text, encoding='utf-8')
+
+
+def copy(src, dst) -> None:
+  path(dst).write_bytes(path(src).read_bytes())
+
+
+def _fs(p):
+  """(fsspec filesystem, path within it) for a URI: the filesystem epath uses."""
+  import fsspec  # noqa: PLC0415  (epath's remote backend; local paths never need it)
+  fs, fs_path = fsspec.core.url_to_fs(os.fspath(p))
+  return fs, fs_path
+
+
+def create_exclusive(p, data: bytes) -> bool:
+  """Creates ``p`` holding ``data`` only if it does not exist; False if it does."""
+  if not is_remote(p):
+    # Write a private file, then hard-link it into place: link() fails if the name
+    # exists, and a reader never sees the file half-written.
+    target = path(p)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f'.{target.name}.new{os.getpid()}'
+    tmp.write_bytes(data)
+    try:
+      os.link(tmp, target)
+    except FileExistsError:
+      return False
+    finally:
+      tmp.unlink()
+    return True
+  check(p)
+  fs, fs_path = _fs(p)
+  try:
+    fs.pipe_file(fs_path, data, mode='create')
+  except FileExistsError:
+    return False
+  return True
+
+
+def read_bytes_or_none(p) -> bytes | None:
+  """The object's bytes, or None if it does not exist (never a cached listing)."""
+  if not is_remote(p):
+    try:
+      with open(os.fspath(p), 'rb') as f:
+        return f.read()
+    except FileNotFoundError:
+      return None
+  fs, fs_path = _fs(path(p))
+  try:
+    return fs.cat_file(fs_path)
+  except FileNotFoundError:
+    return None
+
+
+def remove(p) -> None:
+  """Deletes one file/object; already gone is fine."""
+  try:
+    path(p).unlink()
+  except FileNotFoundError:
+    pass
+
+
+class TextLog:
+  """An append-only text file (metrics.jsonl) that works on object stores too.
+
+  Locally each ``write`` is appended and flushed. An object cannot be appended
+  to, so remotely the whole text is kept and the object rewritten at most
+  every ``upload_every`` seconds and on ``flush``/``close``.
+  """
+
+  def __init__(self, p, upload_every: float = 30.0):
+    self.path = path(p)
+    self.remote = is_remote(p)
+    self.upload_every = upload_every
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._text = (self.path.read_text(encoding='utf-8') if self.path.exists() else '') \
+        if self.remote else None
+    self._file = None if self.remote else open(self.path, 'a', encoding='utf-8')  # noqa: SIM115
+    self._uploaded = time.monotonic()
+    self._dirty = False
+
+  def lines(self) -> list[str]:
+    if self.remote:
+      return self._text.splitlines(keepends=True)
+    return self.path.read_text(encoding='utf-8').splitlines(keepends=True)
+
+  def replace(self, lines: list[str]) -> None:
+    """Rewrites the file with ``lines`` (each ending in a newline)."""
+    if self.remote:
+      self._text = ''.join(lines)
+      self._dirty = True
+      self.flush()
+      return
+    self._file.close()
+    write_atomic(self.path, ''.join(lines))
+    self._file = open(self.path, 'a', encoding='utf-8')  # noqa: SIM115
+
+  def write(self, text: str) -> None:
+    if not self.remote:
+      self._file.write(text)
+      self._file.flush()
+      return
+    self._text += text
+    self._dirty = True
+    if time.monotonic() - self._uploaded >= self.upload_every:
+      self.flush()
+
+  def flush(self) -> None:
+    if self.remote and self._dirty:
+      self.path.write_text(self._text, encoding='utf-8')
+      self._dirty = False
+      self._uploaded = time.monotonic()
+
+  def close(self) -> None:
+    if self.remote:
+      self.flush()
+    elif self._file is not None:
+      self._file.close()
+      self._file = None

@@ -1,0 +1,241 @@
+"""The train loop: wires config -> mesh -> model -> data -> shardings -> state -> hooks.
+
+``Trainer(cfg, workdir).run()`` reads top to bottom in data-flow order. The
+model on its mesh (shardings, compiled steps) is ``jaxlm.engine.Setup``; the
+pure step lives in jaxlm.train.step; everything with side effects (logging,
+checkpoints, hooks, signals) lives here.
+"""
+
+import logging
+import signal
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from jaxlm import config as config_lib
+from jaxlm import hooks as hooks_lib
+from jaxlm import mesh as mesh_lib
+from jaxlm import runtime
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.data.pipeline import make_pipeline
+from jaxlm.engine import Setup
+from jaxlm import evals
+from jaxlm.errors import ConfigError
+from jaxlm.evals.multiple_choice import multiple_choice_hook
+from jaxlm.train import metrics as metrics_lib
+
+log = logging.getLogger('jaxlm')
+
+
+class _Signals:
+  """First SIGTERM/SIGINT: finish the step, checkpoint, exit 0. Second SIGINT: abort now."""
+
+  def __init__(self):
+    self.stop = False
+    self._old = {}
+    self._sync_failed = False
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.stop:
+      log.info('second interrupt: aborting without saving (the last checkpoint is intact)')
+      raise SystemExit(130)
+    self.stop = True
+    log.info('%s received: finishing this step and saving a checkpoint',
+             signal.Signals(signum).name)
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+  def preempted(self, step: int, sync_every: int) -> bool:
+    """Whether to stop after ``step``; all processes of a multi-host run agree on it."""
+    if jax.process_count() == 1:
+      return self.stop
+    if not self._sync_failed:
+      try:
+        if multihost_utils.reached_preemption_sync_point(step):
+          return True
+      except Exception as e:  # noqa: BLE001  (jax raises RuntimeError/XlaRuntimeError)
+        # Said once: without jax.distributed's preemption service (off TPU pods) the
+        # signal agreement below is the only stop; a repeat every step would be noise.
+        self._sync_failed = True
+        log.info('preemption sync point unavailable (%s: %s); stopping on signals agreed '
+                 'every %d steps instead', type(e).__name__, str(e).splitlines()[0][:200],
+                 max(sync_every, 1))
+    # A signal may reach only some processes; agree every few steps (a tiny all-gather).
+    if step % max(sync_every, 1) == 0:
+      return bool(np.any(multihost_utils.process_allgather(np.array(self.stop))))
+    return False
+
+
+class Trainer:
+  """One training run in one workdir; resumes if the workdir has checkpoints."""
+
+  def __init__(self, cfg, workdir: str, restore_step: int | None = None, devices=None):
+    self.cfg = cfg
+    self.devices = devices  # None = all devices; tests pass a subset
+    self.workdir = workdir
+    self.restore_step = restore_step
+    self.hooks: list[hooks_lib.Hook] = []
+    self._stop_requested = False
+
+  def add_hook(self, hook: hooks_lib.Hook) -> None:
+    self.hooks.append(hook)
+
+  def request_stop(self) -> None:
+    """Stops after the current step with a checkpoint, as SIGTERM does (callable from hooks)."""
+    self._stop_requested = True
+
+  def run(self) -> dict:
+    cfg, workdir = self.cfg, self.workdir
+    runtime.initialize()
+    config_lib.validate(cfg)
+    changed = config_lib.conflicts(cfg, workdir)
+    if changed:
+      raise ConfigError(f"workdir '{workdir}' holds a run with a different config: "
+                        f"{'; '.join(changed[:5])} (use a new --workdir)")
+
+    log.info('mesh: building from %s', dict(cfg.mesh))
+    setup = Setup(cfg, mesh_lib.make_mesh(cfg.mesh, self.devices))
+    log.info('mesh: %s', dict(setup.mesh.shape))
+    log.info('model: %s params (%s, %d layers, d_model %d)', f'{setup.n_params:,}',
+             cfg.model.position, cfg.model.n_layers, cfg.model.d_model)
+
+    log.info('data: loading %s', cfg.data.source)
+    data = make_pipeline(cfg, jax.process_index(), jax.process_count())
+    tokenizer = data.tokenizer
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+      raise ConfigError(f'model.vocab_size={cfg.model.vocab_size} is smaller than the '
+                        f'tokenizer vocabulary ({tokenizer.vocab_size})')
+    it = data.train_iterator()
+    if runtime.is_main():  # only once the config has proved loadable
+      config_lib.save(cfg, workdir)
+
+    ckpt = Checkpointer(workdir, cfg.checkpoint)
+    step = self._restore_or_init(setup, ckpt, it)
+    state = self._state
+
+    writer = metrics_lib.MetricsWriter(workdir, enabled=runtime.is_main())
+    writer.drop_after(step)
+    flops_tok = metrics_lib.flops_per_token(
+        cfg.model, metrics_lib.matmul_params(cfg.model, setup.n_params), cfg.data.seq_len)
+    peak = metrics_lib.device_peak_flops(cfg.train.peak_flops) * jax.device_count()
+    hooks = self._builtin_hooks(data) + self.hooks
+
+    def context(step):
+      return hooks_lib.HookContext(
+          step=step, cfg=cfg, mesh=setup.mesh, tokenizer=tokenizer, state=state,
+          model=setup.model, workdir=workdir, writer=writer,
+          eval_loss=lambda batches: setup.eval_loss(state.params, batches),
+          generate=lambda prompts, **kw: setup.generate_text(state.params, tokenizer, prompts, **kw))
+
+    profile = [int(s) for s in cfg.train.profile_steps.split(',')] if cfg.train.profile_steps else None
+    bar = None
+    if runtime.is_main() and cfg.train.progress:
+      bar = tqdm(total=cfg.train.steps, initial=step, desc='train', unit='step',
+                 dynamic_ncols=True)
+    last = {}
+    t_last, step_last = time.perf_counter(), step
+    log.info('train: steps %d -> %d', step, cfg.train.steps)
+    with _Signals() as signals:
+      while step < cfg.train.steps:
+        if profile and step == profile[0]:
+          jax.profiler.start_trace(f'{workdir}/profile')
+        batch = setup.device_batch(next(it))
+        state, m = setup.train_step(state, batch)
+        step += 1
+        if profile and step == profile[1]:
+          jax.block_until_ready(state)
+          jax.profiler.stop_trace()
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+          m = jax.device_get(m)
+          now = time.perf_counter()
+          tok_s = float(m['tokens']) * (step - step_last) / max(now - t_last, 1e-9)
+          t_last, step_last = now, step
+          last = {'train/loss': float(m['loss']), 'train/lr': float(m['lr']),
+                  'train/grad_norm': float(m['grad_norm']), 'train/tokens_per_sec': tok_s,
+                  'train/mfu': tok_s * flops_tok / peak}
+          if not np.isfinite(last['train/loss']):
+            log.info('train: loss is %s at step %d; stopping (last checkpoint kept)',
+                     last['train/loss'], step)
+            break
+          writer.write(step, last)
+          if bar is not None:
+            bar.set_postfix(loss=f"{last['train/loss']:.4f}", tok_s=f'{tok_s:,.0f}')
+        if bar is not None:
+          bar.update(1)
+        self._state = state
+        out = hooks_lib.run_hooks(hooks, context(step))
+        stopping = self._stop_requested or signals.preempted(step, cfg.train.log_every)
+        final = step == cfg.train.steps or stopping
+        if final:  # every hook runs once more at the end (forced), e.g. final eval
+          out.update(hooks_lib.run_hooks([h for h in hooks if not h.due(step, False)],
+                                         context(step), force=True))
+        if out:
+          writer.write(step, out)
+          last.update(out)
+          if bar is not None and 'eval/loss' in out:
+            bar.write(f"step {step}: eval/loss {out['eval/loss']:.4f}")
+        if final or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+          ckpt.save(step, state, it.get_state(), force=final)
+        if (ckpt.keep_best and 'eval/loss' in out
+            and ckpt.save_best(step, state, it.get_state(), out['eval/loss'])):
+          log.info('checkpoint: step %d is among the %d best by eval/loss (%.4f) in %s',
+                   step, ckpt.keep_best, out['eval/loss'], ckpt.best_directory)
+        if out or step == step_last:
+          # Keep eval and checkpoint time out of the next tokens/s figure.
+          jax.block_until_ready(state)
+          t_last, step_last = time.perf_counter(), step
+        if stopping:
+          break
+    if bar is not None:
+      bar.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    if hasattr(it, 'close'):
+      it.close()
+    if step < cfg.train.steps:
+      log.info('stopped at step %d; checkpoint saved in %s; rerun the same command to resume',
+               step, ckpt.directory)
+    else:
+      log.info('done: step %d, checkpoints in %s', step, ckpt.directory)
+    self._state = state
+    return {'step': step, **last}
+
+  def _restore_or_init(self, setup: Setup, ckpt: Checkpointer, it) -> int:
+    step = self.restore_step if self.restore_step is not None else ckpt.latest_step()
+    if step is None:
+      log.info('init: fresh parameters (seed %d)', self.cfg.train.seed)
+      self._state = setup.init_state()
+      return 0
+    log.info('resume: restoring step %d from %s', step, ckpt.directory)
+    self._state, data_state = ckpt.restore(step, setup.abstract_state)
+    if data_state:
+      it.set_state(data_state)
+    return int(jax.device_get(self._state.step))
+
+  def _builtin_hooks(self, data) -> list[hooks_lib.Hook]:
+    e = self.cfg.eval
+    every = e.every
+    hooks = [hooks_lib.eval_loss_hook({'val': data.eval_batches()}, every)]
+    prompts = [p for p in e.sample_prompts.split('|') if p]
+    if prompts and e.sample_every:
+      hooks.append(hooks_lib.sample_hook(prompts, e.sample_tokens, e.sample_every))
+    if e.multiple_choice:
+      hooks.append(multiple_choice_hook(e.multiple_choice, every))
+    if e.lm_eval_tasks:
+      hooks.append(evals.load_lm_eval().lm_eval_hook(
+          e.lm_eval_tasks.split(','), every, e.lm_eval_include, e.lm_eval_limit, e.lm_eval_fewshot))
+    for spec in filter(None, (s.strip() for s in e.hooks.split(','))):
+      hooks.append(hooks_lib.load_user_hook(spec, every))
+    return hooks
+

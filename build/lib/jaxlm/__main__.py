@@ -1,5 +1,0 @@
-import sys
-
-from jaxlm.cli import main
-
-sys.exit(main())

@@ -14,10 +14,13 @@ import jax
 import numpy as np
 import pytest
 
+import jaxlm
 from conftest import load_config
+from jaxlm import engine
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import make_pipeline
 from jaxlm.errors import CheckpointError
+from jaxlm.hooks import Hook
 from jaxlm.engine import Setup
 from jaxlm.train.loop import Trainer
 
@@ -205,32 +208,51 @@ def test_keep_policy_last_k_every_mth_and_best_by_eval_loss(tiny_cfg, tmp_path, 
   from jaxlm.cli import main  # noqa: PLC0415
   cfg = tiny_cfg
   cfg.train.steps = 20
-  cfg.optim.lr = 3e-2  # high enough that eval loss is not monotone, so "best" is not "last"
   cfg.checkpoint.every = 5
   cfg.checkpoint.keep = 2
   cfg.checkpoint.keep_period = 10
   cfg.checkpoint.keep_best = 2
   cfg.eval.every = 5
+  # A scripted eval/loss (this hook runs after the built-in one and overrides it) makes
+  # the best steps 5 and 15: not the last two, and step 5 is outside the last-2 + every-10th.
+  scripted = {5: 1.0, 10: 3.0, 15: 2.0, 20: 4.0}
+  params_at = {}
+
+  def scripted_eval(ctx):
+    params_at[ctx.step] = jax.device_get(ctx.params)
+    return {'eval/loss': scripted[ctx.step]}
+
   work = tmp_path / 'w'
-  Trainer(cfg, str(work), devices=jax.devices()[:1]).run()
+  trainer = Trainer(cfg, str(work), devices=jax.devices()[:1])
+  trainer.add_hook(Hook(scripted_eval, every=5))
+  trainer.run()
 
   ckpt = Checkpointer(str(work), cfg.checkpoint, read_only=True)
   assert ckpt.steps() == [10, 15, 20]  # last 2 plus every 10th
-  rows = [json.loads(l) for l in (work / 'metrics.jsonl').read_text().splitlines()]
-  evals = {r['step']: r['eval/loss'] for r in rows if 'eval/loss' in r}
-  assert sorted(evals) == [5, 10, 15, 20]
-  two_best = sorted(evals, key=evals.get)[:2]
-  kept = ckpt.best_steps()
-  assert sorted(kept) == sorted(two_best)
-  np.testing.assert_allclose([kept[s] for s in two_best], [evals[s] for s in two_best])
+  assert ckpt.best_steps() == {5: 1.0, 15: 2.0}
+  assert sorted(p.name for p in (work / 'checkpoints_best').iterdir() if p.name.isdigit()) == ['15', '5']
   ckpt.close()
 
-  # --restore_step finds a step kept only among the best, and its eval loss is the logged one.
-  only_best = [s for s in two_best if s not in (10, 15, 20)]
-  step = only_best[0] if only_best else two_best[0]
+  # Step 5 lives only in checkpoints_best; every reader finds it there and gets its params.
+  loaded = engine.load(str(work), restore_step=5)
+  assert loaded.step == 5
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.params), params_at[5])
   os.chdir(repo)
-  assert main(['eval', f'--workdir={work}', f'--restore_step={step}']) == 0
-  out = capsys.readouterr().out
-  assert f'step {step}: eval/loss {evals[step]:.4f}' in out
+  assert main(['eval', f'--workdir={work}', '--restore_step=5']) == 0
+  assert 'step 5: eval/loss' in capsys.readouterr().out
   assert main(['eval', f'--workdir={work}', '--restore_step=7']) == 2
-  assert 'best by eval loss' in capsys.readouterr().err
+  assert 'best by eval loss: [5, 15]' in capsys.readouterr().err
+
+  # `jaxlm generate --restore_step`: greedy text of step 5, not of the latest step.
+  def generate(*flags):
+    assert main(['generate', f'--workdir={work}', '--prompt=ROMEO:', '--max_new_tokens=24',
+                 *flags]) == 0
+    return capsys.readouterr().out
+  step5 = generate('--restore_step=5', '--temperature=0')
+  assert step5 == 'ROMEO:' + jaxlm.generate_text(str(work), 'ROMEO:', max_new_tokens=24,
+                                                  restore_step=5) + '\n'
+  assert step5 != generate('--temperature=0')
+  # Sampling flags: the same seed gives the same text, another seed another text.
+  sampled = [generate('--restore_step=5', '--temperature=1.0', '--top_p=0.95', f'--seed={s}')
+             for s in (1, 1, 2)]
+  assert sampled[0] == sampled[1] and sampled[0] != sampled[2], sampled

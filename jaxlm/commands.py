@@ -5,10 +5,10 @@ import logging
 import math
 
 import jax
-import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
+from jaxlm import plan as plan_lib
 from jaxlm import runtime, storage
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import make_pipeline
@@ -103,60 +103,47 @@ def generate(fv) -> int:
 
 
 def _gib(n: float) -> str:
-  return f'{n / 2**30:.2f} GiB'
+  """Bytes in GiB, or MiB/KiB for small figures (tiny configs)."""
+  for unit, size in (('GiB', 2**30), ('MiB', 2**20)):
+    if n >= 0.1 * size:
+      return f'{n / size:.2f} {unit}'
+  return f'{n / 2**10:.1f} KiB'
 
 
 def plan(fv) -> int:
-  """Parameter count and per-device memory for the configured mesh, without training."""
+  """Compiles the train step for the configured mesh (any size) and says whether it fits."""
   cfg = fv.config
   config_lib.validate(cfg, need_data=False)
-  sizes = {k: int(cfg.mesh[k]) for k in mesh_lib.MESH_AXES}
-  dcn = int(cfg.mesh.dcn_data) * int(cfg.mesh.dcn_fsdp)
-  if -1 in sizes.values():
-    mesh = mesh_lib.make_mesh(cfg.mesh)
-  else:
-    sizes['data'] *= max(dcn, 1)
-    mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), mesh_lib.MESH_AXES)
-  n_dev = math.prod(mesh.shape.values())
-  setup = Setup(cfg, mesh)
-  st = setup.abstract_state
-
-  def per_device(tree) -> float:
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-               for x in jax.tree.leaves(tree))
-
-  def total(tree) -> float:
-    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-  m = cfg.model
-  local_batch = cfg.train.batch_size // cfg.train.grad_accum // mesh_lib.data_parallel_size(mesh)
-  tokens = local_batch * cfg.data.seq_len // mesh.shape['sequence']
-  act_bytes = np.dtype(m.dtype).itemsize
-  hd = m.head_dim or m.d_model // m.n_heads
-  # Saved residual per layer (remat) or ~all intermediates of a block (no remat),
-  # plus one block's working set and fp32 logits; a first-order estimate.
-  per_layer_full = tokens * (10 * m.d_model + 3 * m.mlp_dim // mesh.shape['tensor']
-                             + 2 * m.n_heads * hd // mesh.shape['tensor'])
-  per_layer_saved = tokens * m.d_model if m.remat == 'full' else per_layer_full
-  acts = act_bytes * (m.n_layers * per_layer_saved + per_layer_full)
-  acts += 4 * 2 * tokens * m.vocab_size // mesh.shape['tensor']
-  params_dev, opt_dev = per_device(st.params), per_device(st.opt_state)
+  devices = plan_lib.mesh_devices(cfg, fv.devices)
+  where, budget = plan_lib.target_budget(fv.target)
+  fake = devices > jax.device_count()
   print(f'config      {cfg.name}')
-  print(f'mesh        {dict(mesh.shape)} = {n_dev} devices')
-  print(f'parameters  {setup.n_params:,} ({setup.n_params / 1e9:.2f}B)')
-  print(f'params      {_gib(total(st.params))} total, {_gib(params_dev)} per device')
-  print(f'opt state   {_gib(total(st.opt_state))} total, {_gib(opt_dev)} per device')
-  print(f'activations ~{_gib(acts)} per device (estimate: batch {local_batch}/device, '
-        f"remat '{m.remat}')")
-  print(f'per device  {_gib(params_dev + opt_dev)} params+opt state, '
-        f'~{_gib(params_dev + opt_dev + acts)} with activations')
-  if isinstance(mesh, jax.sharding.Mesh) and n_dev == jax.device_count() and setup.n_params < 5e9:
-    mem = setup.train_step_memory()
-    if mem is not None:
-      print(f'compiled    args {_gib(mem.argument_size_in_bytes)}, temps '
-            f'{_gib(mem.temp_size_in_bytes)}, outputs {_gib(mem.output_size_in_bytes)} '
-            f'(per device, from XLA)')
-  else:
-    print(f'compiled    skipped: the mesh needs {n_dev} devices, this host has '
-          f'{jax.device_count()} (or the model is too large to compile here)')
+  print(f'target      {where}' + (f', {_gib(budget)} usable by the step' if budget else ''))
+  print(f'compiling   on {devices} ' + ('fake CPU devices in a child process' if fake else
+                                        f'{jax.devices()[0].platform} devices') + ' ...',
+        flush=True)
+
+  def report(e):
+    if e['event'] == 'first':
+      print(f"parameters  {e['n_params']:,} ({e['n_params'] / 1e9:.2f}B)")
+      print(f"params      {_gib(e['params'])} total, {_gib(e['params_per_device'])} per device")
+      print(f"opt state   {_gib(e['opt_state'])} total, "
+            f"{_gib(e['opt_state_per_device'])} per device")
+    if e['event'] in ('first', 'trial'):
+      if 'total' not in e:
+        print('compiled    no memory analysis from this backend')
+        return
+      verdict = '' if budget is None else ('  fits' if e['total'] <= budget else '  does not fit')
+      print(f"compiled    grad_accum {e['grad_accum']}, remat {e['remat']} "
+            f"({e['per_device_batch']} x {cfg.data.seq_len} tokens per device): "
+            f"args {_gib(e['args'])} + temp {_gib(e['temp'])} + outputs {_gib(e['outputs'])}"
+            f" = {_gib(e['total'])} per device (XLA){verdict}", flush=True)
+    elif e['event'] == 'choice':
+      print(f"fits        with --config.train.grad_accum={e['grad_accum']}"
+            + (f" --config.model.remat={e['remat']}" if e['remat'] != cfg.model.remat else ''))
+    elif e['event'] == 'none':
+      print('fits        no: not even at one sequence per device with remat full '
+            '(shard more: mesh.tensor, mesh.sequence, or more devices)')
+
+  plan_lib.run(cfg, devices, budget, report)
   return 0

@@ -27,7 +27,7 @@ CHOICES = {
 }
 
 # jax's library attention kernels (jaxlm/model/kernels.py) and where each compiles natively;
-# they cannot split the sequence, and those in NO_WINDOW have no sliding window.
+# only splash can split the sequence, and those in NO_WINDOW have no sliding window.
 LIBRARY_KERNELS = {'splash': 'tpu', 'pallas_gpu': 'gpu', 'cudnn': 'gpu'}
 NO_WINDOW = ('pallas_gpu',)
 
@@ -88,8 +88,12 @@ def validate(cfg, need_data: bool = True) -> None:
     raise ConfigError("model.attention='cudnn' needs model.dtype='bfloat16' or 'float16' "
                       "(cuDNN flash attention has no float32)")
   if m.attention in LIBRARY_KERNELS and cfg.mesh.sequence != 1:
-    raise ConfigError(f"model.attention='{m.attention}' cannot split the sequence "
-                      f"(mesh.sequence={cfg.mesh.sequence}); use 'chunked'")
+    if m.attention != 'splash':
+      raise ConfigError(f"model.attention='{m.attention}' cannot split the sequence "
+                        f"(mesh.sequence={cfg.mesh.sequence}); use 'chunked' or 'splash'")
+    if cfg.mesh.sequence < 1 or d.seq_len % (128 * cfg.mesh.sequence):
+      raise ConfigError(f"model.attention='splash' with mesh.sequence={cfg.mesh.sequence} needs "
+                        f"data.seq_len={d.seq_len} to split into whole 128-slot blocks")
   if m.position == 'rope' and (m.head_dim or m.d_model // m.n_heads) % 2:
     raise ConfigError('model.head_dim must be even for RoPE')
   if d.seq_len > m.max_seq_len:

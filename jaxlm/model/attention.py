@@ -17,6 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.sharding import PartitionSpec as P
 
 from jaxlm.model import kernels as fused
 from jaxlm.model.flash import flash_attention
@@ -121,7 +122,8 @@ def attend(q, k, v, m: MaskInfo, impl: str, chunk: int = 512, window: int = 0) -
   info, so activations stay split by length everywhere else. Mask indices are
   global slot indices, so causality holds across shards. jax's library kernels
   (splash, pallas_gpu, cudnn) are shard_mapped over batch and heads, since a
-  Pallas call is not partitioned automatically; they cannot split the sequence.
+  Pallas call is not partitioned automatically; of them only splash can also
+  split the sequence (its mask info is split like the queries).
   """
   decode = q.shape[1] != k.shape[1]  # the KV-cache path runs unsplit
   impl, interpret = _resolve(impl, decode)
@@ -129,9 +131,10 @@ def attend(q, k, v, m: MaskInfo, impl: str, chunk: int = 512, window: int = 0) -
   library = impl in fused.KERNELS
   if decode or mesh.empty or not (seq_axes or library):
     return _local_attend(q, k, v, m, impl, chunk, window, interpret)
-  if library and seq_axes:
+  splash_cp = impl == 'splash' and seq_axes
+  if library and seq_axes and not splash_cp:
     raise ValueError(f"attention '{impl}' cannot split the sequence over {seq_axes}; "
-                     "use 'chunked' with mesh.sequence > 1")
+                     "use 'chunked' or 'splash' with mesh.sequence > 1")
   spec = lambda *names: nn.logical_to_mesh_axes(names)
   heads_ok = all(n % _axis_size(mesh, spec('act_heads')[0]) == 0 for n in (q.shape[2], k.shape[2]))
   head = 'act_heads' if heads_ok else None
@@ -142,15 +145,25 @@ def attend(q, k, v, m: MaskInfo, impl: str, chunk: int = 512, window: int = 0) -
   q_spec = spec('act_batch', 'act_length', head, None)
   kv_spec = spec('act_batch', 'act_length', kv_head, None)
   row_spec = spec('act_batch', 'act_length')
+  # Splash over a split sequence: one kernel for the whole length, its mask info
+  # split by query block like the queries (heads share one mask).
+  kernel = fused.splash_kernel(q.shape[2], q.shape[1], window, interpret,
+                               _axis_size(mesh, seq_axes)) if splash_cp else None
+  kernel_spec = kernel.manual_sharding_spec(
+      jax.sharding.NamedSharding(mesh, P(None, seq_axes))) if splash_cp else P()
 
-  def local(q, k, v, qs, ks, qi, ki):
+  def local(kernel, q, k, v, qs, ks, qi, ki):
     gather = lambda x: jax.lax.all_gather(x, seq_axes, axis=1, tiled=True) if seq_axes else x
     mi = MaskInfo(qs, gather(ks), qi, gather(ki))
+    if kernel is not None:
+      return fused.splash_attention(q, gather(k), gather(v), mi, window, interpret, kernel)
     return _local_attend(q, gather(k), gather(v), mi, impl, chunk, window, interpret)
 
   return jax.shard_map(
-      local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec, row_spec, row_spec),
-      out_specs=q_spec, check_vma=False)(q, k, v, m.q_segment, m.kv_segment, m.q_index, m.kv_index)
+      local, mesh=mesh,
+      in_specs=(kernel_spec, q_spec, kv_spec, kv_spec, row_spec, row_spec, row_spec, row_spec),
+      out_specs=q_spec, check_vma=False)(kernel, q, k, v, m.q_segment, m.kv_segment, m.q_index,
+                                         m.kv_index)
 
 
 def _axis_size(mesh, axes) -> int:

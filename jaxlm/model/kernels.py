@@ -3,8 +3,9 @@
 Each takes the layouts of ``attention.py`` for self-attention (queries and keys
 the same slots, so ``q_index == kv_index``) and never builds a [len, len] mask
 or bias. ``attention.attend`` shards them over batch and heads with shard_map
-(Pallas calls have no automatic partitioning) and sends the KV-cache decode
-path, whose queries sit at an offset, to the index-aware chunked kernel.
+(Pallas calls have no automatic partitioning), splash also over the sequence,
+and sends the KV-cache decode path, whose queries sit at an offset, to the
+index-aware chunked kernel.
 
 Off their platform the Pallas kernels run in Pallas interpret mode when
 ``JAXLM_PALLAS_INTERPRET=1`` (slow; what the CPU tests use); otherwise
@@ -38,9 +39,17 @@ def _pad_len(x, n: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _splash_kernel(heads: int, length: int, block: int, window: int, interpret: bool):
+def splash_kernel(heads: int, length: int, window: int, interpret: bool, q_shards: int = 1):
+  """The splash kernel for ``length`` slots (whole blocks), its mask info split in ``q_shards``.
+
+  With ``q_shards`` > 1 (context parallelism) the kernel is a pytree whose mask
+  info shard_map splits by query block (``kernel.manual_sharding_spec``), so
+  each device's queries keep their global causal positions.
+  """
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
       splash_attention_kernel as sk, splash_attention_mask as sm)
+  local = length // q_shards
+  block = next(b for b in (512, 256, 128) if local % b == 0)  # TPU lanes: multiples of 128
   shape = (length, length)
   # Causal is the window's right edge: LocalMask (left, right=0) keeps window - 1 earlier keys.
   one = sm.LocalMask(shape, (window - 1, 0), offset=0) if window else sm.CausalMask(shape)
@@ -50,24 +59,28 @@ def _splash_kernel(heads: int, length: int, block: int, window: int, interpret: 
   # Concrete mask arrays, not tracers of whichever jit first asked: the kernel is cached.
   with jax.ensure_compile_time_eval():
     return sk.make_splash_mha(sm.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1,
-                              q_seq_shards=1, interpret=interpret)
+                              q_seq_shards=q_shards, interpret=interpret)
 
 
-def splash_attention(q, k, v, m, window: int = 0, interpret: bool = False) -> jax.Array:
+def splash_attention(q, k, v, m, window: int = 0, interpret: bool = False,
+                     kernel=None) -> jax.Array:
   """TPU splash attention (Pallas): causal (+ sliding window) mask, segment ids, GQA.
 
   Splash skips blocks its static mask excludes; segment ids mask the rest, so
-  packed documents never see each other. Lengths are padded to whole blocks.
+  packed documents never see each other. Lengths are padded to whole blocks of
+  128. ``kernel``: this device's share of a ``splash_kernel(..., q_shards)``,
+  for a slice of queries against all keys (context parallelism; no padding).
   """
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # noqa: PLC0415
   b, t, h, d = q.shape
-  block = min(512, -(-t // 128) * 128)  # TPU lanes: blocks are multiples of 128
-  n = -(-t // block) * block
-  kernel = _splash_kernel(h, n, block, window, interpret)
-  heads_first = lambda x: _pad_len(x, n).transpose(0, 2, 1, 3)  # [batch, heads, len, head_dim]
-  seg = sk.SegmentIds(_pad_len(m.q_segment, n), _pad_len(m.kv_segment, n))
-  out = jax.vmap(kernel)(heads_first(q * jnp.asarray(d ** -0.5, q.dtype)), heads_first(k),
-                         heads_first(v), segment_ids=seg)
+  n = t if kernel is not None else -(-t // 128) * 128
+  n_kv = k.shape[1] if kernel is not None else n
+  if kernel is None:
+    kernel = splash_kernel(h, n, window, interpret)
+  heads_first = lambda x, n: _pad_len(x, n).transpose(0, 2, 1, 3)  # [batch, heads, len, head_dim]
+  seg = sk.SegmentIds(_pad_len(m.q_segment, n), _pad_len(m.kv_segment, n_kv))
+  out = jax.vmap(kernel)(heads_first(q * jnp.asarray(d ** -0.5, q.dtype), n),
+                         heads_first(k, n_kv), heads_first(v, n_kv), segment_ids=seg)
   return out.transpose(0, 2, 1, 3)[:, :t]
 
 

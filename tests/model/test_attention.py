@@ -22,7 +22,8 @@ from jaxlm.model.attention import MaskInfo, attend, chunked_attention, xla_atten
 
 GPU = jax.default_backend() == 'gpu'
 DTYPES = ['float32', 'bfloat16'] if GPU else ['float32']
-TOL = {'float32': 2e-5, 'bfloat16': 3e-2}
+# GPUs run float32 matmuls in TF32 by default (XLA and Triton), so float32 is looser there.
+TOL = {'float32': 2e-3 if GPU else 2e-5, 'bfloat16': 3e-2}
 
 
 def _inputs(t=64, h=4, kvh=2, d=16, dtype='float32', seed=0):
@@ -142,6 +143,7 @@ def test_chunked_memory_is_linear_at_8k():
 @pytest.mark.parametrize('impl,mesh', [
     ('chunked', dict(data=1, fsdp=2, sequence=4)),  # context parallel: K/V all-gathered
     ('splash', dict(data=2, fsdp=1, tensor=4)),  # shard_map over batch and heads
+    ('splash', dict(data=1, fsdp=2, sequence=2, tensor=2)),  # + mask info split like queries
     ('pallas_gpu', dict(data=1, fsdp=2, tensor=4)),
 ])
 def test_sharded_kernel_matches_reference(impl, mesh, monkeypatch):
@@ -154,8 +156,8 @@ def test_sharded_kernel_matches_reference(impl, mesh, monkeypatch):
     cfg.mesh[key] = val
   devices = mesh_lib.make_mesh(cfg.mesh)
   rules = sharding.rules_for(cfg.model, cfg.mesh, devices)
-  q, k, v, m = _inputs(t=128, h=8, kvh=4, d=16)
-  chunk = 16
+  q, k, v, m = _inputs(t=256, h=8, kvh=4, d=16)
+  chunk = 32
   with sharding.activate(devices, rules):
     assert attention._sequence_axes()[1] == (('sequence',) if 'sequence' in mesh else ())
     fn = lambda q, k, v: attend(q, k, v, m, impl, chunk=chunk)
@@ -183,7 +185,8 @@ def test_packed_lengths_give_cudnn_segment_runs():
 
 @pytest.mark.parametrize('attn,changes,message', [
     ('pallas_gpu', dict(sliding_window=8), "not supported by model.attention='pallas_gpu'"),
-    ('splash', dict(sequence=2), "model.attention='splash' cannot split the sequence"),
+    ('pallas_gpu', dict(sequence=2), "model.attention='pallas_gpu' cannot split the sequence"),
+    ('splash', dict(sequence=2), "needs data.seq_len=32 to split into whole 128-slot blocks"),
     ('cudnn', {}, "model.attention='cudnn' needs model.dtype='bfloat16'"),
 ])
 def test_kernel_limits_are_config_errors(attn, changes, message):

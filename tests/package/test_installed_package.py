@@ -6,6 +6,7 @@ export to Hugging Face, import that back with ``convert --from_hf``, generate.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,11 @@ pytestmark = pytest.mark.package
 def test_fresh_venv_trains_converts_and_generates_outside_the_repo(tmp_path):
   venv = tmp_path / 'venv'
   subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True)
-  pip = subprocess.run([str(venv / 'bin' / 'pip'), 'install', '-q', str(REPO)],
+  # Build from a copy: setuptools leaves build/ in the source tree, which would go stale.
+  src = tmp_path / 'src'
+  shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+      '.git', '.venv', 'build', 'runs', '*.egg-info', '__pycache__', '.pytest_cache'))
+  pip = subprocess.run([str(venv / 'bin' / 'pip'), 'install', '-q', str(src)],
                        capture_output=True, text=True, timeout=1200)
   assert pip.returncode == 0, pip.stderr[-3000:]
   work = tmp_path / 'elsewhere'

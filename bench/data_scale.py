@@ -6,8 +6,8 @@ For each N in --repeats, ../shared/data/tinyshakespeare.txt repeated N times is
 written as ONE text file (one document: N=200 gives 223M byte tokens), then:
 
   prepare   `jaxlm prepare --input=<file> --output=<store> --workers=W` per W in --workers,
-            in a fresh process each: wall time, tokens/s, and peak RSS (the largest
-            single process, the main one or a tokenizer worker, from wait4's rusage);
+            in a fresh process each: wall time, tokens/s, and peak RSS (wait4's
+            ru_maxrss: the largest single process, main or tokenizer worker);
   train     `jaxlm train --config=tiny --config.data.source=arrayrecord
             --config.data.path=<store> --config.train.steps=5` in a fresh process: peak
             RSS, and seconds from process start to the first step's metrics line in
@@ -47,24 +47,36 @@ def cpu_seconds(pid: int) -> float:
   return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
-def run_measured(cmd, poll=None, env=None):
+# Starts the command from a small Python (~10 MB), reports its PID, then its peak RSS from wait4.
+# Spawning from this benchmark directly would not do: a child's peak RSS counts the memory
+# of the process that forked it (here hundreds of MB after a loader timing).
+_LAUNCH = """import os, sys
+pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ)
+print(f'PID {pid}', flush=True)
+_, status, usage = os.wait4(pid, 0)
+print(f'MAXRSS {usage.ru_maxrss}', flush=True)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_measured(cmd, poll=None):
   """Runs `cmd`; returns (exit code, wall s, peak RSS bytes, (wall s, CPU s) when `poll()`)."""
   t0 = time.perf_counter()
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT)
+  proc = subprocess.Popen([sys.executable, '-c', _LAUNCH, *cmd], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  pid = int(proc.stdout.readline().split()[1])
   first = None
   while poll is not None and first is None and proc.poll() is None:
     if poll():
-      first = (time.perf_counter() - t0, cpu_seconds(proc.pid))
+      first = (time.perf_counter() - t0, cpu_seconds(pid))
     time.sleep(0.02)
-  out = proc.stdout.read()
-  # wait4, not Popen.wait: its rusage is this child's own (the largest process it waited for).
-  _, status, usage = os.wait4(proc.pid, 0)
+  out = proc.stdout.read().decode(errors='replace')
+  proc.wait()
   wall = time.perf_counter() - t0
-  proc.returncode = os.waitstatus_to_exitcode(status)
   if proc.returncode:
-    sys.stdout.write(out.decode(errors='replace')[-3000:])
-  return proc.returncode, wall, usage.ru_maxrss * 1024, first
+    sys.stdout.write(out[-3000:])
+  rss = int(out.rsplit('MAXRSS ', 1)[1].split()[0]) * 1024 if 'MAXRSS ' in out else 0
+  return proc.returncode, wall, rss, first
 
 
 def make_input(root: Path, repeats: int) -> Path:

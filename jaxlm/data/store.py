@@ -9,11 +9,16 @@ Layout of a store directory (written by `ShardWriter`, read by `MappedStore`):
     manifest.json          `format` (`FORMAT`), dtype, specials stored, per-shard
                            document/token counts and largest token id; `complete` at the end
 
-Why memory maps rather than reading ArrayRecord records: a window is one slice of
-a file the OS pages in on demand, so a store of any size opens in milliseconds
-and a process holds only the pages it has touched, plus an in-memory index of
-one entry per shard. Finding a window's documents is a binary search in the
-mapped `docs.npy` (NumPy's Megatron-style .bin/.idx layout, without the format).
+Why flat token files rather than ArrayRecord records: a window is one positioned
+read (`os.pread`) of exactly its bytes, whatever the document sizes, so a store
+of any size opens in milliseconds and reading costs the same at 1M or 100B
+tokens. Finding a window's documents is a binary search in the shard's
+`docs.npy`, memory-mapped with MADV_RANDOM so only the pages a search touches
+become resident (at most 8 bytes per document). Tokens are read, not mapped: a
+mapped token file would count every page the OS reads ahead (8 MB per fault on
+some disks) in the process's RSS. The layout is Megatron's .bin/.idx idea
+without its format; memory per host is the manifest, one small entry per
+shard, the touched index pages and one window at a time.
 
 BOS/EOS the store does not hold are inserted while reading (per data.add_bos /
 data.add_eos), so one store serves configs with and without them; the stream a
@@ -21,8 +26,11 @@ pipeline sees is every document, each wrapped in its specials, in shard order.
 """
 
 import bisect
+import collections
 import json
+import mmap
 import os
+import threading
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -31,6 +39,7 @@ import numpy as np
 from jaxlm.errors import DataError
 
 FORMAT = 'jaxlm-token-shards-1'
+_OPEN_FILES = 64  # token files each thread keeps open (least recently used closed first)
 MANIFEST = 'manifest.json'
 TOKENS_SUFFIX = '.tokens'
 DOCS_SUFFIX = '.docs.npy'
@@ -159,7 +168,8 @@ class MappedStore:
     self._bounds = [0] + np.cumsum(lengths, dtype=np.int64).tolist()  # stream start per shard
     self._doc_base = [0] + np.cumsum(docs, dtype=np.int64).tolist()  # global id of first doc
     self.num_docs = self._doc_base[-1]
-    self._maps: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
+    self._index: Dict[int, np.ndarray] = {}  # shard -> its mapped docs.npy
+    self._local = threading.local()  # per thread: open token files
 
   def _check(self, name: str, n_tokens: int) -> None:
     path = self.folder / name
@@ -174,16 +184,36 @@ class MappedStore:
     return self._bounds[-1]
 
   def __getstate__(self):
-    return dict(self.__dict__, _maps={})  # maps are per process, reopened on use
+    # Maps and open files are per process (Grain workers unpickle a copy), reopened on use.
+    return {k: v for k, v in self.__dict__.items() if k not in ('_index', '_local')}
 
-  def _shard(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
-    if i not in self._maps:
-      name = self._files[i]
-      tokens = np.memmap(self.folder / name, dtype=self.dtype, mode='r')
-      # np.asarray: plain ndarray views of the maps index faster than np.memmap objects.
-      docs = np.load(self.folder / docs_file(name), mmap_mode='r')
-      self._maps[i] = (np.asarray(tokens), np.asarray(docs))
-    return self._maps[i]
+  def __setstate__(self, state):
+    self.__dict__.update(state, _index={}, _local=threading.local())
+
+  def _starts(self, i: int) -> np.ndarray:
+    """Shard i's document starts, int64 `[docs + 1]`, memory-mapped."""
+    starts = self._index.get(i)
+    if starts is None:
+      mapped = np.load(self.folder / docs_file(self._files[i]), mmap_mode='r')
+      if hasattr(mapped, '_mmap') and hasattr(mmap, 'MADV_RANDOM'):
+        mapped._mmap.madvise(mmap.MADV_RANDOM)  # a binary search needs no read-ahead
+      starts = self._index[i] = np.asarray(mapped)  # a plain view indexes faster
+    return starts
+
+  def _tokens(self, i: int, a: int, b: int) -> np.ndarray:
+    """Raw tokens `[a, b)` of shard i, one positioned read."""
+    files = getattr(self._local, 'files', None)
+    if files is None:
+      files = self._local.files = collections.OrderedDict()
+    f = files.get(i)
+    if f is None:
+      if len(files) >= _OPEN_FILES:
+        files.popitem(last=False)
+      f = files[i] = _File(self.folder / self._files[i])
+    else:
+      files.move_to_end(i)
+    size = self.dtype.itemsize
+    return np.frombuffer(os.pread(f.fd, (b - a) * size, a * size), self.dtype)
 
   def read(self, lo: int, hi: int) -> Read:
     """Stream tokens `[lo, hi)` and their documents' global ids, both `[hi - lo]`."""
@@ -209,7 +239,7 @@ class MappedStore:
     Few NumPy calls on purpose: this runs once per window, and at ~1 us per call the
     call count, not the bytes, sets the loader's speed.
     """
-    tokens, starts = self._shard(i)
+    starts = self._starts(i)
     n_docs, k, n = self._docs[i], self._k, hi - lo
     # Documents j0..j1 hold [lo, hi): the last whose stream start (token start + k per earlier
     # document) is <= lo, and <= hi - 1. Starts increase strictly (no empty documents).
@@ -228,7 +258,7 @@ class MappedStore:
     edges[0], edges[-1] = 0, n
     doc = np.repeat(j[:-1], np.diff(edges))
     if not k:  # raw tokens are the stream
-      return tokens[lo:hi].astype(np.int32), doc
+      return self._tokens(i, lo, hi).astype(np.int32), doc
     # Raw tokens behind [lo, hi): stream position v of document j is raw v - j * k - nb.
     nb = int(self._bos is not None)
     a = max(lo - j0 * k - nb, int(starts[j0]))
@@ -243,5 +273,15 @@ class MappedStore:
       at = (edges[1:] if after == n else edges[1:-1]) - 1
       out[at] = self._eos
       special[at] = True
-    out[~special] = tokens[a:b]
+    out[~special] = self._tokens(i, a, max(a, b))
     return out, doc
+
+
+class _File:
+  """An open file descriptor, closed when dropped (from the LRU, or with its thread)."""
+
+  def __init__(self, path: Path):
+    self.fd = os.open(path, os.O_RDONLY)
+
+  def __del__(self):
+    os.close(self.fd)

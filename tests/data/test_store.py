@@ -82,6 +82,14 @@ def test_pipeline_from_store_equals_in_memory(corpus_dir, stored):
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+def _rss_file_kb() -> int:
+  """File pages mapped into this process (Linux), which memory-mapping the tokens would grow."""
+  for line in open('/proc/self/status'):
+    if line.startswith('RssFile:'):
+      return int(line.split()[1])
+  return 0
+
+
 def test_huge_store_opens_without_reading(tmp_path):
   """A 3-billion-token store (sparse files): open and read windows in ms and a few MB."""
   n = 3 * 10**9
@@ -104,6 +112,11 @@ def test_huge_store_opens_without_reading(tmp_path):
   # The last 12 stream tokens: the end of document 2 (3 zeros + EOS), all of document 3.
   np.testing.assert_array_equal(tokens, [0, 0, 0, TOK.eos_id] + [0] * 7 + [TOK.eos_id])
   np.testing.assert_array_equal(doc_ids, [2] * 4 + [3] * 8)
+  # Windows all over the file leave no file pages resident in this process.
+  before = _rss_file_kb()
+  for lo in np.linspace(0, n - 2000, 200).astype(np.int64):
+    assert len(store.read(int(lo), int(lo) + 1025)[0]) == 1025
+  assert _rss_file_kb() - before < 4 * 1024, _rss_file_kb() - before
 
 
 def test_truncated_or_missing_shard(stored, tmp_path):

@@ -83,7 +83,8 @@ def validate(cfg, need_data: bool = True) -> None:
     raise ConfigError(f'model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}')
   if m.sliding_window and m.attention in NO_WINDOW:
     raise ConfigError(f"model.sliding_window={m.sliding_window} is not supported by "
-                      f"model.attention='{m.attention}'; use 'chunked' or 'xla'")
+                      f"model.attention='{m.attention}'; kernels with one: "
+                      + ', '.join(k for k in CHOICES['model.attention'] if k not in NO_WINDOW))
   if m.attention == 'cudnn' and m.dtype == 'float32':
     raise ConfigError("model.attention='cudnn' needs model.dtype='bfloat16' or 'float16' "
                       "(cuDNN flash attention has no float32)")

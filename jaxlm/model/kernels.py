@@ -105,25 +105,36 @@ def pallas_gpu_attention(q, k, v, m, window: int = 0, interpret: bool = False) -
   return out[:, :t]
 
 
-def packed_lengths(segment):
+# cuDNN's packed layout has a static number of segments per row, and its softmax
+# statistics are [batch * that, heads, len] floats: a bound, not len, keeps them linear.
+MAX_SEGMENTS = 64
+
+
+def packed_lengths(segment, max_segments: int = MAX_SEGMENTS):
   """cuDNN's packed-sequence layout from segment ids [batch, len] (contiguous runs).
 
-  Returns (seqlen [batch, len], offsets [batch, len + 1]): the length and start
-  of each run of one non-zero segment id in order, then -1 (cuDNN's filler).
-  Padding (segment 0) gets no entry.
+  Returns (seqlen [batch, max_segments], offsets [batch, max_segments + 1],
+  overflow [batch]): the length and start of each run of one non-zero segment
+  id in order, then -1 (cuDNN's filler); overflow marks rows with more runs
+  than fit. Padding (segment 0) gets no entry.
   """
-  b, t = segment.shape
+  t = segment.shape[1]
   prev = jnp.pad(segment, [(0, 0), (1, 0)], constant_values=0)[:, :-1]
   starts = (segment != prev) & (segment != 0)  # [batch, len]
   nxt = jnp.pad(segment, [(0, 0), (0, 1)], constant_values=0)[:, 1:]
   ends = (segment != nxt) & (segment != 0)
   pos = jnp.arange(t, dtype=jnp.int32)
-  order = lambda mask: jnp.sort(jnp.where(mask, pos, t), axis=1)  # run starts/ends first
+
+  def order(mask):  # [batch, max_segments]: run starts (or ends) in order, then t
+    x = jnp.sort(jnp.where(mask, pos, t), axis=1)
+    return jnp.pad(x, [(0, 0), (0, max(0, max_segments - t))], constant_values=t)[:, :max_segments]
+
   first, last = order(starts), order(ends)
   some = first < t
   seqlen = jnp.where(some, last - first + 1, -1).astype(jnp.int32)
   offsets = jnp.where(some, first, -1).astype(jnp.int32)
-  return seqlen, jnp.pad(offsets, [(0, 0), (0, 1)], constant_values=-1)
+  overflow = starts.sum(1) > max_segments
+  return seqlen, jnp.pad(offsets, [(0, 0), (0, 1)], constant_values=-1), overflow
 
 
 def cudnn_attention(q, k, v, m, window: int = 0, interpret: bool = False) -> jax.Array:
@@ -131,15 +142,17 @@ def cudnn_attention(q, k, v, m, window: int = 0, interpret: bool = False) -> jax
 
   ``jax.nn.dot_product_attention`` takes no segment ids (as of jax 0.10), so this
   calls the function it wraps with per-row segment lengths and offsets, cuDNN's
-  packed (THD) layout; fp16/bf16 only.
+  packed (THD) layout; fp16/bf16 only. A row packing more than ``MAX_SEGMENTS``
+  documents comes out NaN (so the loss says so) rather than silently wrong.
   """
   from jax._src.cudnn import fused_attention_stablehlo as cudnn  # noqa: PLC0415
   del interpret  # cuDNN has no interpreter
-  seqlen, offsets = packed_lengths(m.q_segment)
-  return cudnn.dot_product_attention(
+  seqlen, offsets, overflow = packed_lengths(m.q_segment)
+  out = cudnn.dot_product_attention(
       q, k, v, q_seqlen=seqlen, kv_seqlen=seqlen, q_offsets=offsets, kv_offsets=offsets,
       scale=q.shape[-1] ** -0.5, mask_type=cudnn.MaskType.PADDING_CAUSAL,
       sliding_window_length=window or None)
+  return jnp.where(overflow[:, None, None, None], jnp.nan, out).astype(out.dtype)
 
 
 KERNELS = {'splash': splash_attention, 'pallas_gpu': pallas_gpu_attention,

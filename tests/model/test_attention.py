@@ -177,10 +177,11 @@ def test_off_platform_library_kernel_falls_back_to_chunked_with_a_reason(monkeyp
 
 
 def test_packed_lengths_give_cudnn_segment_runs():
-  seg = jnp.asarray([[1, 1, 2, 2, 2, 0], [5, 5, 5, 5, 5, 5]], jnp.int32)
-  seqlen, offsets = kernels.packed_lengths(seg)
-  np.testing.assert_array_equal(seqlen, [[2, 3, -1, -1, -1, -1], [6, -1, -1, -1, -1, -1]])
-  np.testing.assert_array_equal(offsets, [[0, 2, -1, -1, -1, -1, -1], [0, -1, -1, -1, -1, -1, -1]])
+  seg = jnp.asarray([[1, 1, 2, 2, 2, 0], [5, 5, 5, 5, 5, 5], [1, 2, 3, 4, 0, 0]], jnp.int32)
+  seqlen, offsets, overflow = kernels.packed_lengths(seg, max_segments=3)
+  np.testing.assert_array_equal(seqlen, [[2, 3, -1], [6, -1, -1], [1, 1, 1]])
+  np.testing.assert_array_equal(offsets, [[0, 2, -1, -1], [0, -1, -1, -1], [0, 1, 2, -1]])
+  np.testing.assert_array_equal(overflow, [False, False, True])  # 4 documents > 3
 
 
 @pytest.mark.parametrize('attn,changes,message', [

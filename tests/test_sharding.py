@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
+from jaxlm import engine
 from jaxlm import mesh as mesh_lib
 from jaxlm.errors import ConfigError
 from jaxlm.engine import Setup
@@ -23,12 +24,26 @@ MESHES = {
 
 
 def _run(cfg, workdir, devices=None):
+  """Trains; returns {'loss', 'grad_norm': [steps] arrays, 'params': final params (numpy)}."""
   cfg.train.log_every = 1
   cfg.eval.every = 0
-  cfg.checkpoint.every = 0
+  cfg.checkpoint.every = 0  # the final checkpoint is still written
   Trainer(cfg, str(workdir), devices=devices).run()
   rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  return np.array([r['train/loss'] for r in rows if 'train/loss' in r])
+  out = {k: np.array([r[f'train/{k}'] for r in rows if 'train/loss' in r])
+         for k in ('loss', 'grad_norm')}
+  out['params'] = jax.device_get(engine.load(str(workdir)).params)
+  return out
+
+
+def _assert_same_run(got, want):
+  assert len(got['loss']) == len(want['loss'])
+  np.testing.assert_allclose(got['loss'], want['loss'], rtol=1e-4)
+  np.testing.assert_allclose(got['grad_norm'], want['grad_norm'], rtol=1e-3)
+  flat = jax.tree_util.tree_flatten_with_path(want['params'])[0]
+  assert jax.tree.structure(got['params']) == jax.tree.structure(want['params'])
+  for (path, w), g in zip(flat, jax.tree.leaves(got['params'])):
+    np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.fixture(scope='module')
@@ -58,9 +73,9 @@ def test_mesh_matches_single_device(name, single_device_losses, tmp_path):
   _llama(cfg)
   for k, v in MESHES[name].items():
     cfg.mesh[k] = v
-  losses = _run(cfg, tmp_path / 'w')
-  assert len(losses) == len(reference) == cfg.train.steps
-  np.testing.assert_allclose(losses, reference, rtol=1e-4)
+  got = _run(cfg, tmp_path / 'w')
+  assert len(got['loss']) == cfg.train.steps
+  _assert_same_run(got, reference)
 
 
 def test_chunked_attention_with_context_parallelism_matches_single_device(single_device_losses,
@@ -73,7 +88,7 @@ def test_chunked_attention_with_context_parallelism_matches_single_device(single
   _llama(cfg)
   cfg.model.attention, cfg.model.attention_chunk, cfg.model.remat = 'chunked', 8, 'full'
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.sequence = 1, 2, 4
-  np.testing.assert_allclose(_run(cfg, tmp_path / 'w'), reference, rtol=1e-4)
+  _assert_same_run(_run(cfg, tmp_path / 'w'), reference)
 
 
 def _setup(**mesh):

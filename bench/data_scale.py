@@ -12,8 +12,8 @@ written as ONE text file (one document: N=200 gives 223M byte tokens), then:
             --config.data.path=<store> --config.train.steps=5` in a fresh process: peak
             RSS, and seconds from process start to the first step's metrics line in
             metrics.jsonl (polled every 20 ms), as wall time and as the CPU time the
-            process had used by then (compile included; on a shared machine the CPU
-            figure is the comparable one);
+            process had used by then (compile included, with an empty compilation
+            cache each run; on a shared machine the CPU figure is the comparable one);
   loader    `DataPipeline` in this process with gpt2_small's batch shape (512 x 1024,
             shuffled): construction time (opening the store), then tokens/s of
             `train_iterator()` over --batches batches after one warm-up, by wall clock
@@ -59,10 +59,10 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def run_measured(cmd, poll=None):
+def run_measured(cmd, poll=None, env=None):
   """Runs `cmd`; returns (exit code, wall s, peak RSS bytes, (wall s, CPU s) when `poll()`)."""
   t0 = time.perf_counter()
-  proc = subprocess.Popen([sys.executable, '-c', _LAUNCH, *cmd], cwd=REPO,
+  proc = subprocess.Popen([sys.executable, '-c', _LAUNCH, *cmd], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   pid = int(proc.stdout.readline().split()[1])
   first = None
@@ -105,12 +105,17 @@ def prepare(src: Path, store: Path, workers: int):
 
 def train(store: Path, workdir: Path):
   shutil.rmtree(workdir, ignore_errors=True)
+  # An empty compilation cache per run: every run compiles, so runs compare (a warm shared
+  # cache would skip compiling in whichever run happens to come second).
+  cache = workdir.with_name(workdir.name + '_jit_cache')
+  shutil.rmtree(cache, ignore_errors=True)
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache))
   metrics = workdir / 'metrics.jsonl'
   cmd = [sys.executable, '-m', 'jaxlm', 'train', '--config=tiny',
          '--config.data.source=arrayrecord', f'--config.data.path={store}',
          '--config.train.steps=5', '--config.train.log_every=1', '--config.eval.every=0',
          '--config.checkpoint.every=0', f'--workdir={workdir}']
-  return run_measured(cmd, poll=lambda: metrics.exists() and metrics.stat().st_size > 0)
+  return run_measured(cmd, poll=lambda: metrics.exists() and metrics.stat().st_size > 0, env=env)
 
 
 def loader_rate(store: Path, batches: int):

@@ -1,6 +1,6 @@
 """Train/validation split of a token stream, and packed fixed-length windows over a split.
 
-A stream is anything with `len()` and `read(lo, hi) -> (tokens, doc_ids)`
+A stream is anything with `len()` and `read(lo, hi) -> (tokens, starts)`
 (`sources.TokenStore` in memory, `store.MappedStore` on disk); a window reads
 only its own tokens, so the windows of a split cost no memory until read.
 
@@ -45,12 +45,13 @@ def num_windows(n_tokens: int, seq_len: int) -> int:
   return 0 if n_tokens < 2 else -(-(n_tokens - 1) // seq_len)
 
 
-def pack_window(tokens: np.ndarray, doc_ids: np.ndarray, seq_len: int) -> Dict[str, np.ndarray]:
+def pack_window(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> Dict[str, np.ndarray]:
   """Turns up to `seq_len + 1` stream tokens into one training example.
 
   Args:
     tokens: int `[k]`, k <= seq_len + 1; fewer means the rest is padding.
-    doc_ids: int `[k]`, the document of each token (any ids; only equality matters).
+    starts: int `[s]`, increasing offsets in `(0, k)` where a new document begins
+      (the window's first token always starts a segment, so 0 is never listed).
     seq_len: length of the example.
 
   Returns:
@@ -58,26 +59,30 @@ def pack_window(tokens: np.ndarray, doc_ids: np.ndarray, seq_len: int) -> Dict[s
     `segment_ids` (1, 2, ... per document within the window; 0 on padding),
     `positions` (0-based within each segment), all int32; and `loss_mask`
     (float32 1.0 where input and target are in the same document, else 0.0).
+    `inputs` and `targets` are views of one buffer (batching copies them).
   """
+  # Few NumPy calls on purpose: this runs once per window, and per-call overhead sets its cost.
   k = len(tokens)
+  n = min(k, seq_len)  # real inputs; the rest is padding
   t = np.zeros(seq_len + 1, np.int32)
-  d = np.full(seq_len + 1, -1, np.int64)  # -1 marks padding; never equal to a real id
   t[:k] = tokens
-  d[:k] = doc_ids
-  d_in, d_tgt = d[:-1], d[1:]
-  real = d_in >= 0
-  starts = np.ones(seq_len, bool)
-  starts[1:] = d_in[1:] != d_in[:-1]
-  segment_ids = np.cumsum(starts).astype(np.int32) * real
-  idx = np.arange(seq_len)
-  positions = (idx - np.maximum.accumulate(np.where(starts, idx, 0))) * real
-  return {
-      'inputs': t[:-1].copy(),
-      'targets': t[1:].copy(),
-      'segment_ids': segment_ids.astype(np.int32),
-      'positions': positions.astype(np.int32),
-      'loss_mask': (real & (d_in == d_tgt)).astype(np.float32),
-  }
+  # A document starting at token n (a target only) makes an empty last segment: count 0.
+  bounds = np.concatenate(([0], starts, [n]))
+  counts = np.diff(bounds)
+  segment_ids = np.zeros(seq_len, np.int32)
+  segment_ids[:n] = np.repeat(np.arange(1, len(counts) + 1, dtype=np.int32), counts)
+  positions = np.zeros(seq_len, np.int32)
+  positions[:n] = np.arange(n, dtype=np.int32) - np.repeat(bounds[:-1].astype(np.int32), counts)
+  loss_mask = np.zeros(seq_len, np.float32)
+  loss_mask[:k - 1] = 1.0  # input i has target i + 1 in the window...
+  loss_mask[starts - 1] = 0.0  # ...of the same document
+  return {'inputs': t[:-1], 'targets': t[1:], 'segment_ids': segment_ids,
+          'positions': positions, 'loss_mask': loss_mask}
+
+
+def doc_starts(doc_ids: np.ndarray) -> np.ndarray:
+  """Per-token document ids `[k]` -> offsets in `(0, k)` where the id changes (`pack_window`)."""
+  return np.flatnonzero(doc_ids[1:] != doc_ids[:-1]) + 1
 
 
 def batch_from_documents(rows, width: int) -> Dict[str, np.ndarray]:
@@ -127,8 +132,8 @@ class Windows:
     if not 0 <= i < self._len:
       raise IndexError(f'window {i} out of range [0, {self._len})')
     lo = self.lo + i * self.seq_len
-    tokens, doc_ids = self.stream.read(lo, min(lo + self.seq_len + 1, self.hi))
-    return pack_window(tokens, doc_ids, self.seq_len)
+    tokens, starts = self.stream.read(lo, min(lo + self.seq_len + 1, self.hi))
+    return pack_window(tokens, starts, self.seq_len)
 
   def __repr__(self) -> str:
     return f'Windows(n={self._len}, seq_len={self.seq_len}, tokens=[{self.lo}, {self.hi}))'

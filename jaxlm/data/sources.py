@@ -58,8 +58,9 @@ class TokenStore:
     return len(self.tokens)
 
   def read(self, lo: int, hi: int) -> store_lib.Read:
-    """Stream tokens `[lo, hi)` and their document ids, both `[hi - lo]`."""
-    return self.tokens[lo:hi], self.doc_ids[lo:hi]
+    """Stream tokens `[lo, hi)` and where documents start among them (`store.Read`)."""
+    ids = self.doc_ids[lo:hi]
+    return self.tokens[lo:hi], np.flatnonzero(ids[1:] != ids[:-1]) + 1
 
 
 def open_tokens(data_cfg, tokenizer):

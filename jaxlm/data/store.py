@@ -43,7 +43,8 @@ _OPEN_FILES = 64  # token files each thread keeps open (least recently used clos
 MANIFEST = 'manifest.json'
 TOKENS_SUFFIX = '.tokens'
 DOCS_SUFFIX = '.docs.npy'
-Read = Tuple[np.ndarray, np.ndarray]  # (tokens int32 [n], doc ids int64 [n])
+# (tokens int32 [n], offsets in (0, n) where a new document begins, increasing)
+Read = Tuple[np.ndarray, np.ndarray]
 
 
 def docs_file(tokens_file: str) -> str:
@@ -166,8 +167,7 @@ class MappedStore:
     lengths = [t + self._k * d for t, d in zip(tokens, docs)]  # with inserted specials
     # Python ints: bisect on a short list beats NumPy calls per window.
     self._bounds = [0] + np.cumsum(lengths, dtype=np.int64).tolist()  # stream start per shard
-    self._doc_base = [0] + np.cumsum(docs, dtype=np.int64).tolist()  # global id of first doc
-    self.num_docs = self._doc_base[-1]
+    self.num_docs = sum(docs)
     self._index: Dict[int, np.ndarray] = {}  # shard -> its mapped docs.npy
     self._local = threading.local()  # per thread: open token files
 
@@ -216,49 +216,44 @@ class MappedStore:
     return np.frombuffer(os.pread(f.fd, (b - a) * size, a * size), self.dtype)
 
   def read(self, lo: int, hi: int) -> Read:
-    """Stream tokens `[lo, hi)` and their documents' global ids, both `[hi - lo]`."""
+    """Stream tokens `[lo, hi)` and where documents start among them (`Read`)."""
     if not 0 <= lo <= hi <= len(self):
       raise IndexError(f'[{lo}, {hi}) is outside the stream [0, {len(self)})')
     if lo == hi:
       return np.zeros(0, np.int32), np.zeros(0, np.int64)
     s = bisect.bisect_right(self._bounds, lo) - 1
     if hi <= self._bounds[s + 1]:  # the usual case: one shard
-      tokens, docs = self._read_shard(s, lo - self._bounds[s], hi - self._bounds[s])
-      return tokens, docs + self._doc_base[s]
-    parts = []
-    while lo < hi:
+      return self._read_shard(s, lo - self._bounds[s], hi - self._bounds[s])
+    tokens, starts, at = [], [], 0
+    while lo < hi:  # documents never span shards: each shard after the first starts one
       end = min(hi, self._bounds[s + 1])
-      tokens, docs = self._read_shard(s, lo - self._bounds[s], end - self._bounds[s])
-      parts.append((tokens, docs + self._doc_base[s]))
-      lo, s = end, s + 1
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+      t, d = self._read_shard(s, lo - self._bounds[s], end - self._bounds[s])
+      tokens.append(t)
+      starts.append(d + at if not at else np.concatenate(([at], d + at)))
+      at, lo, s = at + len(t), end, s + 1
+    return np.concatenate(tokens), np.concatenate(starts)
 
   def _read_shard(self, i: int, lo: int, hi: int) -> Read:
-    """Shard i's stream `[lo, hi)` (specials inserted) and shard-local document ids.
+    """Shard i's stream `[lo, hi)` (specials inserted) and where documents start in it.
 
     Few NumPy calls on purpose: this runs once per window, and at ~1 us per call the
     call count, not the bytes, sets the loader's speed.
     """
     starts = self._starts(i)
     n_docs, k, n = self._docs[i], self._k, hi - lo
-    # Documents j0..j1 hold [lo, hi): the last whose stream start (token start + k per earlier
-    # document) is <= lo, and <= hi - 1. Starts increase strictly (no empty documents).
+    # Documents j0..j1 hold [lo, hi); a document's stream start is its token start plus k
+    # per earlier document, which increases strictly (no empty documents).
+    j0 = _last_at_or_before(starts, n_docs, k, lo)
+    m = min(n_docs - j0, (n - 1) // (1 + k) + 2)  # a document spans >= 1 + k stream tokens
+    edges = starts[j0:j0 + m + 1] - lo  # stream starts of documents j0.., relative to lo
     if k:
-      key = lambda j: int(starts[j]) + j * k  # noqa: E731
-      j0 = bisect.bisect_right(range(n_docs), lo, key=key) - 1
-      j1 = bisect.bisect_right(range(n_docs), hi - 1, lo=j0, key=key) - 1
-    else:
-      j0 = int(np.searchsorted(starts, lo, 'right')) - 1
-      j1 = int(np.searchsorted(starts, hi - 1, 'right')) - 1
-    j = np.arange(j0, j1 + 2)
-    edges = starts[j0:j1 + 2] - lo  # stream starts of documents j0..j1 + 1, relative to lo
-    if k:
-      edges += j * k
+      edges += np.arange(j0, j0 + m + 1) * k
+    t = int(np.searchsorted(edges, n - 1, 'right'))  # documents touched: j0..j1 = j0 + t - 1
+    j1, edges = j0 + t - 1, edges[:t + 1]
     first, after = int(edges[0]), int(edges[-1])  # <= 0 and >= n
-    edges[0], edges[-1] = 0, n
-    doc = np.repeat(j[:-1], np.diff(edges))
+    inner = edges[1:-1]  # documents j0 + 1..j1 start inside [lo, hi)
     if not k:  # raw tokens are the stream
-      return self._tokens(i, lo, hi).astype(np.int32), doc
+      return self._tokens(i, lo, hi).astype(np.int32), inner
     # Raw tokens behind [lo, hi): stream position v of document j is raw v - j * k - nb.
     nb = int(self._bos is not None)
     a = max(lo - j0 * k - nb, int(starts[j0]))
@@ -266,22 +261,39 @@ class MappedStore:
     out = np.empty(n, np.int32)
     special = np.zeros(n, bool)
     if nb:  # at each document's start, the first one's only if [lo, hi) has it
-      at = edges[:-1] if first == 0 else edges[1:-1]
+      at = edges[:-1] if first == 0 else inner
       out[at] = self._bos
       special[at] = True
     if self._eos is not None:  # before each document's end, the last one's only if in [lo, hi)
-      at = (edges[1:] if after == n else edges[1:-1]) - 1
+      at = (edges[1:] if after == n else inner) - 1
       out[at] = self._eos
       special[at] = True
     out[~special] = self._tokens(i, a, max(a, b))
-    return out, doc
+    return out, inner
+
+
+def _last_at_or_before(starts: np.ndarray, n_docs: int, k: int, lo: int) -> int:
+  """The last document j whose stream start `starts[j] + j * k` is <= lo."""
+  upper = min(int(np.searchsorted(starts, lo, 'right')) - 1, n_docs - 1)  # as if k were 0
+  if not k:
+    return upper
+  lower = max(int(np.searchsorted(starts, lo - upper * k, 'right')) - 1, 0)
+  if upper - lower > 1024:  # a wide bracket (many tiny documents): search it in Python
+    return bisect.bisect_right(range(lower, upper + 1), lo,
+                               key=lambda j: int(starts[j]) + j * k) + lower - 1
+  between = starts[lower:upper + 1] + np.arange(lower, upper + 1) * k
+  return lower + int(np.searchsorted(between, lo, 'right')) - 1
 
 
 class _File:
   """An open file descriptor, closed when dropped (from the LRU, or with its thread)."""
 
+  _close = staticmethod(os.close)  # still reachable in __del__ at interpreter exit
+
   def __init__(self, path: Path):
     self.fd = os.open(path, os.O_RDONLY)
+    if hasattr(os, 'posix_fadvise'):  # windows are read in random order: no read-ahead
+      os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
 
   def __del__(self):
-    os.close(self.fd)
+    self._close(self.fd)

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from _data_cfg import SHAKESPEARE, make_cfg
-from jaxlm.data.packing import BATCH_KEYS, Windows, num_windows, pack_window, train_tokens
+from jaxlm.data.packing import (BATCH_KEYS, Windows, doc_starts, num_windows, pack_window,
+                                train_tokens)
 from jaxlm.data.sources import TokenStore, load_tokens
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.errors import DataError
@@ -18,7 +19,8 @@ def test_pack_window_across_documents():
   # Stream: doc 7 = [10 11 12], doc 8 = [13 14], doc 9 = [15 16 17 18]; seq_len 8.
   tokens = np.arange(10, 19)
   doc_ids = np.array([7, 7, 7, 8, 8, 9, 9, 9, 9])
-  w = pack_window(tokens, doc_ids, 8)
+  np.testing.assert_array_equal(doc_starts(doc_ids), [3, 5])
+  w = pack_window(tokens, doc_starts(doc_ids), 8)
   np.testing.assert_array_equal(w['inputs'], [10, 11, 12, 13, 14, 15, 16, 17])
   np.testing.assert_array_equal(w['targets'], [11, 12, 13, 14, 15, 16, 17, 18])
   np.testing.assert_array_equal(w['segment_ids'], [1, 1, 1, 2, 2, 3, 3, 3])
@@ -32,13 +34,22 @@ def test_pack_window_across_documents():
 
 
 def test_pack_window_padding():
-  w = pack_window(np.array([5, 6, 7, 8]), np.array([3, 3, 4, 4]), 6)
+  w = pack_window(np.array([5, 6, 7, 8]), np.array([2]), 6)
   # The last real token is an input whose target is padding: in its segment, but unmasked.
   np.testing.assert_array_equal(w['inputs'], [5, 6, 7, 8, 0, 0])
   np.testing.assert_array_equal(w['targets'], [6, 7, 8, 0, 0, 0])
   np.testing.assert_array_equal(w['segment_ids'], [1, 1, 2, 2, 0, 0])
   np.testing.assert_array_equal(w['positions'], [0, 1, 0, 1, 0, 0])
   np.testing.assert_array_equal(w['loss_mask'], [1, 0, 1, 0, 0, 0])
+
+
+def test_pack_window_document_starting_at_the_last_target():
+  # A document begins at token 4 = seq_len: it is only a target, so it is masked, not a segment.
+  w = pack_window(np.array([1, 2, 3, 4, 9]), np.array([2, 4]), 4)
+  np.testing.assert_array_equal(w['segment_ids'], [1, 1, 2, 2])
+  np.testing.assert_array_equal(w['positions'], [0, 1, 0, 1])
+  np.testing.assert_array_equal(w['loss_mask'], [1, 0, 1, 0])
+  np.testing.assert_array_equal(w['targets'], [2, 3, 4, 9])
 
 
 def test_windows_tile_the_stream():

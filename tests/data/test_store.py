@@ -9,6 +9,7 @@ import pytest
 
 from _data_cfg import make_cfg, write_docs
 from jaxlm.data import corpus, prepare as prepare_lib, store as store_lib
+from jaxlm.data.packing import doc_starts
 from jaxlm.data.pipeline import DataPipeline
 from jaxlm.data.sources import TokenStore, load_tokens, open_tokens
 from jaxlm.data.tokenizers import ByteTokenizer
@@ -57,16 +58,16 @@ def test_mapped_stream_equals_in_memory(corpus_dir, stored, bos, eos, max_docs):
     store = open_tokens(_cfg(stored[workers], add_bos=bos, add_eos=eos, max_docs=max_docs), TOK)
     assert isinstance(store, store_lib.MappedStore)
     assert len(store) == len(ref) and store.num_docs == ref.num_docs
-    tokens, doc_ids = store.read(0, len(store))
+    tokens, starts = store.read(0, len(store))
     np.testing.assert_array_equal(tokens, ref.tokens)
-    np.testing.assert_array_equal(doc_ids, ref.doc_ids)
+    np.testing.assert_array_equal(starts, doc_starts(ref.doc_ids))
     # Every range, including ones across shard and piece boundaries, is the same slice.
     rng = np.random.default_rng(0)
     for lo, n in zip(rng.integers(0, len(ref), 300), rng.integers(0, 40, 300)):
       hi = min(lo + n, len(ref))
       t, d = store.read(lo, hi)
       np.testing.assert_array_equal(t, ref.tokens[lo:hi])
-      np.testing.assert_array_equal(np.diff(d) != 0, np.diff(ref.doc_ids[lo:hi]) != 0)
+      np.testing.assert_array_equal(d, doc_starts(ref.doc_ids[lo:hi]))
 
 
 def test_pipeline_from_store_equals_in_memory(corpus_dir, stored):
@@ -104,14 +105,14 @@ def test_huge_store_opens_without_reading(tmp_path):
   tracemalloc.start()
   t0 = time.perf_counter()
   store = open_tokens(_cfg(tmp_path, add_eos=True), TOK)
-  tokens, doc_ids = store.read(len(store) - 12, len(store))
+  tokens, starts = store.read(len(store) - 12, len(store))
   elapsed = time.perf_counter() - t0
   peak = tracemalloc.get_traced_memory()[1]
   tracemalloc.stop()
   assert len(store) == n + 4 and elapsed < 1.0 and peak < 2**20, (elapsed, peak)
   # The last 12 stream tokens: the end of document 2 (3 zeros + EOS), all of document 3.
   np.testing.assert_array_equal(tokens, [0, 0, 0, TOK.eos_id] + [0] * 7 + [TOK.eos_id])
-  np.testing.assert_array_equal(doc_ids, [2] * 4 + [3] * 8)
+  np.testing.assert_array_equal(starts, [4])
   # Windows all over the file leave no file pages resident in this process.
   before = _rss_file_kb()
   for lo in np.linspace(0, n - 2000, 200).astype(np.int64):
@@ -158,5 +159,5 @@ def test_prepare_streams_a_long_document(tmp_path, monkeypatch):
   assert m['docs'] == 1 and m['tokens'] == len(text.encode()) + 1
   assert peak < 2**20, peak  # ~ a few pieces; the document is 4 MB of text, 16 MB as int32
   store = open_tokens(_cfg(tmp_path / 'store', add_eos=True), TOK)
-  tokens, doc_ids = store.read(0, len(store))
-  assert TOK.decode(tokens) == text and tokens[-1] == TOK.eos_id and (doc_ids == 0).all()
+  tokens, starts = store.read(0, len(store))
+  assert TOK.decode(tokens) == text and tokens[-1] == TOK.eos_id and not len(starts)

@@ -178,13 +178,36 @@ def test_truncated_array_file_is_a_clear_error(trained):
     Checkpointer(str(work), cfg.checkpoint).restore(10, setup.abstract_state)
 
 
-def test_half_written_step_is_never_latest(trained):
-  cfg, work = trained
-  # What a save killed before its commit leaves behind: Orbax's temporary directory.
-  tmp = work / 'checkpoints' / '15.orbax-checkpoint-tmp-1234'
-  (tmp / 'state').mkdir(parents=True)
-  (tmp / 'state' / 'garbage').write_bytes(b'\0' * 100)
-  assert Checkpointer(str(work), cfg.checkpoint).latest_step() == 10
+def test_kill_9_during_an_async_save_keeps_the_previous_step(repo, tiny_cfg, tmp_path):
+  """SIGKILL while step 10's async save is being written: step 5 stays the latest, the
+  half-written step is never listed, and rerunning resumes from step 5."""
+  work = tmp_path / 'w'
+  # ~1.7M params: state + Adam ~20 MB, so the save is in flight long enough to be caught.
+  cmd = _cmd(work, tiny_cfg.data.path, steps=10) + [
+      '--config.model.d_model=256', '--config.model.mlp_dim=1024']
+  proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, env=ENV)
+  ckpts, seen = work / 'checkpoints', None
+  deadline = time.time() + 240
+  while seen is None and proc.poll() is None and time.time() < deadline:
+    if ckpts.is_dir():
+      seen = next((p for p in ckpts.iterdir() if p.name.startswith('10.orbax-checkpoint-tmp')), None)
+    time.sleep(0.002)
+  assert seen is not None, 'never saw step 10 being written'
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert seen.exists(), 'the save committed before the kill; nothing was tested'
+  cfg = load_config('tiny')
+  ckpt = Checkpointer(str(work), cfg.checkpoint, read_only=True)
+  assert ckpt.steps() == [5] and ckpt.latest_step() == 5
+  ckpt.close()
+
+  done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300, env=ENV)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert 'resume: restoring step 5' in done.stderr
+  assert [s for s, _ in _losses(work)] == list(range(1, 11))
+  assert Checkpointer(str(work), cfg.checkpoint, read_only=True).latest_step() == 10
 
 
 def test_shape_mismatch_names_the_parameter(trained, capsys):

@@ -1,7 +1,7 @@
 """Builds the device mesh from the config's ``mesh`` section.
 
-A single CPU is a 1x1x1x1 mesh: every code path is the same on 1 device and
-on a pod. ICI axes (``data, fsdp, tensor, sequence``) lay out devices inside a
+A single CPU is a 1x1x1x1x1 mesh: every code path is the same on 1 device and
+on a pod. ICI axes (``data, fsdp, expert, tensor, sequence``) lay out devices inside a
 slice; DCN axes (``dcn_data, dcn_fsdp``) repeat that layout across slices or
 hosts, and are folded into ``data`` and ``fsdp`` of the final mesh.
 """
@@ -46,7 +46,7 @@ def _fmt(sizes: dict[str, int]) -> str:
 def mesh_shape(mesh_cfg, num_devices: int, num_slices: int = 1):
   """Returns (ici_shape, dcn_shape), each over MESH_AXES."""
   dcn = {'dcn_data': int(mesh_cfg.dcn_data), 'dcn_fsdp': int(mesh_cfg.dcn_fsdp)}
-  dcn_shape = _resolve(dcn, num_slices, 'DCN') + [1, 1]
+  dcn_shape = _resolve(dcn, num_slices, 'DCN') + [1] * (len(MESH_AXES) - 2)
   per_slice = num_devices // num_slices
   ici = {k: int(mesh_cfg[k]) for k in MESH_AXES}
   return _resolve(ici, per_slice, 'mesh'), dcn_shape
@@ -100,8 +100,8 @@ def _fold_dcn(mesh_cfg):
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-  """Number of ways the batch is split (data x fsdp)."""
-  return mesh.shape['data'] * mesh.shape['fsdp']
+  """Number of ways the batch is split (data x fsdp x expert)."""
+  return mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape.get('expert', 1)
 
 
 def fit_to_host(cfg) -> Mesh:
@@ -114,7 +114,7 @@ def fit_to_host(cfg) -> Mesh:
     return make_mesh(cfg.mesh)
   except ConfigError:
     with cfg.unlocked():
-      for k in ('fsdp', 'tensor', 'sequence', 'dcn_data', 'dcn_fsdp'):
+      for k in ('fsdp', 'expert', 'tensor', 'sequence', 'dcn_data', 'dcn_fsdp'):
         cfg.mesh[k] = 1
       cfg.mesh.data = -1
     return make_mesh(cfg.mesh)

@@ -16,18 +16,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxlm.errors import ConfigError
 
 # Mesh axes, outermost first. DCN (across slices/hosts) axes are folded into
-# 'data' and 'fsdp' by jaxlm.mesh, so rules only ever name these four.
-MESH_AXES = ('data', 'fsdp', 'tensor', 'sequence')
+# 'data' and 'fsdp' by jaxlm.mesh, so rules only ever name these five.
+# 'expert' splits MoE experts (and, like data parallelism, the batch); it sits
+# inside fsdp so its all-to-alls stay on the fastest links after 'tensor'.
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor', 'sequence')
 
 # Every logical axis a layer may name.
 LOGICAL_AXES = ('batch', 'length', 'embed', 'mlp', 'heads', 'kv_heads',
-                'head_dim', 'vocab', 'layers', 'norm')
+                'head_dim', 'vocab', 'layers', 'norm', 'expert')
 
 # Default rules. A logical axis maps to a mesh axis, a tuple of them, or None
 # (replicated). Flax uses the first rule whose mesh axes are still free in the
 # spec being built, so order matters only for repeated names.
 DEFAULT_RULES: tuple[tuple[str, object], ...] = (
-    ('batch', ('data', 'fsdp')),   # activations: batch over both DP axes
+    ('batch', ('data', 'fsdp', 'expert')),  # activations: batch over every DP-like axis
     ('length', 'sequence'),        # context parallelism splits the sequence
     ('embed', 'fsdp'),             # ZeRO-3: params sharded on the model dim
     ('mlp', 'tensor'),             # Megatron column/row-parallel MLP
@@ -37,12 +39,13 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ('vocab', 'tensor'),
     ('layers', None),              # scanned layer axis stays whole
     ('norm', None),
+    ('expert', 'expert'),          # MoE: each expert shard holds experts / mesh.expert
 )
 
 # Activation-only names: in activations 'embed' must not be sharded over fsdp
 # (the batch already is), so activations use 'act_embed' etc.
 ACTIVATION_RULES: tuple[tuple[str, object], ...] = (
-    ('act_batch', ('data', 'fsdp')),
+    ('act_batch', ('data', 'fsdp', 'expert')),
     ('act_length', 'sequence'),
     ('act_embed', None),
     ('act_mlp', 'tensor'),
@@ -88,7 +91,16 @@ def rules_for(model_cfg, mesh_cfg, mesh: Mesh | None = None) -> tuple:
     rules['kv_heads'] = None
     rules['act_kv_heads'] = None
   rules.update(parse_rule_overrides(mesh_cfg.rules))
+  if mesh is not None:  # a mesh built without some axes (e.g. by hand) just lacks their splits
+    rules = {k: _only(v, mesh.axis_names) for k, v in rules.items()}
   return tuple(rules.items())
+
+
+def _only(axes, names):
+  if axes is None or isinstance(axes, str):
+    return axes if axes in names else None
+  kept = tuple(a for a in axes if a in names)
+  return kept or None
 
 
 def logical_sharding(mesh: Mesh, rules, logical: Sequence[str | None]) -> NamedSharding:

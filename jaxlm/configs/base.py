@@ -44,6 +44,16 @@ def get_config() -> ml_collections.ConfigDict:
   m.loss_chunk = 2048  # positions per cross-entropy chunk: fp32 logits [batch, chunk, vocab] at a time
   m.scan_layers = True  # nn.scan over blocks: one compiled block, stacked params
   m.remat = 'none'  # activation checkpointing: 'none', 'full', 'dots' (save matmul outputs)
+  # Mixture of Experts (jaxlm/model/moe.py; README "Mixture of Experts"). Needs swiglu.
+  m.moe_experts = 0  # routed experts per MoE layer (0 = dense MLP in every layer)
+  m.moe_top_k = 2  # experts each token is sent to
+  m.moe_shared_experts = 0  # always-on experts added to the routed ones (0 = Mixtral style)
+  m.moe_every = 1  # every k-th layer is MoE (the others dense): 1 = all, 2 = every other
+  m.moe_mlp_dim = 0  # hidden width of each expert (0 = mlp_dim)
+  m.moe_capacity_factor = 0.0  # 0 = dropless; > 0 = fixed capacity, overflowing tokens dropped
+  m.moe_renormalize = True  # top-k weights renormalized to sum to 1 (Mixtral); False = raw softmax
+  m.moe_aux_loss_weight = 0.01  # weight of the load-balancing loss in the training loss
+  m.moe_z_loss_weight = 0.001  # weight of the router z-loss (keeps router logits small)
 
   # ---- data: where tokens come from and how they are packed.
   d = c.data = ml_collections.ConfigDict()
@@ -120,6 +130,7 @@ def get_config() -> ml_collections.ConfigDict:
   mesh = c.mesh = ml_collections.ConfigDict()
   mesh.data = -1  # pure data parallel (replicated params)
   mesh.fsdp = 1  # fully sharded data parallel (params/grads/opt state sharded)
+  mesh.expert = 1  # expert parallel: MoE experts split, tokens exchanged all-to-all (batch split too)
   mesh.tensor = 1  # Megatron tensor parallel (heads and MLP hidden split)
   mesh.sequence = 1  # sequence/context parallel (length split)
   mesh.dcn_data = 1  # data-parallel replicas across slices/hosts (DCN)

@@ -125,12 +125,13 @@ class Norm(nn.Module):
 class Mlp(nn.Module):
   """GELU MLP (GPT-2) or SwiGLU (Llama); column- then row-parallel over 'mlp'."""
   cfg: object  # the model ConfigDict
+  mlp_dim: int = 0  # hidden width; 0 = cfg.mlp_dim (MoE shared experts set their own)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:  # [batch, length, embed]
     c = self.cfg
     kw = dict(use_bias=c.use_bias, std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype)
-    up = lambda name: Dense((c.mlp_dim,), ('embed',), ('mlp',), name=name, **kw)
+    up = lambda name: Dense((self.mlp_dim or c.mlp_dim,), ('embed',), ('mlp',), name=name, **kw)
     if c.activation == 'swiglu':
       h = nn.silu(up('gate')(x)) * up('up')(x)
     else:

@@ -2,6 +2,8 @@
 
 GPT-2: learned positions, LayerNorm, GELU, biases, tied embeddings.
 Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied head.
+Mixtral: Llama with a Mixture-of-Experts MLP (jaxlm.model.moe) in every
+``moe_every``-th block.
 """
 
 import jax
@@ -11,6 +13,7 @@ from flax import linen as nn
 
 from jaxlm.model.attention import Attention, MaskInfo
 from jaxlm.model.layers import Dense, Mlp, Norm, dtype_of, param_init
+from jaxlm.model.moe import MoeMlp
 from jaxlm.sharding import constrain
 
 _REMAT_POLICIES = {
@@ -21,9 +24,15 @@ _REMAT_POLICIES = {
 ACT = ('act_batch', 'act_length', 'act_embed')
 
 
+def is_moe_layer(cfg, i: int) -> bool:
+  """Whether block i (from 0) has the MoE MLP: every moe_every-th, ending each group."""
+  return cfg.moe_experts > 0 and (i + 1) % cfg.moe_every == 0
+
+
 class Block(nn.Module):
   """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x))."""
   cfg: object
+  moe: bool = False  # MoE MLP instead of the dense one
 
   @nn.compact
   def __call__(self, x, aux, cache):
@@ -34,8 +43,26 @@ class Block(nn.Module):
     x = constrain(x, ACT)
     h, new_cache = Attention(c, name='attn')(norm('attn_norm')(x), positions, m, cache, cache_index)
     x = x + h
-    x = x + Mlp(c, name='mlp')(norm('mlp_norm')(x))
+    mlp = MoeMlp(c, name='mlp') if self.moe else Mlp(c, name='mlp')
+    x = x + mlp(norm('mlp_norm')(x))
     return constrain(x, ACT), new_cache
+
+
+class BlockGroup(nn.Module):
+  """moe_every consecutive blocks, the last one MoE: the unit scanned when they alternate."""
+  cfg: object
+  block: type = Block
+
+  @nn.compact
+  def __call__(self, x, aux, cache):
+    """cache: per-block {'k','v'} stacked on a leading [moe_every] axis (or None)."""
+    c = self.cfg
+    new = []
+    for j in range(c.moe_every):
+      lc = None if cache is None else jax.tree.map(lambda a: a[j], cache)
+      x, nc = self.block(c, moe=j == c.moe_every - 1, name=f'block_{j}')(x, aux, lc)
+      new.append(nc)
+    return x, None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new)
 
 
 class Transformer(nn.Module):
@@ -59,13 +86,20 @@ class Transformer(nn.Module):
     block = Block
     if c.remat != 'none':
       block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+    self.group = c.moe_experts > 0 and c.moe_every > 1 and c.scan_layers
     if c.scan_layers:
-      self.layers = nn.scan(
-          block, variable_axes={'params': 0}, split_rngs={'params': True},
-          in_axes=(nn.broadcast, 0), length=c.n_layers,
-          metadata_params={nn.PARTITION_NAME: 'layers'})(c, name='layers')
+      # Sown MoE losses ('intermediates') come out stacked on the layer axis.
+      scan = lambda module, length, **kw: nn.scan(
+          module, variable_axes={'params': 0, 'intermediates': 0}, split_rngs={'params': True},
+          in_axes=(nn.broadcast, 0), length=length,
+          metadata_params={nn.PARTITION_NAME: 'layers'})(c, name='layers', **kw)
+      if self.group:
+        self.layers = scan(BlockGroup, c.n_layers // c.moe_every, block=block)
+      else:
+        self.layers = scan(block, c.n_layers, moe=c.moe_experts > 0)
     else:
-      self.layers = [block(c, name=f'layer_{i}') for i in range(c.n_layers)]
+      self.layers = [block(c, moe=is_moe_layer(c, i), name=f'layer_{i}')
+                     for i in range(c.n_layers)]
     self.final_norm = Norm(c.norm, c.norm_eps, c.use_bias, c.dtype, c.param_dtype)
     if not c.tie_embeddings:
       self.head = Dense((c.vocab_size,), ('embed',), ('vocab',), name='head', std=c.init_std,
@@ -111,7 +145,13 @@ class Transformer(nn.Module):
     if c.position == 'learned':
       x = x + self.pos_embed(positions)
     aux = (positions, m, cache_index)
-    if c.scan_layers:
+    if self.group:  # [layers, ...] cache <-> [groups, moe_every, ...]
+      split = lambda a: a.reshape(a.shape[0] // c.moe_every, c.moe_every, *a.shape[1:])
+      grouped = None if layer_cache is None else jax.tree.map(split, layer_cache)
+      x, new_layer_cache = self.layers(x, aux, grouped)
+      if new_layer_cache is not None:
+        new_layer_cache = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), new_layer_cache)
+    elif c.scan_layers:
       x, new_layer_cache = self.layers(x, aux, layer_cache)
     else:
       outs = []

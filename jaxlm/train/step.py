@@ -27,33 +27,79 @@ def loss_sums(model, params, batch, z_loss: float = 0.0):
           jnp.sum(batch['loss_mask'].astype(jnp.float32)))
 
 
+def moe_metrics(intermediates) -> dict:
+  """Router losses (mean over MoE layers) and expert load extremes from the sown values.
+
+  Load is each expert's share of token copies times the expert count, per
+  layer: 1.0 everywhere is perfect balance; max/min show the worst layer's spread.
+  """
+  found = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
+    name = next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
+    found.setdefault(name, []).append(leaf)
+  # Scanned layers sow arrays stacked on [layers]; unscanned ones sow one per layer.
+  scalars = lambda name: jnp.concatenate([jnp.reshape(a, (-1,)) for a in found[name]])
+  load = jnp.concatenate([jnp.reshape(a, (-1, a.shape[-1])) for a in found['moe_load']])
+  return {'moe_aux_loss': jnp.mean(scalars('moe_aux_loss')),
+          'moe_router_z_loss': jnp.mean(scalars('moe_router_z_loss')),
+          'moe_load_max': jnp.max(load), 'moe_load_min': jnp.min(load)}
+
+
+def objective_sums(model, params, batch, z_loss: float = 0.0):
+  """(objective sum to differentiate, (token count, extra metric sums)).
+
+  Dense models: the objective is the token-loss sum and there are no extras.
+  MoE models add the router losses with their config weights, scaled by the
+  token count so that dividing by the count (as for the token losses) leaves
+  ``weight * loss``; their extras are the plain cross-entropy sum and the MoE
+  metrics, each times the count.
+  """
+  c = model.cfg
+  if not c.moe_experts:
+    total, count = loss_sums(model, params, batch, z_loss)
+    return total, (count, {})
+  logits, state = model.apply({'params': params}, batch['inputs'], batch['positions'],
+                              batch['segment_ids'], mutable=['intermediates'])
+  mask = batch['loss_mask'].astype(jnp.float32)
+  count = jnp.sum(mask)
+  ce = jnp.sum(token_losses(logits, batch['targets'], z_loss) * mask)
+  moe = moe_metrics(state['intermediates'])
+  router = c.moe_aux_loss_weight * moe['moe_aux_loss'] + c.moe_z_loss_weight * moe['moe_router_z_loss']
+  extras = {'ce': ce, **{k: v * count for k, v in moe.items()}}
+  return ce + router * count, (count, extras)
+
+
 def make_train_step(model, tx: optax.GradientTransformation, lr_schedule, grad_accum: int = 1,
                     z_loss: float = 0.0):
   """Builds the pure train step; the caller jits it with shardings."""
 
   def grads_of(params, batch):
-    (total, count), grads = jax.value_and_grad(
-        lambda p: loss_sums(model, p, batch, z_loss), has_aux=True)(params)
-    return total, count, grads
+    (total, (count, extras)), grads = jax.value_and_grad(
+        lambda p: objective_sums(model, p, batch, z_loss), has_aux=True)(params)
+    return total, count, extras, grads
 
   def train_step(state: TrainState, batch):
     if grad_accum == 1:
-      total, count, grads = grads_of(state.params, batch)
+      total, count, extras, grads = grads_of(state.params, batch)
     else:
       micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
 
       def body(carry, mb):
-        t, c, g = grads_of(state.params, mb)
-        return jax.tree.map(jnp.add, carry, (t, c, g)), None
+        t, c, e, g = grads_of(state.params, mb)
+        return jax.tree.map(jnp.add, carry, (t, c, e, g)), None
 
-      zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-      (total, count, grads), _ = jax.lax.scan(body, zero, micro)
+      extras0 = jax.eval_shape(lambda: grads_of(state.params, jax.tree.map(lambda x: x[0], micro)))[2]
+      zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, extras0),
+              jax.tree.map(jnp.zeros_like, state.params))
+      (total, count, extras, grads), _ = jax.lax.scan(body, zero, micro)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': total / denom, 'grad_norm': optax.tree.norm(grads),
-               'lr': lr_schedule(state.step), 'tokens': count}
+    # 'loss' stays the token loss; MoE router losses are reported on their own.
+    metrics = {'loss': extras.pop('ce', total) / denom, 'grad_norm': optax.tree.norm(grads),
+               'lr': lr_schedule(state.step), 'tokens': count,
+               **{k: v / denom for k, v in extras.items()}}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step

@@ -16,6 +16,7 @@ from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.engine import Setup
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.lock import WorkdirLock
+from jaxlm.train import metrics as metrics_lib
 from jaxlm.train.loop import Trainer
 
 log = logging.getLogger('jaxlm')
@@ -126,6 +127,10 @@ def plan(fv) -> int:
   def report(e):
     if e['event'] == 'first':
       print(f"parameters  {e['n_params']:,} ({e['n_params'] / 1e9:.2f}B)")
+      if cfg.model.moe_experts:
+        active = metrics_lib.active_params(cfg.model, e['n_params'])
+        print(f'active      {active:,} ({active / 1e9:.2f}B) per token: top '
+              f'{cfg.model.moe_top_k} of {cfg.model.moe_experts} experts (MFU counts these)')
       print(f"params      {_gib(e['params'])} total, {_gib(e['params_per_device'])} per device")
       print(f"opt state   {_gib(e['opt_state'])} total, "
             f"{_gib(e['opt_state_per_device'])} per device")

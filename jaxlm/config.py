@@ -97,6 +97,7 @@ def validate(cfg, need_data: bool = True) -> None:
                         f"data.seq_len={d.seq_len} to split into whole 128-slot blocks")
   if m.position == 'rope' and (m.head_dim or m.d_model // m.n_heads) % 2:
     raise ConfigError('model.head_dim must be even for RoPE')
+  _validate_moe(m)
   if d.seq_len > m.max_seq_len:
     raise ConfigError(f'data.seq_len={d.seq_len} is above model.max_seq_len={m.max_seq_len}')
   if t.batch_size % t.grad_accum:
@@ -118,6 +119,26 @@ def eval_batch_size(cfg) -> int:
   """Sequences per eval batch: ``eval.batch_size``, by default the train micro-batch
   (``train.batch_size // train.grad_accum``), which is known to fit."""
   return int(cfg.eval.batch_size) or int(cfg.train.batch_size) // int(cfg.train.grad_accum)
+
+
+def _validate_moe(m) -> None:
+  for key in ('moe_experts', 'moe_shared_experts', 'moe_mlp_dim', 'moe_capacity_factor',
+              'moe_aux_loss_weight', 'moe_z_loss_weight'):
+    if m[key] < 0:
+      raise ConfigError(f'model.{key}={m[key]} must be >= 0')
+  if not m.moe_experts:
+    return
+  if not 1 <= m.moe_top_k <= m.moe_experts:
+    raise ConfigError(f'model.moe_top_k={m.moe_top_k} must be in [1, model.moe_experts='
+                      f'{m.moe_experts}]')
+  if m.activation != 'swiglu':
+    raise ConfigError(f"model.moe_experts={m.moe_experts} needs model.activation='swiglu' "
+                      f"(experts are SwiGLU), got '{m.activation}'")
+  if m.moe_every < 1 or m.moe_every > m.n_layers:
+    raise ConfigError(f'model.moe_every={m.moe_every} must be in [1, model.n_layers={m.n_layers}]')
+  if m.scan_layers and m.n_layers % m.moe_every:
+    raise ConfigError(f'model.n_layers={m.n_layers} is not a multiple of model.moe_every='
+                      f'{m.moe_every} (scanned layers repeat one group; or set scan_layers=False)')
 
 
 def to_json(cfg) -> str:

@@ -40,7 +40,7 @@ def check_divisibility(cfg, mesh) -> None:
   if micro % dp:
     raise ConfigError(
         f'train.batch_size={cfg.train.batch_size} (/ train.grad_accum={cfg.train.grad_accum}) '
-        f'does not divide over {dp} data-parallel devices (mesh.data x mesh.fsdp)')
+        f'does not divide over {dp} data-parallel devices (mesh.data x mesh.fsdp x mesh.expert)')
   eval_bs = config_lib.eval_batch_size(cfg)
   if eval_bs % dp:
     raise ConfigError(f'eval.batch_size={eval_bs} does not divide over {dp} data-parallel devices')
@@ -48,9 +48,13 @@ def check_divisibility(cfg, mesh) -> None:
     raise ConfigError(f"data.seq_len={cfg.data.seq_len} does not divide over "
                       f"mesh.sequence={mesh.shape['sequence']}")
   tensor = mesh.shape['tensor']
-  for key in ('n_heads', 'mlp_dim'):
+  for key in ('n_heads', 'mlp_dim', 'moe_mlp_dim'):
     if cfg.model[key] % tensor:
       raise ConfigError(f'model.{key}={cfg.model[key]} does not divide over mesh.tensor={tensor}')
+  expert = mesh.shape.get('expert', 1)
+  if expert > 1 and cfg.model.moe_experts % expert:
+    raise ConfigError(f'model.moe_experts={cfg.model.moe_experts} does not divide over '
+                      f'mesh.expert={expert}')
 
 
 def eval_micro_batches(cfg, mesh) -> int:

@@ -26,6 +26,7 @@ PUBLISHED = {
     'llama_1b.py': (1_235_814_400, 0.05),  # meta-llama/Llama-3.2-1B
     'llama_8b.py': (8_030_261_248, 0.03),  # meta-llama/Meta-Llama-3-8B
     'llama_70b.py': (70_553_706_496, 0.03),  # meta-llama/Meta-Llama-3-70B
+    'mixtral_8x7b.py': (46_702_792_704, 0.0),  # mistralai/Mixtral-8x7B-v0.1
 }
 
 
@@ -46,6 +47,9 @@ def n_params(m) -> int:
   attn = d * qkv + m.n_heads * hd * d + bias * (qkv + d)
   n_in = 2 if m.activation == 'swiglu' else 1  # SwiGLU has gate and up projections
   mlp = (n_in + 1) * d * m.mlp_dim + bias * (n_in * m.mlp_dim + d)
+  if m.moe_experts:  # router + routed experts (+ shared experts as one wider MLP); moe_every 1
+    f = m.moe_mlp_dim or m.mlp_dim
+    mlp = d * m.moe_experts + (m.moe_experts + m.moe_shared_experts) * 3 * d * f
   norm = d * (2 if m.norm == 'layernorm' and m.use_bias else 1)  # scale (+ bias)
   embed = m.vocab_size * d * (1 if m.tie_embeddings else 2)
   positions = m.max_seq_len * d if m.position == 'learned' else 0
@@ -108,6 +112,13 @@ def test_parameter_count_matches_published(name):
   assert abs(got - expected) <= tol * expected, f'{name}: {got:,} params, published {expected:,}'
 
 
+def test_mixtral_active_parameters_match_published():
+  from jaxlm.train.metrics import active_params  # noqa: PLC0415
+  m = load('mixtral_8x7b.py').model
+  # "13B active parameters" (Mixtral paper); 12.9B by the same per-layer count as HF.
+  assert active_params(m, n_params(m)) == 12_879_925_248
+
+
 def test_parameter_formula_is_exact_for_unpadded_vocab():
   # Llama's vocab is not padded, so the formula must hit the published count exactly.
   assert n_params(load('llama_1b.py').model) == PUBLISHED['llama_1b.py'][0]
@@ -115,3 +126,14 @@ def test_parameter_formula_is_exact_for_unpadded_vocab():
   assert n_params(load('llama_70b.py').model) == PUBLISHED['llama_70b.py'][0]
   gpt2 = load('gpt2_small.py', '--config.model.vocab_size=50257').model
   assert n_params(gpt2) == PUBLISHED['gpt2_small.py'][0]
+
+
+@pytest.mark.parametrize('name', ['mixtral_8x7b.py', 'tiny_moe.py'])
+def test_moe_formula_counts_the_built_model(name):
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from jaxlm.model.transformer import build_model, param_count  # noqa: PLC0415
+  m = load(name).model
+  model = build_model(m)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  assert param_count(shapes['params']) == n_params(m)

@@ -106,6 +106,10 @@ class Trainer:
     log.info('mesh: building from %s', dict(cfg.mesh))
     setup = Setup(cfg, mesh_lib.make_mesh(cfg.mesh, self.devices))
     log.info('mesh: %s', dict(setup.mesh.shape))
+    if cfg.model.moe_experts:
+      log.info('model: %s active params per token (MoE: top %d of %d experts)',
+               f'{metrics_lib.active_params(cfg.model, setup.n_params):,}', cfg.model.moe_top_k,
+               cfg.model.moe_experts)
     log.info('model: %s params (%s, %d layers, d_model %d)', f'{setup.n_params:,}',
              cfg.model.position, cfg.model.n_layers, cfg.model.d_model)
 
@@ -164,7 +168,8 @@ class Trainer:
           t_last, step_last = now, step
           last = {'train/loss': float(m['loss']), 'train/lr': float(m['lr']),
                   'train/grad_norm': float(m['grad_norm']), 'train/tokens_per_sec': tok_s,
-                  'train/mfu': tok_s * flops_tok / peak}
+                  'train/mfu': tok_s * flops_tok / peak,
+                  **{f'train/{k}': float(v) for k, v in m.items() if k.startswith('moe_')}}
           if not np.isfinite(last['train/loss']):
             log.info('train: loss is %s at step %d; stopping (last checkpoint kept)',
                      last['train/loss'], step)

@@ -25,14 +25,36 @@ def flops_per_token(model_cfg, n_params: int, seq_len: int) -> float:
   keeps the output projection, as in PaLM's appendix B: 6N covers forward
   (2N) and backward (4N) matmuls; attention's QK^T and AV add
   2 * 2 * layers * seq_len * (heads * head_dim) forward, times 3 for backward.
+
+  MoE: N is the *active* matmul parameter count (``matmul_params``): each
+  token runs the router and top_k of the experts, so a MoE layer counts
+  ``d*E + (top_k + shared) * 3*d*expert_mlp_dim``, not all E experts. MFU
+  from it is the useful-work MFU that MoE papers quote; the dispatch
+  (sort, all-to-all) is overhead and not counted.
   """
   hd = model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads
   attn_width = model_cfg.n_heads * hd
   return 6.0 * n_params + 12.0 * model_cfg.n_layers * attn_width * seq_len
 
 
+def inactive_expert_params(model_cfg) -> int:
+  """Expert parameters a token does not use: (experts - top_k) SwiGLU experts per MoE layer."""
+  m = model_cfg
+  if not m.moe_experts:
+    return 0
+  moe_layers = m.n_layers // m.moe_every
+  per_expert = 3 * m.d_model * (m.moe_mlp_dim or m.mlp_dim)
+  return moe_layers * (m.moe_experts - m.moe_top_k) * per_expert
+
+
+def active_params(model_cfg, n_params: int) -> int:
+  """Parameters one token uses (all of them for dense models, top_k experts for MoE)."""
+  return n_params - inactive_expert_params(model_cfg)
+
+
 def matmul_params(model_cfg, n_params: int) -> int:
-  """Parameters that take part in matmuls (drops position tables, keeps the head)."""
+  """Active parameters that take part in matmuls (drops position tables and unused experts)."""
+  n_params = active_params(model_cfg, n_params)
   if model_cfg.position == 'learned':
     n_params -= model_cfg.max_seq_len * model_cfg.d_model
   if not model_cfg.tie_embeddings:

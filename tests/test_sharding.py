@@ -153,7 +153,8 @@ def test_mesh_errors_name_the_fields():
 def test_minus_one_takes_the_rest():
   cfg = load_config('tiny')
   cfg.mesh.data, cfg.mesh.tensor = -1, 2
-  assert dict(mesh_lib.make_mesh(cfg.mesh).shape) == dict(data=4, fsdp=1, tensor=2, sequence=1)
+  assert dict(mesh_lib.make_mesh(cfg.mesh).shape) == dict(data=4, fsdp=1, expert=1, tensor=2,
+                                                         sequence=1)
 
 
 # ---- Mixture of Experts: expert parallelism (jaxlm/model/moe.py) ----------------------

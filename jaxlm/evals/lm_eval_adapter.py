@@ -173,7 +173,8 @@ class JaxlmLM(TemplateLM):
   def _generate(self, prompts, steps, temperature, stop_ids):
     rows = len(prompts)
     if self.mesh is not None:  # the batch splits over the data-parallel axes: pad it to fit
-      dp = int(np.prod([self.mesh.shape[a] for a in ('data', 'fsdp')]))
+      dp = int(np.prod([self.mesh.shape[a] for a in ('data', 'fsdp', 'expert')
+                        if a in self.mesh.shape]))
       prompts = prompts + [prompts[-1]] * (-rows % dp)
       with sharding.activate(self.mesh, self.rules):
         new = generate(self.model, self.params, prompts, max_new_tokens=steps,

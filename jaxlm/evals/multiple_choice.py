@@ -100,7 +100,7 @@ def score_rows(model, params, rows, batch_size: int = 32, max_len: int = 0, mesh
   longest = max(len(ids) - 1 for ids, _ in rows)
   width = min(max_len, 1 << max(3, (longest - 1).bit_length()))
   if mesh is not None:  # the batch splits over the data-parallel axes
-    dp = int(np.prod([mesh.shape[a] for a in ('data', 'fsdp') if a in mesh.shape]))
+    dp = int(np.prod([mesh.shape[a] for a in ('data', 'fsdp', 'expert') if a in mesh.shape]))
     batch_size = -(-batch_size // dp) * dp
   scores, greedy = [], []
   for start in range(0, len(rows), batch_size):

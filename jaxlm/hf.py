@@ -177,8 +177,20 @@ def qwen3_fields(hf: dict) -> dict:
   return dict(llama_fields(hf), use_bias=False, qk_norm=True)
 
 
+def mixtral_fields(hf: dict) -> dict:
+  """Mixtral: Mistral with every MLP a top-k Mixture of Experts (renormalized softmax router)."""
+  _no_sliding_window(hf)
+  k = int(hf.get('num_experts_per_tok', 2))
+  # HF's load-balancing loss is top_k times jaxlm's (see jaxlm.model.moe.router_losses).
+  return dict(llama_fields(hf), use_bias=False, moe_experts=int(hf['num_local_experts']),
+              moe_top_k=k, moe_every=1, moe_shared_experts=0, moe_mlp_dim=0,
+              moe_renormalize=True, moe_capacity_factor=0.0,
+              moe_aux_loss_weight=float(hf.get('router_aux_loss_coef', 0.001)) * k,
+              moe_z_loss_weight=0.0)
+
+
 IMPORTERS = {'gpt2': gpt2_fields, 'llama': llama_fields, 'mistral': mistral_fields,
-             'qwen2': qwen2_fields, 'qwen3': qwen3_fields}
+             'qwen2': qwen2_fields, 'qwen3': qwen3_fields, 'mixtral': mixtral_fields}
 
 
 def model_fields(hf: dict) -> dict:
@@ -195,6 +207,12 @@ def export_family(m) -> str:
   if (m.position, m.norm, m.activation) != ('rope', 'rmsnorm', 'swiglu'):
     raise ConfigError(f'no Hugging Face architecture matches model.position={m.position!r}, '
                       f'model.norm={m.norm!r}, model.activation={m.activation!r}')
+  if m.moe_experts:
+    if (m.moe_every != 1 or m.moe_shared_experts or not m.moe_renormalize or m.use_bias
+        or m.qk_norm or m.qkv_bias or m.rope_scaling):
+      raise ConfigError('Mixtral export needs model.moe_every=1, moe_shared_experts=0, '
+                        'moe_renormalize=True and no biases, qk_norm or rope_scaling')
+    return 'mixtral'
   if m.qk_norm or m.qkv_bias:
     if m.use_bias or (m.qk_norm and m.qkv_bias):
       raise ConfigError('no Hugging Face architecture matches model.qk_norm / model.qkv_bias '
@@ -252,8 +270,18 @@ def qwen3_config(m, common: dict) -> dict:
   return out
 
 
+def mixtral_config(m, common: dict) -> dict:
+  out = dict(llama_config(m, common), architectures=['MixtralForCausalLM'],
+             intermediate_size=m.moe_mlp_dim or m.mlp_dim, num_local_experts=m.moe_experts,
+             num_experts_per_tok=m.moe_top_k, router_aux_loss_coef=m.moe_aux_loss_weight / m.moe_top_k,
+             output_router_logits=False, router_jitter_noise=0.0, sliding_window=None)
+  for k in ('attention_bias', 'mlp_bias'):
+    out.pop(k)
+  return out
+
+
 EXPORTERS = {'gpt2': gpt2_config, 'llama': llama_config, 'qwen2': qwen2_config,
-             'qwen3': qwen3_config}
+             'qwen3': qwen3_config, 'mixtral': mixtral_config}
 
 
 def hf_config(m, vocab_size: int, bos_id=None, eos_id=None) -> dict:
@@ -323,12 +351,43 @@ def _llama_layer(get, i, m) -> dict:
   if m.qk_norm:
     attn['query_norm'] = _norm(get(p + 'self_attn.q_norm.weight'))
     attn['key_norm'] = _norm(get(p + 'self_attn.k_norm.weight'))
-  mlp = {n: _dense(get(f'{p}mlp.{n}_proj.weight').T, fix(bias(f'mlp.{n}_proj'), (-1,)),
-                   m.use_bias)
-         for n in ('gate', 'up', 'down')}
+  if m.moe_experts:
+    mlp = _mixtral_moe(get, p, m)
+  else:
+    mlp = {n: _dense(get(f'{p}mlp.{n}_proj.weight').T, fix(bias(f'mlp.{n}_proj'), (-1,)),
+                     m.use_bias)
+           for n in ('gate', 'up', 'down')}
   return {'attn_norm': _norm(get(p + 'input_layernorm.weight')),
           'mlp_norm': _norm(get(p + 'post_attention_layernorm.weight')),
           'attn': attn, 'mlp': mlp}
+
+
+def _mixtral_moe(get, p: str, m) -> dict:
+  """Mixtral's MoE block -> jaxlm MoeMlp params (router [embed, experts], experts stacked).
+
+  Hub files hold ``block_sparse_moe.experts.{j}.w1/w3/w2`` (gate/up/down, [out, in]);
+  transformers 5 in memory fuses them as ``mlp.experts.gate_up_proj`` [experts,
+  2*mlp, embed] (gate first) and ``mlp.experts.down_proj`` [experts, embed, mlp].
+  """
+  if get(p + 'mlp.experts.down_proj', np.zeros(0)).size:
+    gate_up = get(p + 'mlp.experts.gate_up_proj')
+    gate, up = np.split(gate_up.transpose(0, 2, 1), 2, axis=2)
+    return {'router': get(p + 'mlp.gate.weight').T, 'gate': gate, 'up': up,
+            'down': get(p + 'mlp.experts.down_proj').transpose(0, 2, 1)}
+  e = lambda j, w: get(f'{p}block_sparse_moe.experts.{j}.{w}.weight').T
+  stack = lambda w: np.stack([e(j, w) for j in range(m.moe_experts)])
+  return {'router': get(p + 'block_sparse_moe.gate.weight').T,
+          'gate': stack('w1'), 'up': stack('w3'), 'down': stack('w2')}
+
+
+def _mixtral_moe_to_hf(moe: dict, p: str, m) -> dict[str, np.ndarray]:
+  """jaxlm MoeMlp params -> the hub layout, which transformers 4 and 5 both load."""
+  f32 = lambda x: np.asarray(x, np.float32)
+  out = {p + 'block_sparse_moe.gate.weight': f32(moe['router']).T}
+  for j in range(m.moe_experts):
+    for w, name in (('w1', 'gate'), ('w3', 'up'), ('w2', 'down')):
+      out[f'{p}block_sparse_moe.experts.{j}.{w}.weight'] = f32(moe[name][j]).T
+  return out
 
 
 def to_params(tensors: dict[str, np.ndarray], m) -> dict:
@@ -409,10 +468,13 @@ def from_params(params: dict, m, vocab_size: int) -> dict[str, np.ndarray]:
       for n in ('query', 'key'):
         if f'{n}_norm' in a:
           out[f'{p}self_attn.{n[0]}_norm.weight'] = f32(a[f'{n}_norm']['scale'])
-      for n in ('gate', 'up', 'down'):
-        out[f'{p}mlp.{n}_proj.weight'] = f32(l['mlp'][n]['kernel']).T
-        if 'bias' in l['mlp'][n]:
-          out[f'{p}mlp.{n}_proj.bias'] = f32(l['mlp'][n]['bias'])
+      if m.moe_experts:
+        out.update(_mixtral_moe_to_hf(l['mlp'], p, m))
+      else:
+        for n in ('gate', 'up', 'down'):
+          out[f'{p}mlp.{n}_proj.weight'] = f32(l['mlp'][n]['kernel']).T
+          if 'bias' in l['mlp'][n]:
+            out[f'{p}mlp.{n}_proj.bias'] = f32(l['mlp'][n]['bias'])
     out['model.embed_tokens.weight'] = embed
     out['model.norm.weight'] = f32(params['final_norm']['scale'])
   if not m.tie_embeddings:

@@ -85,3 +85,36 @@ def test_unsupported_settings_are_named():
     hf.model_fields(dict(model_type='qwen3', **_LLAMA, attention_bias=True))
   with pytest.raises(ConfigError, match="model_type 'bert'"):
     hf.model_fields({'model_type': 'bert'})
+
+
+def test_mixtral_imports_and_exports_with_transformers_logits(tmp_path):
+  torch.manual_seed(0)
+  c = transformers.MixtralConfig(**dict(_LLAMA, hidden_size=40, intermediate_size=24,
+                                        num_key_value_heads=1, num_local_experts=6,
+                                        num_experts_per_tok=2, rope_theta=1e4))
+  hf_model = transformers.MixtralForCausalLM(c)
+  with torch.no_grad():
+    for name, p in hf_model.named_parameters():
+      if 'norm' in name:
+        p.add_(0.3 * torch.randn_like(p))
+  hf_model.eval().save_pretrained(str(tmp_path / 'hf'))
+  want = _hf_logits(hf_model)
+  assert np.abs(want).max() > 1.0
+
+  assert cli.main(['convert', f'--from_hf={tmp_path / "hf"}', f'--workdir={tmp_path / "w"}']) == 0
+  m = json.loads((tmp_path / 'w' / 'config.json').read_text())['model']
+  assert (m['moe_experts'], m['moe_top_k'], m['moe_mlp_dim'] or m['mlp_dim']) == (6, 2, 24)
+  loaded = convert.load(str(tmp_path / 'w'))
+  np.testing.assert_allclose(_jax_logits(loaded), want, atol=1e-4, rtol=0)
+  # transformers 5 holds experts fused in memory (gate_up_proj); that layout imports too.
+  fused = {k: v.numpy() for k, v in hf_model.state_dict().items()}
+  assert any('gate_up_proj' in k for k in fused)
+  params = hf.to_params(fused, loaded.cfg.model)
+  got = loaded.setup.model.apply({'params': params}, TOKENS)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
+
+  assert cli.main(['convert', f'--to_hf={tmp_path / "out"}', f'--workdir={tmp_path / "w"}']) == 0
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'out')).eval()
+  assert type(back).__name__ == 'MixtralForCausalLM'
+  assert back.config.num_local_experts == 6 and back.config.num_experts_per_tok == 2
+  np.testing.assert_allclose(_hf_logits(back), want, atol=1e-4, rtol=0)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxlm.model.loss import sequence_losses
+from jaxlm.model.loss import chunked_losses, sequence_losses
 
 
 class TrainState(struct.PyTreeNode):
@@ -58,13 +58,16 @@ def objective_sums(model, params, batch, z_loss: float = 0.0):
   if not c.moe_experts:
     total, count = loss_sums(model, params, batch, z_loss)
     return total, (count, {})
-  logits, state = model.apply({'params': params}, batch['inputs'], batch['positions'],
-                              batch['segment_ids'], mutable=['intermediates'])
-  mask = batch['loss_mask'].astype(jnp.float32)
-  count = jnp.sum(mask)
-  ce = jnp.sum(token_losses(logits, batch['targets'], z_loss) * mask)
+  # sequence_losses, keeping the router losses the MoE layers sow on the way.
+  (x, _), state = model.apply({'params': params}, batch['inputs'], batch['positions'],
+                              batch['segment_ids'], method='features', mutable=['intermediates'])
+  head = lambda h: model.apply({'params': params}, h, method='logits')
+  count = jnp.sum(batch['loss_mask'].astype(jnp.float32))
+  ce = jnp.sum(chunked_losses(head, x, batch['targets'], batch['loss_mask'], z_loss,
+                              c.get('loss_chunk', 0)))
   moe = moe_metrics(state['intermediates'])
-  router = c.moe_aux_loss_weight * moe['moe_aux_loss'] + c.moe_z_loss_weight * moe['moe_router_z_loss']
+  router = (c.moe_aux_loss_weight * moe['moe_aux_loss']
+            + c.moe_z_loss_weight * moe['moe_router_z_loss'])
   extras = {'ce': ce, **{k: v * count for k, v in moe.items()}}
   return ce + router * count, (count, extras)
 

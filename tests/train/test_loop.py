@@ -136,3 +136,17 @@ def test_a_failing_hook_keeps_the_steps_checkpoint(tiny_cfg, tmp_path):
     trainer.run()
   with Checkpointer(str(tmp_path / 'w'), tiny_cfg.checkpoint, read_only=True) as ckpt:
     assert ckpt.steps() == [10]  # written before the hook ran, and finished (async save)
+
+
+def test_moe_router_metrics_reach_metrics_jsonl(tiny_cfg, tmp_path):
+  from conftest import load_config  # noqa: PLC0415
+  cfg = load_config('tiny_moe')
+  cfg.data.path = tiny_cfg.data.path
+  cfg.train.steps, cfg.train.log_every, cfg.eval.every = 2, 1, 0
+  Trainer(cfg, str(tmp_path / 'w'), devices=_one_device()).run()
+  rows = [json.loads(l) for l in (tmp_path / 'w' / 'metrics.jsonl').read_text().splitlines()]
+  logged = [r for r in rows if 'train/loss' in r]
+  assert len(logged) == 2
+  for r in logged:
+    assert r['train/moe_aux_loss'] >= 1.0 and r['train/moe_router_z_loss'] > 0.0
+    assert r['train/moe_load_max'] >= 1.0 >= r['train/moe_load_min'] >= 0.0

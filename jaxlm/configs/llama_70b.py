@@ -18,6 +18,10 @@ def get_config():
 
   # 4M tokens per step (512 x 8192); 335000 steps ~ 1.4T tokens, 20 tokens per parameter.
   c.train.steps = 335000
+  # Sized for 256 TPU v5p chips (95 GiB each): FSDP over all 256, one 8192-token
+  # sequence per chip per micro-batch (`jaxlm plan --config=llama_70b --target=v5p`).
+  c.train.grad_accum = 2
+  c.mesh.fsdp = 256
   c.optim.lr = 1.5e-4
   c.optim.mu_dtype = 'bfloat16'  # halves Adam's first-moment memory
   return c

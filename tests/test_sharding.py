@@ -11,6 +11,7 @@ from conftest import load_config
 from jaxlm import engine
 from jaxlm import mesh as mesh_lib
 from jaxlm.errors import ConfigError
+from jaxlm.sharding import MESH_AXES
 from jaxlm.engine import Setup
 from jaxlm.train.loop import Trainer
 
@@ -204,3 +205,38 @@ def test_expert_parallel_mesh_matches_single_device(name, moe_single_device):
   gate = state.params['layers']['mlp']['gate']  # [layers, experts, embed, mlp]
   ep = MOE_MESHES[name]['expert']
   assert gate.addressable_shards[0].data.shape[1] == 8 // ep  # experts really are split
+
+
+def _shard(setup, *path):
+  x = setup.abstract_state.params
+  for k in path:
+    x = x[k]
+  return x.sharding.shard_shape(x.shape)
+
+
+def test_mesh_rules_override_the_default_mapping():
+  """--config.mesh.rules='mlp=;vocab=;embed=fsdp,tensor' changes how parameters are split."""
+  default = _setup(data=1, fsdp=4, tensor=2)
+  assert _shard(default, 'layers', 'mlp', 'up', 'kernel') == (2, 128 // 4, 512 // 2)
+  assert _shard(default, 'embed', 'embedding') == (320 // 2, 128 // 4)  # [vocab, embed]
+  over = _setup(data=1, fsdp=4, tensor=2, rules='mlp=; vocab=; embed=fsdp,tensor')
+  assert _shard(over, 'layers', 'mlp', 'up', 'kernel') == (2, 128 // 8, 512)
+  assert _shard(over, 'embed', 'embedding') == (320, 128 // 8)
+  with pytest.raises(ConfigError, match="unknown mesh axis 'tensr'"):
+    _setup(data=1, fsdp=4, tensor=2, rules='mlp=tensr')
+
+
+def test_dcn_axes_repeat_the_slice_layout_and_fold_on_one_slice():
+  cfg = load_config('tiny')
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp = 1, 2, 2, 2
+  # Four slices of two devices: fsdp=2 inside each slice, 2 x 2 slices across DCN.
+  ici, dcn = mesh_lib.mesh_shape(cfg.mesh, 8, num_slices=4)
+  assert dict(zip(MESH_AXES, ici)) == {**dict.fromkeys(MESH_AXES, 1), 'fsdp': 2}
+  assert dict(zip(MESH_AXES, dcn)) == {**dict.fromkeys(MESH_AXES, 1), 'data': 2, 'fsdp': 2}
+  # One slice (CPU, one GPU host): the DCN axes multiply into data and fsdp.
+  shape = dict(mesh_lib.make_mesh(cfg.mesh).shape)
+  assert (shape['data'], shape['fsdp']) == (2, 4)
+  cfg.mesh.dcn_data = -1  # -1: the slices left over
+  assert mesh_lib.mesh_shape(cfg.mesh, 8, num_slices=4)[1][:2] == [2, 2]
+  with pytest.raises(ConfigError, match='DCN'):
+    mesh_lib.mesh_shape(cfg.mesh, 8, num_slices=3)

@@ -69,3 +69,27 @@ def test_compilation_cache_on_by_default_and_user_setting_wins(monkeypatch, tmp_
     assert jax.config.jax_compilation_cache_dir == '/elsewhere'
   finally:
     jax.config.update('jax_compilation_cache_dir', before)
+
+
+def test_train_flags_and_env_vars_reach_jax_distributed(calls, monkeypatch, capsys):
+  """`jaxlm train --coordinator_address=H:P --num_processes=N --process_id=I` (or the
+  JAXLM_* variables) is what jax.distributed.initialize is called with."""
+  from jaxlm import cli  # noqa: PLC0415
+  from jaxlm.errors import ConfigError  # noqa: PLC0415
+
+  def stop_after_recording(*a, **kw):
+    calls.append((a, kw))
+    raise ConfigError('recorded')  # the test ends here, before any training
+
+  monkeypatch.setattr(jax.distributed, 'initialize', stop_after_recording)
+  argv = ['train', '--config=tiny', '--workdir=/nonexistent/w']
+  assert cli.main([*argv, '--coordinator_address=10.0.0.1:8476', '--num_processes=4',
+                   '--process_id=3']) == 2
+  assert 'recorded' in capsys.readouterr().err
+  monkeypatch.setattr(runtime, '_initialized', False)
+  monkeypatch.setenv('JAXLM_COORDINATOR_ADDRESS', '10.0.0.2:8476')
+  monkeypatch.setenv('JAXLM_NUM_PROCESSES', '2')
+  monkeypatch.setenv('JAXLM_PROCESS_ID', '1')
+  assert cli.main(argv) == 2
+  assert calls == [(('10.0.0.1:8476', 4, 3), {'local_device_ids': None}),
+                   (('10.0.0.2:8476', 2, 1), {'local_device_ids': None})]

@@ -95,7 +95,10 @@ def cluster(tmp_path_factory):
       time.sleep(1)
     yield env, d
   finally:
-    for pid_file in started:
+    # Cancel what is left (a hung job's srun/slurmstepd would outlive the daemons).
+    subprocess.run(['scancel', '--full', '--quiet', '--partition=debug'], env=env, check=False)
+    time.sleep(2)
+    for pid_file in reversed(started):  # slurmd, slurmctld, then munged if we started it
       if pid_file.exists():
         subprocess.run(['kill', pid_file.read_text().strip()], check=False)
 

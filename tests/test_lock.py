@@ -132,3 +132,16 @@ def test_requeued_slurm_job_takes_over_its_earlier_run(tmp_path, monkeypatch):
   _holder(tmp_path, host='node7', pid=1, slurm_job='42', slurm_restart=0)
   with WorkdirLock(str(tmp_path)):
     assert json.loads((tmp_path / lock_lib.NAME).read_text())['slurm_restart'] == 1
+
+
+@pytest.mark.parametrize('argv', [
+    ['convert', '--from_hf={tmp}/hf', '--workdir={work}'],
+    ['finetune', '--init_from={tmp}/hf', '--data={tmp}/pairs.jsonl', '--workdir={work}']])
+def test_convert_from_hf_and_finetune_are_refused_too(tmp_path, capsys, argv):
+  work = tmp_path / 'w'
+  _holder(work, pid=os.getpid())
+  before = _snapshot(work)
+  code = main([a.format(tmp=tmp_path, work=work) for a in argv])
+  err = capsys.readouterr().err
+  assert code == 2 and f'PID {os.getpid()}' in err and 'Traceback' not in err, err
+  assert _snapshot(work) == before

@@ -94,18 +94,23 @@ class WorkdirLock:
 
   def acquire(self) -> None:
     """Takes the lock (process 0) and makes every process agree; LockError if held."""
-    error = ''
+    error, failure = '', None
     if self.main:
       try:
         self._acquire()
       except LockError as e:
         error = str(e)
+      except Exception as e:  # noqa: BLE001  (e.g. storage down: re-raised below, after the
+        failure = e           # broadcast, so the other processes do not wait for it forever)
+        error = f'process 0 could not take the workdir lock ({type(e).__name__})'
     if self.multi:
       import numpy as np  # noqa: PLC0415
       from jax.experimental import multihost_utils  # noqa: PLC0415
       ok = multihost_utils.broadcast_one_to_all(np.int32(0 if error else 1))
       if not self.main and not int(ok):
         error = f"workdir '{self.workdir}' is locked by another run (process 0 says why)"
+    if failure is not None:
+      raise failure
     if error:
       raise LockError(error)
 

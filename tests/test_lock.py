@@ -145,3 +145,25 @@ def test_convert_from_hf_and_finetune_are_refused_too(tmp_path, capsys, argv):
   err = capsys.readouterr().err
   assert code == 2 and f'PID {os.getpid()}' in err and 'Traceback' not in err, err
   assert _snapshot(work) == before
+
+
+def test_multi_host_processes_agree_through_process_0(tmp_path, monkeypatch):
+  import jax  # noqa: PLC0415
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  sent = []
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(multihost_utils, 'broadcast_one_to_all',
+                      lambda x: sent.append(int(x)) or (x if jax.process_index() == 0 else 0))
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)  # a worker: no file I/O, obeys process 0
+  with pytest.raises(LockError, match='process 0 says why'):
+    WorkdirLock(str(tmp_path)).acquire()
+  assert list(tmp_path.iterdir()) == []
+  monkeypatch.setattr(jax, 'process_index', lambda: 0)
+
+  def storage_down(*a):
+    raise OSError('bucket unreachable')
+
+  monkeypatch.setattr(lock_lib.storage, 'create_exclusive', storage_down)
+  with pytest.raises(OSError, match='bucket unreachable'):  # the real error, after the broadcast
+    WorkdirLock(str(tmp_path)).acquire()
+  assert sent[-1] == 0  # the workers were told to stop too

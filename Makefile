@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-cloud test-slurm test-package clean
+.PHONY: install demo test test-cloud test-slurm test-package test-demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ test-slurm: $(VENV)/.installed-test
 # `pip install .` (not editable) into a fresh venv; commands run outside the checkout.
 test-package: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -x --timeout=2400 -m package tests/package
+
+# `make demo`'s own commands (read from this file) with 40 of its 500 steps (about a minute).
+test-demo: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -x --timeout=900 -m demo tests/demo
 
 clean:
 	rm -rf runs

@@ -6,8 +6,8 @@ Loader: `DataPipeline.train_iterator()` with configs/gpt2_small.py's data shape
 (batch 512 x seq 1024, shuffled), timed over `--batches` batches after one
 warm-up batch, median of `--repeats` timings, on two sources:
   * a `jaxlm prepare` store of ../shared/data/tinyshakespeare.txt (byte tokenizer,
-    one document per line, EOS added while reading; made in a temp dir), read
-    window by window from its memory-mapped shards, and
+    one document per line, EOS added while reading, or stored by prepare with
+    --stored_eos; made in a temp dir), read window by window from its shards, and
   * data.source='pystdlib' (this Python's stdlib .py files, byte tokenizer), read
     and tokenized whole at construction.
 Construction is reported apart. Besides wall-clock tokens/s, each timing's rate
@@ -83,6 +83,8 @@ def main(argv=None) -> int:
   ap.add_argument('--batches', type=int, default=8, help='batches per timing')
   ap.add_argument('--repeats', type=int, default=5, help='timings; the median is reported')
   ap.add_argument('--workers', type=int, default=0, help='data.worker_count')
+  ap.add_argument('--stored_eos', action='store_true',
+                  help='prepare with --add_eos, so the loader inserts no EOS while reading')
   args = ap.parse_args(argv)
 
   base = gpt2_small()
@@ -94,6 +96,7 @@ def main(argv=None) -> int:
   with tempfile.TemporaryDirectory() as tmp:
     t0 = time.perf_counter()
     m = prepare(str(SHAKESPEARE), Path(tmp) / 'store', text_unit='line', docs_per_shard=10000,
+                add_eos=args.stored_eos,
                 workers=0)
     print(f"prepare tinyshakespeare: {m['tokens']:,} tokens in {len(m['shards'])} shards, "
           f'{time.perf_counter() - t0:.2f} s')

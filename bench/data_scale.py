@@ -1,6 +1,6 @@
 """Does the data path scale? Memory and startup of training from stores 10x apart; prepare cost.
 
-    .venv/bin/python bench/data_scale.py [--repeats=20,200] [--workers=1,2] [--root=/tmp/jaxlm_scale]
+    .venv/bin/python bench/data_scale.py [--repeats=20,200] [--workers=1,2] [--root=/tmp/x]
 
 For each N in --repeats, ../shared/data/tinyshakespeare.txt repeated N times is
 written as ONE text file (one document: N=200 gives 223M byte tokens), then:
@@ -171,7 +171,8 @@ def main(argv=None) -> int:
     opened, rate, cpu_rate = loader_rate(store, args.batches)
     print(f'x{n} loader (512 x 1024, shuffled): opened in {opened * 1e3:.0f} ms; '
           f'{rate / 1e6:.2f}M tokens/s wall, {cpu_rate / 1e6:.2f}M tokens/s per CPU second')
-  print(f'this process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB')
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  print(f'this process peak RSS {peak:,.0f} MB')
   return 0 if ok else 1
 
 

@@ -1,8 +1,9 @@
 """Weighted mixtures of token sources: data.mixture = 'web:0.7,code:0.2,books:0.1'.
 
-Each `path:weight` item is read exactly as data.path would be (same
-data.source, tokenizer, specials and data.max_docs, per source) and split into
-train/validation by data.val_tokens (capped by data.val_fraction), per source. Weights are relative (normalized by
+Each `path:weight` item is opened exactly as data.path would be (same
+data.source, tokenizer, specials and data.max_docs, per source; a prepared store
+is read window by window) and split into train/validation by data.val_tokens
+(capped by data.val_fraction), per source. Weights are relative (normalized by
 their sum).
 
 Training draws windows with Grain's `MapDataset.mix`: every source's train

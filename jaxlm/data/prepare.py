@@ -329,7 +329,7 @@ def _pool(workers: int, kind: str, path: str):
 
 
 def _tokenize(dtype: str, pieces: List[str]) -> List[np.ndarray]:
-  """Token ids of each text piece `[piece_tokens]`, in the store's `dtype` (compact to send back)."""
+  """Token ids of each text piece `[piece_tokens]`, in the store's `dtype` (compact to return)."""
   return [_TOKENIZER.encode(p).astype(dtype) for p in pieces]
 
 

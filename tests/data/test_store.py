@@ -11,7 +11,7 @@ from _data_cfg import make_cfg, write_docs
 from jaxlm.data import corpus, prepare as prepare_lib, store as store_lib
 from jaxlm.data.packing import doc_starts
 from jaxlm.data.pipeline import DataPipeline
-from jaxlm.data.sources import TokenStore, load_tokens, open_tokens
+from jaxlm.data.sources import load_tokens, open_tokens
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.errors import DataError
 
@@ -70,9 +70,10 @@ def test_mapped_stream_equals_in_memory(corpus_dir, stored, bos, eos, max_docs):
       np.testing.assert_array_equal(d, doc_starts(ref.doc_ids[lo:hi]))
 
 
-def test_pipeline_from_store_equals_in_memory(corpus_dir, stored):
+@pytest.mark.parametrize('prefetch', [0, 3])  # 3: Grain reader threads share the store
+def test_pipeline_from_store_equals_in_memory(corpus_dir, stored, prefetch):
   def batches(source, path):
-    cfg = make_cfg(source=source, path=str(path), seq_len=8, val_tokens=30)
+    cfg = make_cfg(source=source, path=str(path), seq_len=8, val_tokens=30, prefetch=prefetch)
     pipe = DataPipeline(cfg, TOK)
     it = pipe.train_iterator()
     return [next(it) for _ in range(12)] + pipe.eval_batches()

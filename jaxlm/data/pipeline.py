@@ -80,7 +80,7 @@ class DataPipeline:
   """Train and eval batches for one process, built once from the config.
 
   Opens every source at construction (`sources.open_tokens`: a prepared store is
-  mapped, a small text corpus read whole), so data errors surface before any
+  opened, a small text corpus read whole), so data errors surface before any
   compile; windows are read from the stream only when a batch needs them.
 
   Args:

@@ -1,4 +1,4 @@
-"""`jaxlm prepare`: a text/JSONL/Parquet corpus -> a sharded, memory-mappable token store.
+"""`jaxlm prepare`: a text/JSONL/Parquet corpus -> a sharded token store.
 
     jaxlm prepare --input='corpus/*.jsonl' --format=jsonl --output=data/web \\
         --tokenizer=hf --tokenizer_path=tok/tokenizer.json --workers=8

@@ -1,4 +1,4 @@
-"""The token stream of data.source: a prepared store mapped from disk, or a small corpus in memory.
+"""The token stream of data.source: a prepared store read from disk, or a small corpus in memory.
 
 `open_tokens` returns either
   * a `store.MappedStore` for a `jaxlm prepare` store (data.source='arrayrecord',

@@ -1,4 +1,4 @@
-"""The `jaxlm prepare` token store on disk: memory-mapped shards, read window by window.
+"""The `jaxlm prepare` token store on disk: token shards, read window by window.
 
 Layout of a store directory (written by `ShardWriter`, read by `MappedStore`):
 
@@ -127,9 +127,9 @@ class ShardWriter:
 class MappedStore:
   """A prepared store as one random-access token stream (same protocol as `TokenStore.read`).
 
-  Memory: the manifest and one small array per shard; token and document files
-  are mapped on first use by each process (so the object pickles small, for
-  Grain's worker processes).
+  Memory: a few numbers per shard. Document indexes are mapped and token files
+  opened on first use, per process (so the object pickles small, for Grain's
+  worker processes) and, for token files, per thread.
 
   Args:
     folder: the store directory.

@@ -162,3 +162,27 @@ def test_prepare_streams_a_long_document(tmp_path, monkeypatch):
   store = open_tokens(_cfg(tmp_path / 'store', add_eos=True), TOK)
   tokens, starts = store.read(0, len(store))
   assert TOK.decode(tokens) == text and tokens[-1] == TOK.eos_id and not len(starts)
+
+
+@pytest.mark.parametrize('bos,eos', [(True, True), (False, True)])
+def test_many_tiny_documents(tmp_path, bos, eos):
+  """3,000 one- or two-token documents in a shard: the wide search brackets take the slow path."""
+  docs = [np.array([i % 200 + 1] * (1 + i % 2)) for i in range(3000)]
+  writer = store_lib.ShardWriter(tmp_path, 'shard-00000.tokens', 'uint16')
+  for d in docs:
+    writer.add(d)
+    writer.end_doc()
+  manifest = {'format': store_lib.FORMAT, 'dtype': 'uint16', 'add_bos': False, 'add_eos': False,
+              'complete': True, 'shards': [writer.close()]}
+  (tmp_path / 'manifest.json').write_text(json.dumps(manifest))
+  store = open_tokens(_cfg(tmp_path, add_bos=bos, add_eos=eos), TOK)
+  wrap = [[TOK.bos_id] * bos + d.tolist() + [TOK.eos_id] * eos for d in docs]
+  ref = np.concatenate(wrap)
+  ref_starts = np.cumsum([len(w) for w in wrap])[:-1]
+  assert len(store) == len(ref)
+  for lo in list(range(0, 40)) + list(range(len(ref) - 40, len(ref))) + list(range(4000, 4100)):
+    hi = min(lo + 17, len(ref))
+    tokens, starts = store.read(lo, hi)
+    np.testing.assert_array_equal(tokens, ref[lo:hi])
+    inside = ref_starts[(ref_starts > lo) & (ref_starts < hi)] - lo
+    np.testing.assert_array_equal(starts, inside)

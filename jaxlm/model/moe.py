@@ -275,10 +275,15 @@ def _sharded_experts(x, r: Routing, gate, up, down, capacity_factor: float):
     first = None
     if ep_axes and not exchange:
       first = jax.lax.axis_index(ep_axes) * gate.shape[0]
+    total = summed + (ep_axes if ep_axes and not exchange else ())
+    if total:
+      # x is the same on these shards but each contributes its own share of the input
+      # gradient: marking it varying makes autodiff sum the shares (ragged_dot's
+      # implicit broadcast does not), the backward twin of the psum below.
+      x = jax.lax.pcast(x, total, to='varying')
     y = experts_forward(flat(x), Routing(flat(experts), flat(weights)), gate, up, down,
                         n_experts=n_experts, capacity_factor=capacity_factor,
                         exchange_axes=ep_axes if exchange else (), first_expert=first)
-    total = summed + (ep_axes if ep_axes and not exchange else ())
     if total:
       y = jax.lax.psum(y, total)
     return y.reshape(x.shape)

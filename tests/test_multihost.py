@@ -25,6 +25,21 @@ def _lines(workdir):
   return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+def _kill_session(sid: int) -> None:
+  """SIGKILL every process of session ``sid``: the launcher runs each trainer in its own
+  process group (job control), so killing the launcher's group alone leaves them running."""
+  for stat in Path('/proc').glob('[0-9]*/stat'):
+    try:
+      fields = stat.read_text().rsplit(')', 1)[1].split()
+    except OSError:
+      continue  # exited meanwhile
+    if int(fields[3]) == sid:  # field 6 of /proc/PID/stat: the session id
+      try:
+        os.kill(int(stat.parent.name), signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+
+
 def test_two_processes_match_one_and_resume_after_kill(repo, tiny_cfg, tmp_path):
   data = tiny_cfg.data.path
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
@@ -42,7 +57,7 @@ def test_two_processes_match_one_and_resume_after_kill(repo, tiny_cfg, tmp_path)
   while _lines(two) < 12 and proc.poll() is None and time.time() < deadline:
     time.sleep(0.01)
   assert proc.poll() is None, proc.stdout.read()[-3000:]
-  os.killpg(proc.pid, signal.SIGKILL)  # every process of the "pod" dies at once
+  _kill_session(proc.pid)  # every process of the "pod" dies at once
   proc.wait()
 
   done = subprocess.run(cmd, cwd=repo, env=env_mp, capture_output=True, text=True, timeout=300)

@@ -36,7 +36,8 @@ def test_eval_batch_defaults_to_the_train_micro_batch():
   cfg.eval.batch_size = 12
   assert config_lib.eval_batch_size(cfg) == 12
   # 12 rows at most 2 per slice on 2 data-parallel devices: 6 slices of 2.
-  assert eval_micro_batches(cfg, jax.sharding.AbstractMesh((2, 1, 1, 1), mesh_lib.MESH_AXES)) == 6
+  assert eval_micro_batches(cfg, jax.sharding.AbstractMesh(
+      (2,) + (1,) * (len(mesh_lib.MESH_AXES) - 1), mesh_lib.MESH_AXES)) == 6
 
 
 def test_eval_micro_batches_give_the_same_loss_in_less_memory():

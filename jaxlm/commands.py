@@ -126,7 +126,8 @@ def plan(fv) -> int:
 
   def report(e):
     if e['event'] == 'first':
-      print(f"parameters  {e['n_params']:,} ({e['n_params'] / 1e9:.2f}B)")
+      n = e['n_params']
+      print(f'parameters  {n:,} ' + (f'({n / 1e9:.2f}B)' if n >= 1e8 else f'({n / 1e6:.2f}M)'))
       if cfg.model.moe_experts:
         active = metrics_lib.active_params(cfg.model, e['n_params'])
         print(f'active      {active:,} ({active / 1e9:.2f}B) per token: top '

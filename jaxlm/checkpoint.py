@@ -18,8 +18,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxlm import storage
-from jaxlm.errors import CheckpointError
+from jaxlm import sharding, storage
+from jaxlm.errors import CheckpointError, ConfigError
 
 log = logging.getLogger('jaxlm')
 BEST_METRIC = 'eval/loss'
@@ -109,6 +109,16 @@ class Checkpointer:
     # Also on errors: an unclosed manager's background threads fail noisily at exit.
     self.close()
 
+  def holds_params_only(self, step: int) -> bool:
+    """True for a step saved without optimizer state (``jaxlm convert --from_hf`` writes one)."""
+    manager = self.manager if step in self.steps() else self._best_manager()
+    try:
+      meta = manager.item_metadata(step)['state']
+    except Exception:  # noqa: BLE001  (unreadable metadata is reported by restore)
+      return False
+    tree = getattr(meta, 'tree', meta)
+    return isinstance(tree, dict) and 'params' in tree and 'opt_state' not in tree
+
   def _check_shapes(self, manager, step: int, abstract_state) -> None:
     """Names the first parameter whose saved shape differs from the model's."""
     try:
@@ -145,6 +155,10 @@ class Checkpointer:
     if params_only:
       abstract_state = {'params': getattr(abstract_state, 'params', abstract_state)}
     self._check_shapes(manager, step, abstract_state)
+    bad = sharding.indivisible(abstract_state)
+    if bad:  # Orbax would report this as an unreadable checkpoint
+      raise ConfigError(f'checkpoint step {step} cannot be placed on this mesh: {bad} '
+                        '(choose mesh sizes that divide it)')
     try:
       if params_only:
         # StandardCheckpointHandler refuses a partial tree; the PyTree handler reads

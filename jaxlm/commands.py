@@ -42,7 +42,7 @@ def train(fv) -> int:
 
 
 def _saved_run(fv):
-  """(config, Setup, restored state) for a trained workdir, on this machine's devices."""
+  """(config, Setup, restored params, step) for a saved run, on this machine's devices."""
   workdir = _workdir(fv)
   runtime.initialize()
   cfg = fv.config if fv.config is not None else config_lib.load_saved(workdir)
@@ -51,16 +51,17 @@ def _saved_run(fv):
     step = fv.restore_step if fv.restore_step is not None else ckpt.latest_step()
     if step is None:
       raise CheckpointError(f"no checkpoint in '{ckpt.directory}' (train first)")
-    state, _ = ckpt.restore(step, setup.abstract_state)
-  return cfg, setup, state, step
+    # Params only: eval and generate need no optimizer state (an HF import has none).
+    params, _ = ckpt.restore(step, setup.abstract_state, params_only=True)
+  return cfg, setup, params, step
 
 
 def eval(fv) -> int:  # noqa: A001  (the command's name)
   if fv.tasks:
     return lm_eval_tasks(fv)
-  cfg, setup, state, step = _saved_run(fv)
+  cfg, setup, params, step = _saved_run(fv)
   data = make_pipeline(cfg, jax.process_index(), jax.process_count())
-  loss = setup.eval_loss(state.params, data.eval_batches())
+  loss = setup.eval_loss(params, data.eval_batches())
   if runtime.is_main():
     storage.append_text(storage.join(fv.workdir, 'metrics.jsonl'),
                         json.dumps({'step': step, 'eval/loss': loss}) + '\n')
@@ -93,9 +94,9 @@ def lm_eval_tasks(fv) -> int:
 
 
 def generate(fv) -> int:
-  cfg, setup, state, _ = _saved_run(fv)
+  cfg, setup, params, _ = _saved_run(fv)
   tokenizer = get_tokenizer(cfg.data)
-  text = setup.generate_text(state.params, tokenizer, [fv.prompt],
+  text = setup.generate_text(params, tokenizer, [fv.prompt],
                              max_new_tokens=fv.max_new_tokens, temperature=fv.temperature,
                              top_k=fv.top_k, top_p=fv.top_p, seed=fv.seed)[0]
   if runtime.is_main():

@@ -77,6 +77,9 @@ def validate(cfg, need_data: bool = True) -> None:
   if cfg.checkpoint.keep_best and not cfg.eval.every:
     raise ConfigError(f'checkpoint.keep_best={cfg.checkpoint.keep_best} ranks checkpoints by '
                       'eval loss, so it needs eval.every > 0')
+  if not 0 <= m.vocab_used <= m.vocab_size:
+    raise ConfigError(f'model.vocab_used={m.vocab_used} must be in [0, model.vocab_size='
+                      f'{m.vocab_size}]')
   if m.n_heads % m.n_kv_heads:
     raise ConfigError(f'model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}')
   if not m.head_dim and m.d_model % m.n_heads:
@@ -165,9 +168,22 @@ def load_saved(workdir: str):
   saved = _read_saved(workdir)
   if saved is None:
     raise ConfigError(f"workdir '{workdir}' has no config.json (was it trained with jaxlm?)")
-  cfg = ml_collections.ConfigDict(saved)
+  cfg = ml_collections.ConfigDict(with_defaults(saved))
   cfg.lock()
   return cfg
+
+
+def with_defaults(saved: dict) -> dict:
+  """``saved`` with every field it lacks taken from base (a run written before the field
+  existed keeps loading and resuming, and computes as it did)."""
+  from jaxlm.configs import base  # noqa: PLC0415
+
+  def merge(default, value):
+    if isinstance(default, dict) and isinstance(value, dict):
+      return {**default, **{k: merge(default.get(k), v) for k, v in value.items()}}
+    return value
+
+  return merge(base.get_config().to_dict(), saved)
 
 
 def conflicts(cfg, workdir: str) -> list[str]:
@@ -175,7 +191,7 @@ def conflicts(cfg, workdir: str) -> list[str]:
   saved = _read_saved(workdir)
   if saved is None:
     return []
-  old = flatten(saved)
+  old = flatten(with_defaults(saved))
   new = flatten(cfg.to_dict())
   out = []
   for key in sorted(set(old) | set(new)):

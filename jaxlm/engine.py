@@ -110,6 +110,12 @@ class Setup:
     opts = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else {}
     return init.lower(key).compile(opts)(key)
 
+  def state_from_params(self, params, step: int = 0) -> TrainState:
+    """A TrainState around ``params`` with a fresh optimizer state (e.g. after an HF import)."""
+    opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+    return TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), self.state_shardings.step),
+                      params=params, opt_state=opt_state)
+
   def train_step_memory(self):
     """XLA's memory analysis of the compiled train step, per device (None if unavailable)."""
     shape = (self.cfg.train.batch_size, self.cfg.data.seq_len)
@@ -166,6 +172,14 @@ def config_from_hf(hf_dir: str, hf_cfg: dict):
   return cfg
 
 
+def check_placeable(setup) -> None:
+  """ConfigError naming a parameter whose shape does not split over this mesh."""
+  bad = sharding.indivisible(setup.abstract_state.params)
+  if bad:
+    raise ConfigError(f'the model cannot be placed on this mesh: {bad} (choose mesh sizes that '
+                      'divide it)')
+
+
 def device_params(setup, np_params):
   """numpy params -> arrays sharded like ``setup.abstract_state.params``, checked by name."""
   want = {leaf_name(p): a for p, a in jax.tree_util.tree_flatten_with_path(
@@ -179,6 +193,7 @@ def device_params(setup, np_params):
     if tuple(got[k].shape) != tuple(a.shape):
       raise CheckpointError(f'converted parameter {k} has shape {tuple(got[k].shape)}, '
                             f'the model expects {tuple(a.shape)}')
+  check_placeable(setup)
   return jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding),
                       np_params, setup.abstract_state.params)
 

@@ -13,6 +13,7 @@ Layouts worth knowing:
 """
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,8 @@ _TANH_GELUS = ('gelu_new', 'gelu_pytorch_tanh', 'gelu_fast')
 
 # ---- reading and writing HF directories -------------------------------------------------
 
-def read_dir(path: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """(config.json as a dict, {tensor name: array}) from a local HF model directory."""
+def read_dir(path: str) -> tuple[dict, 'SafetensorsDir']:
+  """(config.json as a dict, lazy {tensor name: array}) from a local HF model directory."""
   d = Path(path)
   if not (d / 'config.json').is_file():
     raise ConfigError(f"--from_hf '{path}' has no config.json (is it a Hugging Face model dir?)")
@@ -40,37 +41,55 @@ def read_dir(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   else:
     raise CheckpointError(f"'{path}' has no model.safetensors (a pytorch_model.bin must first be "
                           'resaved with save_pretrained(..., safe_serialization=True))')
-  tensors = {}
-  for f in files:
-    tensors.update(_load_safetensors(d / f))
-  return hf, tensors
+  return hf, SafetensorsDir([d / f for f in files])
 
 
-def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file  # noqa: PLC0415
-  try:
-    return load_file(str(path))
-  except TypeError:  # numpy has no bfloat16: read those files through ml_dtypes
-    return _load_with_bf16(path)
+def _dtypes() -> dict:
+  import ml_dtypes  # noqa: PLC0415  (ships with jax; numpy has no bfloat16)
+  return {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
+          'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
+          'BOOL': np.bool_}
 
 
-def _load_with_bf16(path: Path) -> dict[str, np.ndarray]:
-  """Reads a safetensors file by its format (u64 header size, JSON header, raw bytes)."""
-  import ml_dtypes  # noqa: PLC0415  (ships with jax)
-  dtypes = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
-            'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
-            'BOOL': np.bool_}
-  raw = np.memmap(path, dtype=np.uint8, mode='r')
-  n = int(raw[:8].view(np.uint64)[0])
-  header = json.loads(bytes(raw[8:8 + n]))
-  out = {}
-  for name, info in header.items():
-    if name == '__metadata__':
-      continue
-    start, end = info['data_offsets']
-    buf = np.asarray(raw[8 + n + start: 8 + n + end])
-    out[name] = buf.view(dtypes[info['dtype']]).reshape(info['shape']).astype(np.float32)
-  return out
+class SafetensorsDir(Mapping):
+  """Tensors of safetensors files by name, read lazily from read-only memory maps.
+
+  A lookup is a view into its file's map (nothing is read until used; the
+  dtype is the file's, bf16 included), so the tensor-name mapping below can
+  reshape and transpose without copying. ``release()`` drops the maps, so file
+  pages read so far stop counting toward this process's memory.
+  """
+
+  def __init__(self, files):
+    self._index, self._maps = {}, {}
+    dtypes = _dtypes()
+    for f in files:  # the format: u64 header size, JSON header, raw little-endian bytes
+      with open(f, 'rb') as fh:
+        n = int(np.frombuffer(fh.read(8), np.uint64)[0])
+        header = json.loads(fh.read(n))
+      for name, info in header.items():
+        if name != '__metadata__':
+          start, end = info['data_offsets']
+          self._index[name] = (str(f), dtypes[info['dtype']], tuple(info['shape']),
+                               8 + n + start, 8 + n + end)
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    f, dtype, shape, start, end = self._index[name]
+    if f not in self._maps:
+      self._maps[f] = np.memmap(f, np.uint8, mode='r')
+    return self._maps[f][start:end].view(dtype).reshape(shape)
+
+  def __iter__(self):
+    return iter(self._index)
+
+  def __len__(self) -> int:
+    return len(self._index)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self._index[name][2]
+
+  def release(self) -> None:
+    self._maps.clear()
 
 
 def write_dir(path: str, hf_config: dict, tensors: dict[str, np.ndarray]) -> None:
@@ -193,9 +212,19 @@ IMPORTERS = {'gpt2': gpt2_fields, 'llama': llama_fields, 'mistral': mistral_fiel
              'qwen2': qwen2_fields, 'qwen3': qwen3_fields, 'mixtral': mixtral_fields}
 
 
+VOCAB_MULTIPLE = 128
+
+
 def model_fields(hf: dict) -> dict:
-  """jaxlm ``model`` fields for an HF config dict of any supported family."""
-  return IMPORTERS[family(hf)](hf)
+  """jaxlm ``model`` fields for an HF config dict of any supported family.
+
+  The vocabulary is padded to a multiple of 128 rows (``vocab_used`` keeps the
+  real size; the model masks the padding's logits, export cuts it off), so an
+  odd vocabulary such as GPT-2's 50,257 splits evenly over any mesh.
+  """
+  fields = IMPORTERS[family(hf)](hf)
+  v = fields['vocab_size']
+  return dict(fields, vocab_size=-(-v // VOCAB_MULTIPLE) * VOCAB_MULTIPLE, vocab_used=v)
 
 
 def export_family(m) -> str:
@@ -294,12 +323,13 @@ def hf_config(m, vocab_size: int, bos_id=None, eos_id=None) -> dict:
 
 # ---- parameters -----------------------------------------------------------------------
 
-def _getter(tensors: dict, prefixes: tuple[str, ...]):
-  """get(name) -> fp32 array, trying each prefix (hub GPT-2 files lack 'transformer.')."""
+def _getter(tensors, prefixes: tuple[str, ...]):
+  """get(name) -> the tensor as stored (a lazy view), trying each prefix (hub GPT-2 files
+  lack 'transformer.')."""
   def get(name, default=None):
     for p in prefixes:
       if p + name in tensors:
-        return np.asarray(tensors[p + name], np.float32)
+        return tensors[p + name]
     if default is not None:
       return default
     raise CheckpointError(f"Hugging Face weights have no tensor '{prefixes[0]}{name}'")
@@ -317,7 +347,11 @@ def _dense(kernel, bias=None, use_bias=False) -> dict:
   return out
 
 
+# The layer mappings only reshape, transpose and slice, so on lazy views they copy nothing:
+# one parameter read later touches only its own tensors.
+
 def _gpt2_layer(get, i, m) -> dict:
+  """GPT-2 layer: Conv1D weights are [in, out]; c_attn packs q, k, v along out."""
   h, hd, d = m.n_heads, m.d_model // m.n_heads, m.d_model
   p = f'h.{i}.'
   qkv_w = np.split(get(p + 'attn.c_attn.weight'), 3, axis=1)  # 3 x [embed, heads*head_dim]
@@ -343,10 +377,10 @@ def _llama_layer(get, i, m) -> dict:
   fix = lambda b, shape: None if not b.size else b.reshape(shape)
   attn = {}
   for name, heads in (('query', h), ('key', kv), ('value', kv)):
-    proj = f'self_attn.{name[0]}_proj'
-    attn[name] = _dense(get(p + proj + '.weight').T.reshape(d, heads, hd),
+    proj = f'self_attn.{name[0]}_proj'  # [heads*head_dim, embed] -> [embed, heads, head_dim]
+    attn[name] = _dense(get(p + proj + '.weight').reshape(heads, hd, d).transpose(2, 0, 1),
                         fix(bias(proj), (heads, hd)), m.use_bias or m.qkv_bias)
-  attn['out'] = _dense(get(p + 'self_attn.o_proj.weight').T.reshape(h, hd, d),
+  attn['out'] = _dense(get(p + 'self_attn.o_proj.weight').reshape(d, h, hd).transpose(1, 2, 0),
                        fix(bias('self_attn.o_proj'), (d,)), m.use_bias)
   if m.qk_norm:
     attn['query_norm'] = _norm(get(p + 'self_attn.q_norm.weight'))
@@ -390,33 +424,118 @@ def _mixtral_moe_to_hf(moe: dict, p: str, m) -> dict[str, np.ndarray]:
   return out
 
 
-def to_params(tensors: dict[str, np.ndarray], m) -> dict:
-  """HF tensors -> the jaxlm params tree (fp32 numpy) for model section ``m``.
-
-  Layers are stacked on a leading ``[layers]`` axis under 'layers' when
-  ``m.scan_layers``, else stored as 'layer_0', 'layer_1', ...
-  """
+def _outside_layers(tensors, m):
+  """(get, the layer mapping, {name: view} for embeddings, final norm and head)."""
   if m.position == 'learned':
     get = _getter(tensors, ('transformer.', ''))
-    layers = [_gpt2_layer(get, i, m) for i in range(m.n_layers)]
-    params = {'embed': {'embedding': get('wte.weight')},
-              'pos_embed': {'embedding': get('wpe.weight')},
-              'final_norm': _norm(get('ln_f.weight'), get('ln_f.bias'))}
+    top = {'embed': {'embedding': get('wte.weight')},
+           'pos_embed': {'embedding': get('wpe.weight')},
+           'final_norm': _norm(get('ln_f.weight'), get('ln_f.bias'))}
+    layer = _gpt2_layer
   else:
     get = _getter(tensors, ('model.', ''))
-    layers = [_llama_layer(get, i, m) for i in range(m.n_layers)]
-    params = {'embed': {'embedding': get('embed_tokens.weight')},
-              'final_norm': _norm(get('norm.weight'))}
+    top = {'embed': {'embedding': get('embed_tokens.weight')}, 'final_norm': _norm(get('norm.weight'))}
+    layer = _llama_layer
   if not m.tie_embeddings:
-    head = tensors.get('lm_head.weight')
-    if head is None:  # tied in the file but not in the config: copy the embedding
-      head = params['embed']['embedding']
-    params['head'] = {'kernel': np.asarray(head, np.float32).T}  # [embed, vocab]
-  if m.scan_layers:
-    import jax  # noqa: PLC0415
-    params['layers'] = jax.tree.map(lambda *a: np.stack(a), *layers)
-  else:
-    params.update({f'layer_{i}': l for i, l in enumerate(layers)})
+    head = tensors['lm_head.weight'] if 'lm_head.weight' in tensors else None
+    # Tied in the file but not in the config: the head starts as a copy of the embedding.
+    top['head'] = {'kernel': (top['embed']['embedding'] if head is None else head).T}
+  return get, layer, top
+
+
+def _leaves(tree, prefix=()):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _leaves(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
+
+
+def _pick(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+class Leaf:
+  """One jaxlm parameter computed on demand: ``leaf[idx]`` builds just that slice (a
+  device's shard) in the parameter dtype from the lazy HF tensors; ``shape``."""
+
+  def __init__(self, shape, read):
+    self.shape, self._read = tuple(shape), read
+
+  def __getitem__(self, idx) -> np.ndarray:
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    return self._read(idx + (slice(None),) * (len(self.shape) - len(idx)))
+
+  def full(self) -> np.ndarray:
+    return self[()]
+
+
+def _vocab_padded(x, axis: int, size: int, dtype):
+  """x zero-padded to ``size`` along ``axis``, read slice by slice."""
+  def read(idx):
+    rows = range(size)[idx[axis]]
+    assert rows.step == 1  # shards are contiguous slices
+    lo, hi = rows.start, min(rows.stop, x.shape[axis])
+    out = np.zeros([len(range(n)[i]) if a != axis else len(rows)
+                    for a, (n, i) in enumerate(zip(x.shape, idx))], dtype)
+    if hi > lo:
+      src = tuple(slice(lo, hi) if a == axis else i for a, i in enumerate(idx))
+      dst = tuple(slice(0, hi - lo) if a == axis else slice(None) for a in range(x.ndim))
+      out[dst] = x[src]
+    return out
+  shape = list(x.shape)
+  shape[axis] = size
+  return Leaf(shape, read)
+
+
+def param_leaves(tensors, m):
+  """Yields ``(path, Leaf)`` for every jaxlm parameter of model section ``m``, in
+  ``m.param_dtype`` (bf16 stays bf16; nothing is upcast first). A Leaf reads only the
+  HF tensors (and, for stacked layers, only the layers) its requested slice needs.
+
+  Layers are stacked on a leading ``[layers]`` axis under 'layers' when
+  ``m.scan_layers``, else stored as 'layer_0', 'layer_1', ... The vocabulary
+  rows (embedding rows, head columns) are zero-padded up to ``m.vocab_size``.
+  """
+  import jax.numpy as jnp  # noqa: PLC0415
+  dtype = jnp.dtype(m.param_dtype)
+  get, layer, top = _outside_layers(tensors, m)
+  for path, x in _leaves(top):
+    if path in (('embed', 'embedding'), ('head', 'kernel')):
+      yield path, _vocab_padded(x, 0 if path[0] == 'embed' else 1, m.vocab_size, dtype)
+    else:
+      yield path, Leaf(x.shape, lambda idx, x=x: np.array(x[idx], dtype))
+  for path, x0 in _leaves(layer(get, 0, m)):
+    one = lambda i, path=path: _pick(layer(get, i, m), path)  # layer i's view
+
+    def stacked(idx, one=one):
+      layers = range(m.n_layers)[idx[0]]
+      out = None
+      for j, i in enumerate(layers):
+        x = one(i)[idx[1:]]
+        if out is None:
+          out = np.empty((len(layers),) + x.shape, dtype)
+        out[j] = x
+      return out
+
+    if m.scan_layers:
+      yield ('layers',) + path, Leaf((m.n_layers,) + x0.shape, stacked)
+    else:
+      for i in range(m.n_layers):
+        yield (f'layer_{i}',) + path, Leaf(x0.shape, lambda idx, i=i, one=one: np.array(
+            one(i)[idx], dtype))
+
+
+def to_params(tensors, m) -> dict:
+  """HF tensors -> the whole jaxlm params tree (numpy, ``m.param_dtype``); see param_leaves."""
+  params: dict = {}
+  for path, leaf in param_leaves(tensors, m):
+    node = params
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = leaf.full()
   return params
 
 

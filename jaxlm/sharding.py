@@ -132,3 +132,23 @@ def activate(mesh: Mesh, rules):
   """Makes ``constrain`` live: layers traced inside see this mesh and these rules."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
+
+
+def indivisible(tree) -> str | None:
+  """Names the first array in ``tree`` (ShapeDtypeStructs or arrays with NamedShardings)
+  whose shape does not split over its mesh axes: parameter, shape, dimension, axes."""
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    s = getattr(x, 'sharding', None)
+    if not isinstance(s, NamedSharding):
+      continue
+    for dim, (n, axes) in enumerate(zip(x.shape, s.spec)):
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      size = 1
+      for a in axes:
+        size *= s.mesh.shape[a]
+      if size > 1 and n % size:
+        name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+        where = ' x '.join(f"mesh.{a}={s.mesh.shape[a]}" for a in axes)
+        return (f'parameter {name} of shape {tuple(x.shape)}: dimension {dim} ({n}) does not '
+                f'divide over {where}')
+  return None

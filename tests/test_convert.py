@@ -37,8 +37,11 @@ def _hf_logits(model) -> np.ndarray:
     return model(torch.tensor(TOKENS, dtype=torch.long)).logits.numpy()
 
 
-def _jax_logits(loaded) -> np.ndarray:
-  return np.asarray(loaded.setup.model.apply({'params': loaded.params}, TOKENS))
+def _jax_logits(loaded, vocab: int = 300) -> np.ndarray:
+  """The HF vocabulary's logits; the padding rows' must be masked (never predicted)."""
+  logits = np.asarray(loaded.setup.model.apply({'params': loaded.params}, TOKENS))
+  assert (logits[..., vocab:] < -1e29).all()
+  return logits[..., :vocab]
 
 
 @pytest.mark.parametrize('kind', ['gpt2', 'llama'])
@@ -48,7 +51,7 @@ def test_import_matches_transformers_and_export_round_trips(kind, tmp_path):
 
   assert cli.main(['convert', f'--from_hf={tmp_path / "hf"}', f'--workdir={tmp_path / "w"}']) == 0
   saved = json.loads((tmp_path / 'w' / 'config.json').read_text())
-  assert saved['model']['vocab_size'] == 300
+  assert (saved['model']['vocab_size'], saved['model']['vocab_used']) == (384, 300)
   if kind == 'llama':
     assert (saved['model']['n_kv_heads'], saved['model']['position']) == (2, 'rope')
     assert not saved['model']['tie_embeddings']
@@ -82,6 +85,7 @@ def test_export_cuts_padded_vocab_and_unscanned_layers(tmp_path):
     m.scan_layers = False
   params = hf.to_params(hf.read_dir(str(tmp_path / 'hf'))[1], m)
   assert 'layer_1' in params and 'layers' not in params
+  assert params['embed']['embedding'].shape == (384, 32)  # padded to a multiple of 128
   padded = dict(params, embed={'embedding': np.pad(params['embed']['embedding'], ((0, 20), (0, 0)))})
   tensors = hf.from_params(jax.tree.map(np.asarray, padded), m, vocab_size=300)
   assert tensors['transformer.wte.weight'].shape == (300, 32)
@@ -96,3 +100,69 @@ def test_convert_errors_are_one_line(tmp_path, capsys):
   assert cli.main(['convert', f'--from_hf={tmp_path}', f'--workdir={tmp_path / "w"}']) == 2
   assert "model_type 'bert' is not supported" in capsys.readouterr().err
   assert cli.main(['convert', f'--workdir={tmp_path / "w"}']) == 2
+
+
+def _odd_vocab_llama(path, vocab=101):
+  torch.manual_seed(0)
+  c = transformers.LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                               max_position_embeddings=32)
+  transformers.LlamaForCausalLM(c).eval().save_pretrained(str(path))
+
+
+def test_odd_vocab_pads_runs_on_any_mesh_and_names_indivisible_shapes(tmp_path, monkeypatch):
+  """A 101-token vocabulary is padded to 128 rows: it imports, trains-shaped meshes load it,
+  and export gives the 101 rows back. Unpadded, the restore names the shape and mesh axis."""
+  from jaxlm import hf  # noqa: PLC0415
+  from jaxlm.errors import ConfigError  # noqa: PLC0415
+  _odd_vocab_llama(tmp_path / 'hf')
+  tokens = TOKENS % 101
+  assert cli.main(['convert', f'--from_hf={tmp_path / "hf"}', f'--workdir={tmp_path / "w"}']) == 0
+  want = None
+  for mesh in ({'data': 1, 'fsdp': 8}, {'fsdp': 4, 'tensor': 2, 'data': 1},
+               {'data': 2, 'fsdp': 2, 'tensor': 2}):
+    loaded = engine.load(str(tmp_path / 'w'), mesh_overrides=mesh)
+    logits = np.asarray(loaded.setup.model.apply({'params': loaded.params}, tokens))
+    assert logits.shape[-1] == 128 and (logits[..., 101:] < -1e29).all()
+    want = logits if want is None else want
+    np.testing.assert_allclose(logits, want, atol=1e-5)
+  assert cli.main(['convert', f'--to_hf={tmp_path / "out"}', f'--workdir={tmp_path / "w"}']) == 0
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'out'))
+  assert back.config.vocab_size == 101
+
+  monkeypatch.setattr(hf, 'VOCAB_MULTIPLE', 1)  # as before padding: a 101-row embedding
+  assert cli.main(['convert', f'--from_hf={tmp_path / "hf"}', f'--workdir={tmp_path / "w1"}']) == 0
+  with pytest.raises(ConfigError) as e:
+    engine.load(str(tmp_path / 'w1'), mesh_overrides={'fsdp': 4, 'tensor': 2, 'data': 1})
+  assert 'parameter params/embed/embedding of shape (101, 48): dimension 0 (101) does not ' \
+         'divide over mesh.tensor=2' in str(e.value)
+  assert 'corrupt' not in str(e.value)
+
+
+def test_import_writes_params_only_bf16_stays_bf16_and_training_adds_optimizer(tmp_path, tiny_cfg):
+  """Import streams one tensor at a time into a params-only step 0 (no optimizer state);
+  bf16 weights stay bf16 bit for bit; `train` on the workdir creates the optimizer state."""
+  import ml_dtypes  # noqa: PLC0415
+  from jaxlm import config as config_lib  # noqa: PLC0415
+  from jaxlm.checkpoint import Checkpointer  # noqa: PLC0415
+  from jaxlm.train.loop import Trainer  # noqa: PLC0415
+  model = _tiny_hf('llama', tmp_path / 'f32')
+  model.to(torch.bfloat16).save_pretrained(str(tmp_path / 'hf'))
+  assert cli.main(['convert', f'--from_hf={tmp_path / "hf"}', f'--workdir={tmp_path / "w"}',
+                   '--param_dtype=bfloat16']) == 0
+  cfg = config_lib.load_saved(str(tmp_path / 'w'))
+  assert cfg.model.param_dtype == 'bfloat16'
+  with Checkpointer(str(tmp_path / 'w'), cfg.checkpoint, read_only=True) as ckpt:
+    assert ckpt.steps() == [0] and ckpt.holds_params_only(0)
+  loaded = engine.load(str(tmp_path / 'w'))
+  emb = np.asarray(loaded.params['embed']['embedding'])
+  assert emb.dtype == ml_dtypes.bfloat16
+  want = model.model.embed_tokens.weight.detach().float().numpy().astype(ml_dtypes.bfloat16)
+  np.testing.assert_array_equal(emb[:300].view(np.uint16), want.view(np.uint16))
+
+  with cfg.unlocked():
+    cfg.data.path, cfg.train.steps = tiny_cfg.data.path, 2
+    cfg.checkpoint.every, cfg.eval.every, cfg.train.progress = 0, 0, False
+  Trainer(cfg, str(tmp_path / 'w')).run()
+  with Checkpointer(str(tmp_path / 'w'), cfg.checkpoint, read_only=True) as ckpt:
+    assert ckpt.latest_step() == 2 and not ckpt.holds_params_only(2)

@@ -14,6 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- model: one Transformer; GPT-2 vs Llama is a choice of these fields.
   m = c.model = ml_collections.ConfigDict()
   m.vocab_size = 320  # embedding rows; >= tokenizer vocab (padded for speed)
+  # Token ids in use; rows from here to vocab_size are padding (an HF import pads to a
+  # multiple of 128 so the vocab splits on any mesh) and their logits are masked. 0 = all.
+  m.vocab_used = 0
   m.d_model = 128  # residual stream width
   m.n_layers = 2  # Transformer blocks
   m.n_heads = 4  # query heads

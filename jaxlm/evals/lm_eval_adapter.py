@@ -38,7 +38,7 @@ class JaxlmLM(TemplateLM):
   """An lm_eval ``LM`` backed by a jaxlm workdir or a Hugging Face model directory.
 
   model_args: ``workdir=PATH`` (or ``pretrained=PATH``), ``restore_step=N``,
-  ``batch_size=N`` (rows per forward pass, default 32), ``max_gen_toks=N``.
+  ``max_gen_toks=N``; lm_eval's ``--batch_size N`` sets rows per forward pass.
   From Python, ``JaxlmLM.from_parts(...)`` wraps a model already in memory.
   """
 

@@ -22,6 +22,7 @@ _REMAT_POLICIES = {
 }
 
 ACT = ('act_batch', 'act_length', 'act_embed')
+_PAD_LOGIT = -1e30  # finite: softmax gives 0, and 0 * logit stays 0 (no inf * 0 NaNs)
 
 
 def is_moe_layer(cfg, i: int) -> bool:
@@ -168,8 +169,12 @@ class Transformer(nn.Module):
 
   def logits(self, x):
     """Hidden states [batch, length, embed] -> fp32 logits [batch, length, vocab]."""
-    logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.head(x)
-    return constrain(logits.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))
+    c = self.cfg
+    logits = self.embed.attend(x) if c.tie_embeddings else self.head(x)
+    logits = constrain(logits.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))
+    if 0 < c.vocab_used < c.vocab_size:  # padding rows: never predicted, sampled or scored
+      logits = jnp.where(jnp.arange(c.vocab_size) < c.vocab_used, logits, _PAD_LOGIT)
+    return logits
 
 
 def init_cache(cfg, batch: int, max_len: int, dtype=None):

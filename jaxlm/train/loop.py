@@ -229,6 +229,12 @@ class Trainer:
       log.info('init: fresh parameters (seed %d)', self.cfg.train.seed)
       self._state = setup.init_state()
       return 0
+    if ckpt.holds_params_only(step):
+      log.info('init: parameters of step %d from %s (an import: no optimizer state yet)',
+               step, ckpt.directory)
+      params, _ = ckpt.restore(step, setup.abstract_state, params_only=True)
+      self._state = setup.state_from_params(params, step)
+      return step
     log.info('resume: restoring step %d from %s', step, ckpt.directory)
     self._state, data_state = ckpt.restore(step, setup.abstract_state)
     if data_state:

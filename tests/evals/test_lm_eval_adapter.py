@@ -1,6 +1,10 @@
 """jaxlm.evals.lm_eval_adapter: lm-evaluation-harness on jaxlm, offline, on local task YAMLs."""
 
 import json
+import os
+import subprocess
+import sys
+import sysconfig
 import types
 from pathlib import Path
 
@@ -147,3 +151,26 @@ def test_jaxlm_eval_tasks_writes_results_and_tensorboard(memorized, capsys):
   assert cli.main(['eval', f'--workdir={w}', '--tasks=tiny_facts_gn',
                    f'--include_path={root / "tasks"}']) == 2
   assert "unknown lm-eval task 'tiny_facts_gn' (did you mean tiny_facts_gen" in capsys.readouterr().err
+
+
+def test_lm_eval_cli_finds_the_jaxlm_model(memorized, tmp_path):
+  """`lm_eval --model jaxlm` (registered by the jaxlm-lm_eval.pth that installs ship)."""
+  root, _ = memorized
+  site = Path(sysconfig.get_paths()['purelib'])
+  args = ['--model', 'jaxlm', '--model_args', f'workdir={root / "w"}', '--batch_size', '4',
+          '--tasks', 'tiny_facts_mc', '--include_path', str(root / 'tasks'),
+          '--output_path', str(tmp_path / 'out')]
+  if (site / 'jaxlm-lm_eval.pth').is_file():
+    cmd = [str(Path(sys.executable).parent / 'lm_eval')] + args
+  else:  # a development venv installed before the .pth existed: run what the .pth runs
+    assert not os.environ.get('CI'), f'jaxlm-lm_eval.pth is not installed in {site}'
+    cmd = [sys.executable, '-c', 'import sys, jaxlm.evals.lm_eval_plugin as p; p.install(); '
+           'from lm_eval.__main__ import cli_evaluate; sys.argv[0] = "lm_eval"; cli_evaluate()'
+           ] + args
+  env = dict(os.environ, HF_DATASETS_OFFLINE='1', JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)  # one CPU device: the saved 8-way mesh falls back to what fits
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'tiny_facts_mc' in out.stdout and '|acc' in out.stdout.replace(' ', '')
+  results = json.loads(next((tmp_path / 'out').rglob('results_*.json')).read_text())
+  assert results['results']['tiny_facts_mc']['acc,none'] == 1.0

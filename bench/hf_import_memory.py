@@ -1,0 +1,95 @@
+"""Peak host memory of `jaxlm convert --from_hf` on a ~1B random Llama (Llama 3.2 1B shapes).
+
+    python bench/hf_import_memory.py [--hf_dir=/tmp/llama1b_random] [--dtype=bfloat16]
+        [--param_dtype=float32]
+
+Writes the model once with transformers (random weights, safetensors) unless
+``--hf_dir`` already holds one, then runs the import under ``/usr/bin/time -v``
+and prints the peak RSS next to the largest tensor (in the parameter dtype).
+The import places parameters on this host's default devices; on CPU those
+are host memory too, so the device copy of the parameter being written counts.
+"""
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                max_position_embeddings=2048, tie_word_embeddings=True,
+                rope_parameters={'rope_type': 'llama3', 'rope_theta': 500000.0, 'factor': 32.0,
+                                 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+                                 'original_max_position_embeddings': 8192})
+BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
+
+
+def write_model(out: Path, dtype: str) -> None:
+  import torch  # noqa: PLC0415
+  import transformers  # noqa: PLC0415
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(**LLAMA_1B)
+  with torch.no_grad():
+    model = transformers.LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+  model.save_pretrained(str(out))
+
+
+def largest_tensor(hf_dir: Path) -> tuple[str, int]:
+  """(name, element count) of the largest tensor in the safetensors files."""
+  best = ('', 0)
+  for f in sorted(hf_dir.glob('*.safetensors')):
+    raw = f.read_bytes()[:8]
+    n = int.from_bytes(raw, 'little')
+    with open(f, 'rb') as fh:
+      fh.seek(8)
+      header = json.loads(fh.read(n))
+    for name, info in header.items():
+      if name != '__metadata__':
+        count = 1
+        for d in info['shape']:
+          count *= d
+        best = max(best, (name, count), key=lambda t: t[1])
+  return best
+
+
+def main() -> int:
+  ap = argparse.ArgumentParser()
+  ap.add_argument('--hf_dir', default='/tmp/llama1b_random')
+  ap.add_argument('--dtype', default='bfloat16', help='dtype the random model is saved in')
+  ap.add_argument('--param_dtype', default='float32', help='jaxlm model.param_dtype on import')
+  args = ap.parse_args()
+  hf_dir = Path(args.hf_dir)
+  if not (hf_dir / 'config.json').is_file():
+    print(f'writing a random Llama ({args.dtype}) to {hf_dir} ...', flush=True)
+    write_model(hf_dir, args.dtype)
+  size = sum(f.stat().st_size for f in hf_dir.glob('*.safetensors'))
+  name, count = largest_tensor(hf_dir)
+  workdir = Path(tempfile.mkdtemp(prefix='jaxlm_import_'))
+  try:
+    cmd = ['/usr/bin/time', '-v', sys.executable, '-m', 'jaxlm', 'convert',
+           f'--from_hf={hf_dir}', f'--workdir={workdir / "w"}',
+           f'--param_dtype={args.param_dtype}']
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode:
+      print(out.stderr[-3000:])
+      return out.returncode
+    rss_kb = int(re.search(r'Maximum resident set size \(kbytes\): (\d+)', out.stderr).group(1))
+    wall = re.search(r'Elapsed \(wall clock\) time.*: (\S+)', out.stderr).group(1)
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
+  largest = count * BYTES[args.param_dtype]
+  gib = 2 ** 30
+  print(f'model files       {size / gib:.2f} GiB ({args.dtype}) in {hf_dir}')
+  print(f'largest tensor    {name}: {count:,} elements = {largest / gib:.2f} GiB as '
+        f'{args.param_dtype}')
+  print(f'peak RSS          {rss_kb * 1024 / gib:.2f} GiB '
+        f'(= {rss_kb * 1024 / largest:.2f} x the largest tensor), wall {wall}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

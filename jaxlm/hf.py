@@ -176,9 +176,11 @@ def _no_sliding_window(hf: dict) -> None:
 
 
 def mistral_fields(hf: dict) -> dict:
-  """Mistral: Llama with sliding-window attention."""
-  _no_sliding_window(hf)
-  return llama_fields(hf)
+  """Mistral: Llama with sliding-window attention (each token sees the latest N, itself
+  included: ``model.sliding_window``)."""
+  window = int(hf.get('sliding_window') or 0)
+  return dict(llama_fields(hf), sliding_window=window if window < hf['max_position_embeddings']
+              else 0)
 
 
 def qwen2_fields(hf: dict) -> dict:
@@ -242,6 +244,11 @@ def export_family(m) -> str:
       raise ConfigError('Mixtral export needs model.moe_every=1, moe_shared_experts=0, '
                         'moe_renormalize=True and no biases, qk_norm or rope_scaling')
     return 'mixtral'
+  if m.sliding_window:
+    if m.use_bias or m.qk_norm or m.qkv_bias or m.rope_scaling:
+      raise ConfigError('Mistral export (model.sliding_window) needs no biases, qk_norm or '
+                        'rope_scaling')
+    return 'mistral'
   if m.qk_norm or m.qkv_bias:
     if m.use_bias or (m.qk_norm and m.qkv_bias):
       raise ConfigError('no Hugging Face architecture matches model.qk_norm / model.qkv_bias '
@@ -309,8 +316,16 @@ def mixtral_config(m, common: dict) -> dict:
   return out
 
 
+def mistral_config(m, common: dict) -> dict:
+  out = dict(llama_config(m, common), architectures=['MistralForCausalLM'],
+             sliding_window=m.sliding_window)
+  for k in ('attention_bias', 'mlp_bias'):
+    out.pop(k)
+  return out
+
+
 EXPORTERS = {'gpt2': gpt2_config, 'llama': llama_config, 'qwen2': qwen2_config,
-             'qwen3': qwen3_config, 'mixtral': mixtral_config}
+             'qwen3': qwen3_config, 'mixtral': mixtral_config, 'mistral': mistral_config}
 
 
 def hf_config(m, vocab_size: int, bos_id=None, eos_id=None) -> dict:

@@ -148,14 +148,17 @@ def test_kv_cache_generation_matches_recompute():
   assert out == [int(t) for t in jnp.argmax(logits[0, len(prompt) - 1:-1], axis=-1)]
 
 
-@pytest.mark.parametrize('batch', [8, 1], ids=['tokens-exchanged', 'tokens-replicated'])
-def test_expert_parallel_layer_matches_no_mesh(batch):
+@pytest.mark.parametrize('batch,capacity_factor', [(8, 0.0), (1, 0.0), (8, 8.0)],
+                         ids=['tokens-exchanged', 'tokens-replicated', 'capacity-exchanged'])
+def test_expert_parallel_layer_matches_no_mesh(batch, capacity_factor):
   """8 rows split over expert=4 x fsdp=2 go through all-to-all; 1 row cannot split, so every
-  expert shard runs its own experts on it and the shards' outputs are summed."""
+  expert shard runs its own experts on it and the shards' outputs are summed. Capacity
+  buffers are per token shard, so only a capacity that drops nothing matches one device."""
   import ml_collections  # noqa: PLC0415
   from jaxlm import mesh as mesh_lib, sharding  # noqa: PLC0415
   cfg = load_config('tiny_moe')
   cfg.mesh.data, cfg.mesh.expert, cfg.mesh.fsdp = 1, 4, 2
+  cfg.model.moe_capacity_factor = capacity_factor
   layer = moe.MoeMlp(ml_collections.FrozenConfigDict(cfg.model))
   x = jax.random.normal(jax.random.key(0), (batch, 16, cfg.model.d_model))
   cot = jax.random.normal(jax.random.key(1), x.shape)

@@ -240,3 +240,13 @@ def test_dcn_axes_repeat_the_slice_layout_and_fold_on_one_slice():
   assert mesh_lib.mesh_shape(cfg.mesh, 8, num_slices=4)[1][:2] == [2, 2]
   with pytest.raises(ConfigError, match='DCN'):
     mesh_lib.mesh_shape(cfg.mesh, 8, num_slices=3)
+
+
+def test_expert_axis_combines_with_dcn():
+  cfg = load_config('tiny_moe')
+  cfg.mesh.data, cfg.mesh.expert, cfg.mesh.dcn_data = 1, 4, 2  # 2 hosts/slices x 4 experts
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  assert dict(mesh.shape) == dict(data=2, fsdp=1, expert=4, tensor=1, sequence=1)
+  assert mesh_lib.data_parallel_size(mesh) == 8  # the batch splits over dcn_data and expert
+  ici, dcn = mesh_lib.mesh_shape(cfg.mesh, 8, num_slices=2)  # the multi-slice layout
+  assert (ici, dcn) == ([1, 1, 4, 1, 1], [2, 1, 1, 1, 1])

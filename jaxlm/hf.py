@@ -210,8 +210,23 @@ def mixtral_fields(hf: dict) -> dict:
               moe_z_loss_weight=0.0)
 
 
+def qwen3_moe_fields(hf: dict) -> dict:
+  """Qwen3-MoE: Qwen3 with every MLP a top-k Mixture of Experts (norm_topk_prob optional)."""
+  if hf.get('mlp_only_layers') or int(hf.get('decoder_sparse_step', 1)) != 1:
+    raise ConfigError('Qwen3-MoE with dense layers (mlp_only_layers, decoder_sparse_step > 1) '
+                      'is not supported')
+  k = int(hf.get('num_experts_per_tok', 8))
+  experts = hf.get('num_experts') or hf['num_local_experts']  # transformers 4 / 5 spelling
+  return dict(qwen3_fields(hf), moe_experts=int(experts), moe_top_k=k, moe_every=1,
+              moe_shared_experts=0, moe_mlp_dim=int(hf['moe_intermediate_size']),
+              moe_renormalize=bool(hf.get('norm_topk_prob', False)), moe_capacity_factor=0.0,
+              moe_aux_loss_weight=float(hf.get('router_aux_loss_coef', 0.001)) * k,
+              moe_z_loss_weight=0.0)
+
+
 IMPORTERS = {'gpt2': gpt2_fields, 'llama': llama_fields, 'mistral': mistral_fields,
-             'qwen2': qwen2_fields, 'qwen3': qwen3_fields, 'mixtral': mixtral_fields}
+             'qwen2': qwen2_fields, 'qwen3': qwen3_fields, 'mixtral': mixtral_fields,
+             'qwen3_moe': qwen3_moe_fields}
 
 
 VOCAB_MULTIPLE = 128
@@ -239,11 +254,12 @@ def export_family(m) -> str:
     raise ConfigError(f'no Hugging Face architecture matches model.position={m.position!r}, '
                       f'model.norm={m.norm!r}, model.activation={m.activation!r}')
   if m.moe_experts:
-    if (m.moe_every != 1 or m.moe_shared_experts or not m.moe_renormalize or m.use_bias
-        or m.qk_norm or m.qkv_bias or m.rope_scaling):
-      raise ConfigError('Mixtral export needs model.moe_every=1, moe_shared_experts=0, '
-                        'moe_renormalize=True and no biases, qk_norm or rope_scaling')
-    return 'mixtral'
+    if (m.moe_every != 1 or m.moe_shared_experts or m.use_bias or m.qkv_bias or m.rope_scaling
+        or m.sliding_window or not (m.qk_norm or m.moe_renormalize)):
+      raise ConfigError('MoE export (Mixtral, Qwen3-MoE) needs model.moe_every=1, '
+                        'moe_shared_experts=0, no biases, rope_scaling or sliding_window, and '
+                        'moe_renormalize=True unless qk_norm (Qwen3-MoE)')
+    return 'qwen3_moe' if m.qk_norm else 'mixtral'
   if m.sliding_window:
     if m.use_bias or m.qk_norm or m.qkv_bias or m.rope_scaling:
       raise ConfigError('Mistral export (model.sliding_window) needs no biases, qk_norm or '
@@ -309,7 +325,8 @@ def qwen3_config(m, common: dict) -> dict:
 def mixtral_config(m, common: dict) -> dict:
   out = dict(llama_config(m, common), architectures=['MixtralForCausalLM'],
              intermediate_size=m.moe_mlp_dim or m.mlp_dim, num_local_experts=m.moe_experts,
-             num_experts_per_tok=m.moe_top_k, router_aux_loss_coef=m.moe_aux_loss_weight / m.moe_top_k,
+             num_experts_per_tok=m.moe_top_k,
+             router_aux_loss_coef=m.moe_aux_loss_weight / m.moe_top_k,
              output_router_logits=False, router_jitter_noise=0.0, sliding_window=None)
   for k in ('attention_bias', 'mlp_bias'):
     out.pop(k)
@@ -324,8 +341,19 @@ def mistral_config(m, common: dict) -> dict:
   return out
 
 
+def qwen3_moe_config(m, common: dict) -> dict:
+  return dict(qwen3_config(m, common), architectures=['Qwen3MoeForCausalLM'],
+              num_experts=m.moe_experts, num_local_experts=m.moe_experts,  # transformers 4, 5
+              num_experts_per_tok=m.moe_top_k,
+              moe_intermediate_size=m.moe_mlp_dim or m.mlp_dim,
+              norm_topk_prob=bool(m.moe_renormalize), decoder_sparse_step=1, mlp_only_layers=[],
+              router_aux_loss_coef=m.moe_aux_loss_weight / m.moe_top_k,
+              output_router_logits=False)
+
+
 EXPORTERS = {'gpt2': gpt2_config, 'llama': llama_config, 'qwen2': qwen2_config,
-             'qwen3': qwen3_config, 'mixtral': mixtral_config, 'mistral': mistral_config}
+             'qwen3': qwen3_config, 'mixtral': mixtral_config, 'mistral': mistral_config,
+             'qwen3_moe': qwen3_moe_config}
 
 
 def hf_config(m, vocab_size: int, bos_id=None, eos_id=None) -> dict:
@@ -401,7 +429,7 @@ def _llama_layer(get, i, m) -> dict:
     attn['query_norm'] = _norm(get(p + 'self_attn.q_norm.weight'))
     attn['key_norm'] = _norm(get(p + 'self_attn.k_norm.weight'))
   if m.moe_experts:
-    mlp = _mixtral_moe(get, p, m)
+    mlp = _moe_from_hf(get, p, m)
   else:
     mlp = {n: _dense(get(f'{p}mlp.{n}_proj.weight').T, fix(bias(f'mlp.{n}_proj'), (-1,)),
                      m.use_bias)
@@ -411,10 +439,15 @@ def _llama_layer(get, i, m) -> dict:
           'attn': attn, 'mlp': mlp}
 
 
-def _mixtral_moe(get, p: str, m) -> dict:
-  """Mixtral's MoE block -> jaxlm MoeMlp params (router [embed, experts], experts stacked).
+# Hub file layouts of an MoE block: (prefix, names of the gate/up/down expert weights).
+_MOE_HUB = {'mixtral': ('block_sparse_moe.', ('w1', 'w3', 'w2')),
+            'qwen3_moe': ('mlp.', ('gate_proj', 'up_proj', 'down_proj'))}
 
-  Hub files hold ``block_sparse_moe.experts.{j}.w1/w3/w2`` (gate/up/down, [out, in]);
+
+def _moe_from_hf(get, p: str, m) -> dict:
+  """An HF MoE block -> jaxlm MoeMlp params (router [embed, experts], experts stacked).
+
+  Hub files hold ``<prefix>experts.{j}.<gate/up/down>.weight`` ([out, in]);
   transformers 5 in memory fuses them as ``mlp.experts.gate_up_proj`` [experts,
   2*mlp, embed] (gate first) and ``mlp.experts.down_proj`` [experts, embed, mlp].
   """
@@ -423,19 +456,21 @@ def _mixtral_moe(get, p: str, m) -> dict:
     gate, up = np.split(gate_up.transpose(0, 2, 1), 2, axis=2)
     return {'router': get(p + 'mlp.gate.weight').T, 'gate': gate, 'up': up,
             'down': get(p + 'mlp.experts.down_proj').transpose(0, 2, 1)}
-  e = lambda j, w: get(f'{p}block_sparse_moe.experts.{j}.{w}.weight').T
+  prefix, names = _MOE_HUB['qwen3_moe' if m.qk_norm else 'mixtral']
+  e = lambda j, w: get(f'{p}{prefix}experts.{j}.{w}.weight').T
   stack = lambda w: np.stack([e(j, w) for j in range(m.moe_experts)])
-  return {'router': get(p + 'block_sparse_moe.gate.weight').T,
-          'gate': stack('w1'), 'up': stack('w3'), 'down': stack('w2')}
+  return {'router': get(f'{p}{prefix}gate.weight').T,
+          **{name: stack(w) for name, w in zip(('gate', 'up', 'down'), names)}}
 
 
-def _mixtral_moe_to_hf(moe: dict, p: str, m) -> dict[str, np.ndarray]:
+def _moe_to_hf(moe: dict, p: str, m) -> dict[str, np.ndarray]:
   """jaxlm MoeMlp params -> the hub layout, which transformers 4 and 5 both load."""
+  prefix, names = _MOE_HUB[export_family(m)]
   f32 = lambda x: np.asarray(x, np.float32)
-  out = {p + 'block_sparse_moe.gate.weight': f32(moe['router']).T}
+  out = {f'{p}{prefix}gate.weight': f32(moe['router']).T}
   for j in range(m.moe_experts):
-    for w, name in (('w1', 'gate'), ('w3', 'up'), ('w2', 'down')):
-      out[f'{p}block_sparse_moe.experts.{j}.{w}.weight'] = f32(moe[name][j]).T
+    for w, name in zip(names, ('gate', 'up', 'down')):
+      out[f'{p}{prefix}experts.{j}.{w}.weight'] = f32(moe[name][j]).T
   return out
 
 
@@ -603,7 +638,7 @@ def from_params(params: dict, m, vocab_size: int) -> dict[str, np.ndarray]:
         if f'{n}_norm' in a:
           out[f'{p}self_attn.{n[0]}_norm.weight'] = f32(a[f'{n}_norm']['scale'])
       if m.moe_experts:
-        out.update(_mixtral_moe_to_hf(l['mlp'], p, m))
+        out.update(_moe_to_hf(l['mlp'], p, m))
       else:
         for n in ('gate', 'up', 'down'):
           out[f'{p}mlp.{n}_proj.weight'] = f32(l['mlp'][n]['kernel']).T

@@ -92,12 +92,23 @@ def test_unsupported_settings_are_named():
     hf.model_fields({'model_type': 'bert'})
 
 
-def test_mixtral_imports_and_exports_with_transformers_logits(tmp_path):
+# MoE families: (config class, model class, config kwargs, expected jaxlm moe fields).
+MOE_FAMILIES = {
+    'mixtral': ('MixtralConfig', 'MixtralForCausalLM', dict(
+        _LLAMA, hidden_size=40, intermediate_size=24, num_key_value_heads=1,
+        num_local_experts=6, num_experts_per_tok=2, rope_theta=1e4), (6, 2, 24, True)),
+    # Qwen3-MoE: q/k norms, experts narrower than the (unused) dense width, raw top-k weights.
+    'qwen3_moe': ('Qwen3MoeConfig', 'Qwen3MoeForCausalLM', dict(
+        _LLAMA, head_dim=16, intermediate_size=64, moe_intermediate_size=20, num_experts=5,
+        num_experts_per_tok=3, norm_topk_prob=False), (5, 3, 20, False)),
+}
+
+
+@pytest.mark.parametrize('kind', sorted(MOE_FAMILIES))
+def test_moe_family_imports_and_exports_with_transformers_logits(kind, tmp_path):
   torch.manual_seed(0)
-  c = transformers.MixtralConfig(**dict(_LLAMA, hidden_size=40, intermediate_size=24,
-                                        num_key_value_heads=1, num_local_experts=6,
-                                        num_experts_per_tok=2, rope_theta=1e4))
-  hf_model = transformers.MixtralForCausalLM(c)
+  cfg_cls, model_cls, kw, fields = MOE_FAMILIES[kind]
+  hf_model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**kw))
   with torch.no_grad():
     for name, p in hf_model.named_parameters():
       if 'norm' in name:
@@ -108,7 +119,8 @@ def test_mixtral_imports_and_exports_with_transformers_logits(tmp_path):
 
   assert cli.main(['convert', f'--from_hf={tmp_path / "hf"}', f'--workdir={tmp_path / "w"}']) == 0
   m = json.loads((tmp_path / 'w' / 'config.json').read_text())['model']
-  assert (m['moe_experts'], m['moe_top_k'], m['moe_mlp_dim'] or m['mlp_dim']) == (6, 2, 24)
+  assert (m['moe_experts'], m['moe_top_k'], m['moe_mlp_dim'] or m['mlp_dim'],
+          m['moe_renormalize']) == fields
   loaded = convert.load(str(tmp_path / 'w'))
   np.testing.assert_allclose(_jax_logits(loaded), want, atol=1e-4, rtol=0)
   # transformers 5 holds experts fused in memory (gate_up_proj); that layout imports too.
@@ -120,6 +132,6 @@ def test_mixtral_imports_and_exports_with_transformers_logits(tmp_path):
 
   assert cli.main(['convert', f'--to_hf={tmp_path / "out"}', f'--workdir={tmp_path / "w"}']) == 0
   back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'out')).eval()
-  assert type(back).__name__ == 'MixtralForCausalLM'
-  assert back.config.num_local_experts == 6 and back.config.num_experts_per_tok == 2
+  assert type(back).__name__ == model_cls
+  assert back.config.num_experts_per_tok == fields[1]
   np.testing.assert_allclose(_hf_logits(back), want, atol=1e-4, rtol=0)

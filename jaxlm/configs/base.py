@@ -133,7 +133,7 @@ def get_config() -> ml_collections.ConfigDict:
   mesh = c.mesh = ml_collections.ConfigDict()
   mesh.data = -1  # pure data parallel (replicated params)
   mesh.fsdp = 1  # fully sharded data parallel (params/grads/opt state sharded)
-  mesh.expert = 1  # expert parallel: MoE experts split, tokens exchanged all-to-all (batch split too)
+  mesh.expert = 1  # expert parallel: MoE experts split, tokens sent all-to-all (batch split too)
   mesh.tensor = 1  # Megatron tensor parallel (heads and MLP hidden split)
   mesh.sequence = 1  # sequence/context parallel (length split)
   mesh.dcn_data = 1  # data-parallel replicas across slices/hosts (DCN)

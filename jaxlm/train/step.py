@@ -91,7 +91,8 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule, grad_a
         t, c, e, g = grads_of(state.params, mb)
         return jax.tree.map(jnp.add, carry, (t, c, e, g)), None
 
-      extras0 = jax.eval_shape(lambda: grads_of(state.params, jax.tree.map(lambda x: x[0], micro)))[2]
+      first = jax.tree.map(lambda x: x[0], micro)
+      extras0 = jax.eval_shape(lambda: grads_of(state.params, first))[2]  # {} for dense models
       zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, extras0),
               jax.tree.map(jnp.zeros_like, state.params))
       (total, count, extras, grads), _ = jax.lax.scan(body, zero, micro)

@@ -1,4 +1,4 @@
-"""The MoE MLP: dropless and capacity dispatch equal the dense reference; router losses; model wiring."""
+"""The MoE MLP: dropless and capacity dispatch equal the dense reference; router losses; wiring."""
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +97,8 @@ def test_route_renormalizes_over_the_chosen_experts():
 
 def test_router_losses_by_hand():
   # Uniform probabilities and a perfectly even assignment: balance loss 1, load 1 everywhere.
-  balance, z, load = moe.router_losses(jnp.zeros((4, 4)), jnp.array([[0, 1], [2, 3], [0, 1], [2, 3]]))
+  even = jnp.array([[0, 1], [2, 3], [0, 1], [2, 3]])
+  balance, z, load = moe.router_losses(jnp.zeros((4, 4)), even)
   np.testing.assert_allclose([balance, z], [1.0, np.log(4) ** 2], rtol=1e-6)
   np.testing.assert_allclose(load, np.ones(4))
   # All copies on experts 0 and 1, whose mean probabilities are p0, p1: loss = E * (f0 p0 + f1 p1).

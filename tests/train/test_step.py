@@ -25,7 +25,8 @@ def test_moe_router_losses_enter_the_objective_with_their_weights():
     with cfg.unlocked():
       cfg.moe_aux_loss_weight, cfg.moe_z_loss_weight = aux_w, z_w
     models[name] = build_model(cfg)
-  params = jax.jit(lambda: nn.unbox(models['off'].init(jax.random.key(0), batch['inputs'])['params']))()
+  init = lambda: models['off'].init(jax.random.key(0), batch['inputs'])['params']
+  params = jax.jit(lambda: nn.unbox(init()))()
 
   def run(name):
     f = lambda p: objective_sums(models[name], p, batch)

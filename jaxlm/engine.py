@@ -66,6 +66,21 @@ def eval_micro_batches(cfg, mesh) -> int:
               if rows % n == 0 and (rows // n) % dp == 0)
 
 
+def step_compiler_options() -> dict:
+  """XLA options for the compiled train and eval steps on this backend ({} off CPU).
+
+  XLA:CPU hands both dots and reductions to YNNPACK by default. The small
+  reductions of a training step (norm statistics, softmax sums, bias-like
+  gradient sums over [batch * length] rows) ran slower as YNNPACK calls than
+  as XLA's own reduce kernels: at nanoGPT's CPU shape, dots-only took ~14%
+  off the step's process CPU time (bench/RESULTS.md, issue 19). Dots stay
+  in YNNPACK. Other backends ignore XLA:CPU options; none are set there.
+  """
+  if jax.default_backend() != 'cpu':
+    return {}
+  return {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'}
+
+
 class Setup:
   """Model, optimizer, shardings and compiled steps for a config on a mesh (no data)."""
 
@@ -91,10 +106,11 @@ class Setup:
     self._train_step = jax.jit(
         make_train_step(self.model, self.tx, self.lr, cfg.train.grad_accum, cfg.train.z_loss),
         in_shardings=(self.state_shardings, self.batch_sharding),
-        out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
+        out_shardings=(self.state_shardings, repl), donate_argnums=(0,),
+        compiler_options=step_compiler_options())
     self._eval_step = jax.jit(make_eval_step(self.model, eval_micro_batches(cfg, self.mesh)),
                               in_shardings=(self.state_shardings.params, self.batch_sharding),
-                              out_shardings=repl)
+                              out_shardings=repl, compiler_options=step_compiler_options())
 
   def _init_boxed(self, rng):
     tokens = jnp.zeros((1, self.cfg.data.seq_len), jnp.int32)

@@ -55,3 +55,19 @@ def test_eval_micro_batches_give_the_same_loss_in_less_memory():
     return compiled.memory_analysis().temp_size_in_bytes
 
   assert temp(micro) < temp(whole) / 2  # 4 slices of 2 rows, one at a time
+
+
+def test_cpu_steps_leave_only_dots_to_ynnpack():
+  """On CPU the train and eval steps compile with YNNPACK for dots only (step_compiler_options)."""
+  import re  # noqa: PLC0415
+  setup = _setup(grad_accum=1, eval_batch_size=8, devices=1)
+  spec = {k: jax.ShapeDtypeStruct((8, 256), np.float32 if k == 'loss_mask' else np.int32,
+                                  sharding=setup.batch_sharding) for k in BATCH_KEYS}
+  with sharding.activate(setup.mesh, setup.rules):
+    hlos = [setup._train_step.lower(setup.abstract_state, spec).compile().as_text(),  # noqa: SLF001
+            setup._eval_step.lower(setup.abstract_state.params, spec).compile().as_text()]  # noqa: SLF001
+  for hlo in hlos:
+    ynn = [line for line in hlo.splitlines() if '__ynn_fusion' in line and ' fusion(' in line]
+    assert ynn  # the dots still go to YNNPACK
+    reductions = [line for line in ynn if re.search(r'op_name="[^"]*/reduce_\w+"', line)]
+    assert not reductions, reductions[:3]

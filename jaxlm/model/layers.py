@@ -56,7 +56,7 @@ def _contract_last_fwd(x, kernel, n_in):
 
 def _contract_last_bwd(n_in, res, dy):
   x, kernel = res
-  dy = jax.lax.optimization_barrier(dy)
+  x, dy = jax.lax.optimization_barrier((x, dy))
   lead = tuple(range(x.ndim - n_in))
   out = tuple(range(len(lead), dy.ndim))
   dx = jax.lax.dot_general(dy, kernel, ((out, tuple(range(n_in, kernel.ndim))), ((), ())))

@@ -74,7 +74,8 @@ def step_compiler_options() -> dict:
   gradient sums over [batch * length] rows) ran slower as YNNPACK calls than
   as XLA's own reduce kernels: at nanoGPT's CPU shape, dots-only took ~14%
   off the step's process CPU time (bench/RESULTS.md, issue 19). Dots stay
-  in YNNPACK. Other backends ignore XLA:CPU options; none are set there.
+  in YNNPACK. Per-jit options override the same flag in XLA_FLAGS. Nothing is
+  set off CPU.
   """
   if jax.default_backend() != 'cpu':
     return {}

@@ -9,9 +9,19 @@ With ``checkpoint.keep_best=K`` the K checkpoints with the lowest eval loss are
 also kept, in ``<workdir>/checkpoints_best``: a separate Orbax manager, because
 one manager ranks either by recency (keep last K + every M-th) or by a metric,
 not both. ``restore(step)`` finds a step in either directory.
+
+Every save first checks that the state is finite (a NaN checkpoint would rotate
+the good ones away), and a failed write (no space, permission, I/O error, a
+bucket gone) becomes one ``StorageError`` naming the step, path, OS error and
+the latest committed step. The next run deletes the partial ``*.orbax-checkpoint-tmp*``
+directory such a failure leaves.
 """
 
+import errno
 import logging
+import os
+import re
+import sys
 from pathlib import Path
 
 import jax
@@ -19,7 +29,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxlm import sharding, storage
-from jaxlm.errors import CheckpointError, ConfigError
+from jaxlm.errors import CheckpointError, ConfigError, DivergedError, JaxlmError, StorageError
+from jaxlm.train.step import all_finite
 
 log = logging.getLogger('jaxlm')
 BEST_METRIC = 'eval/loss'
@@ -35,12 +46,15 @@ class Checkpointer:
       root = str(Path(root).absolute())
     self.directory = root + '/checkpoints'
     self.best_directory = root + '/checkpoints_best'
+    _quiet_orbax_errors()
     self.manager = _manager(self.directory, ocp.CheckpointManagerOptions(
         max_to_keep=ckpt_cfg.keep,
         keep_period=ckpt_cfg.keep_period or None,
         enable_async_checkpointing=ckpt_cfg.async_save,
         create=not read_only,
+        cleanup_tmp_directories=not read_only,  # what a failed or killed save left behind
     ))
+    self._pending: int | None = None  # step of the last save, maybe still writing
     self.keep_best = ckpt_cfg.get('keep_best', 0)
     self.best = None  # opened on first use: most runs never write or read it
     self._best_losses: dict[int, float] = {}
@@ -50,6 +64,7 @@ class Checkpointer:
         best_mode='min',
         enable_async_checkpointing=ckpt_cfg.async_save,
         create=not read_only,
+        cleanup_tmp_directories=not read_only,
     )
 
   def steps(self) -> list[int]:
@@ -59,7 +74,25 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_state: dict | None, force: bool = False) -> bool:
-    return self.manager.save(step, args=_save_args(state, data_state), force=force)
+    """Saves ``state`` at ``step`` (in the background if async); refuses a non-finite state."""
+    self._check_finite(step, state)
+    with self._storage(step, self.directory):
+      saved = self.manager.save(step, args=_save_args(state, data_state), force=force)
+    if saved:
+      self._pending = step
+    return saved
+
+  def _check_finite(self, step: int, state) -> None:
+    if bool(_all_finite(state)):
+      return
+    latest = self.latest_step()
+    raise DivergedError(
+        f'refusing to save step {step}: the train state has non-finite values; the last '
+        f"good checkpoint is {'step ' + str(latest) if latest is not None else 'none'} "
+        f'in {self.directory}')
+
+  def _storage(self, step: int, directory: str):
+    return _StorageFaults(self, step, directory)
 
   def _best_manager(self):
     if self.best is None:
@@ -85,29 +118,54 @@ class Checkpointer:
     """Saves into checkpoints_best if ``eval_loss`` ranks among the ``keep_best`` lowest."""
     if not self.keep_best:
       return False
+    if not np.isfinite(eval_loss):
+      log.info('checkpoint: eval/loss is %s at step %d; not ranked among the best', eval_loss, step)
+      return False
     kept = self.best_steps()
     if step in kept or (len(kept) >= self.keep_best and eval_loss >= max(kept.values())):
       return False  # would be deleted at once; skip the write
+    self._check_finite(step, state)
     self._best_losses[step] = float(eval_loss)
-    return self._best_manager().save(step, args=_save_args(state, data_state),
-                                     metrics={BEST_METRIC: float(eval_loss)}, force=True)
+    with self._storage(step, self.best_directory):
+      return self._best_manager().save(step, args=_save_args(state, data_state),
+                                       metrics={BEST_METRIC: float(eval_loss)}, force=True)
+
+  def check(self) -> None:
+    """Raises StorageError if a background save has failed (cheap; call it often)."""
+    for m, directory in ((self.manager, self.directory), (self.best, self.best_directory)):
+      if m is not None:
+        with self._storage(self._pending, directory):
+          m.check_for_errors()
 
   def wait(self) -> None:
-    for m in (self.manager, self.best):
+    """Blocks until background saves commit; raises StorageError if one failed."""
+    for m, directory in ((self.manager, self.directory), (self.best, self.best_directory)):
       if m is not None:
-        m.wait_until_finished()
+        with self._storage(self._pending, directory):
+          m.wait_until_finished()
 
   def close(self) -> None:
-    for m in (self.manager, self.best):
+    for m, directory in ((self.manager, self.directory), (self.best, self.best_directory)):
       if m is not None:
-        m.close()
+        with self._storage(self._pending, directory):
+          m.close()
 
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
+  def __exit__(self, exc_type, *_):
     # Also on errors: an unclosed manager's background threads fail noisily at exit.
-    self.close()
+    if exc_type is None:
+      self.close()
+    elif issubclass(exc_type, Exception):
+      # The error in flight is the one to report; a failing close only repeats it.
+      for m in (self.manager, self.best):
+        try:
+          if m is not None:
+            m.close()
+        except Exception:  # noqa: BLE001,S110
+          pass
+    # SystemExit / KeyboardInterrupt (a second Ctrl-C): leave now, do not wait for saves.
 
   def holds_params_only(self, step: int) -> bool:
     """True for a step saved without optimizer state (``jaxlm convert --from_hf`` writes one)."""
@@ -184,6 +242,109 @@ class Checkpointer:
           f'({type(e).__name__}: {first[:200]}); pass --restore_step=N to use an '
           f'earlier one (available: {self.steps()})') from None
     return restored['state'], restored['data'] or None
+
+
+class _StorageFaults:
+  """Context manager: an I/O failure inside becomes one StorageError; other errors pass."""
+
+  def __init__(self, ckpt: Checkpointer, step: int | None, directory: str):
+    self.ckpt, self.step, self.directory = ckpt, step, directory
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc is None or not isinstance(exc, Exception) or isinstance(exc, JaxlmError):
+      return False
+    reason = os_error(exc)
+    if reason is None:
+      return False  # not a storage fault: a bug, shown with its traceback
+    step = _failed_step(exc, self.ckpt._pending, self.step)
+    try:
+      latest = self.ckpt.manager.latest_step()
+    except Exception:  # noqa: BLE001  (the storage may be gone altogether)
+      latest = None
+    where = f'{self.directory}/{step}' if step is not None else self.directory
+    committed = (f'step {latest} in {self.ckpt.directory}' if latest is not None
+                 else 'none (a rerun starts from scratch)')
+    raise StorageError(f'saving checkpoint step {step} to {where} failed: {reason}; latest '
+                       f'committed checkpoint: {committed}; fix the storage and rerun the '
+                       'same command to resume') from None
+
+
+def os_error(exc: BaseException) -> str | None:
+  """'ENOSPC (No space left on device)' if ``exc`` (or its cause) is an I/O failure, else None.
+
+  Python raises OSError; TensorStore (Orbax's array writer) raises ValueError
+  with a status code and, for local files, the errno as ``os_error_code``.
+  """
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    if isinstance(exc, OSError) and exc.errno:
+      return f'{errno.errorcode.get(exc.errno, exc.errno)} ({os.strerror(exc.errno)})'
+    text = str(exc)
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if code:
+      n = int(code[1])
+      return f'{errno.errorcode.get(n, n)} ({os.strerror(n)})'
+    status = re.match(r'\s*(RESOURCE_EXHAUSTED|PERMISSION_DENIED|NOT_FOUND|UNAVAILABLE|DATA_LOSS|'
+                      r'UNAUTHENTICATED|FAILED_PRECONDITION)\b', text)
+    if status:
+      return f'{status[1]} ({text.strip().splitlines()[0][:200]})'
+    exc = exc.__cause__ or exc.__context__
+  return None
+
+
+def _failed_step(exc: BaseException, pending: int | None, current: int | None) -> int | None:
+  """The step whose write failed: Orbax reports an earlier async save's failure on the next call."""
+  for step in (pending, current):
+    if step is not None and re.search(rf'/{step}(\.orbax-checkpoint-tmp|/)', str(exc)):
+      return step
+  return pending if pending is not None else current
+
+
+@jax.jit
+def _all_finite(state):
+  return all_finite(state)
+
+
+class _DropOrbaxErrors(logging.Filter):
+  """Orbax's save threads log a failure and then raise it to the caller, who reports it once."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and '/orbax/' in record.pathname)
+
+
+def _quiet_orbax_errors() -> None:
+  """Keeps a failed save to the one line the caller prints (no thread or asyncio noise)."""
+  absl = logging.getLogger('absl')
+  if not any(isinstance(f, _DropOrbaxErrors) for f in absl.filters):
+    absl.addFilter(_DropOrbaxErrors())
+  if not getattr(sys.unraisablehook, 'jaxlm', False):
+    sys.unraisablehook = _unraisable_hook(sys.unraisablehook)
+
+
+def _unraisable_hook(previous):
+  """Drops the echoes of a failed async save; passes everything else to ``previous``.
+
+  When one array write fails, Orbax closes its asyncio loop while TensorStore's
+  other writes are still finishing; their completion callbacks then hit the
+  closed loop ('Event loop is closed'), and coroutines left pending are
+  finalized at interpreter exit. Python reports each as an 'unraisable'
+  exception, hundreds of lines in all, though the failure itself was already
+  raised to the train loop.
+  """
+
+  def hook(u):
+    code = getattr(u.object, 'cr_code', None)
+    if (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == 'Event loop is closed') \
+        or (code is not None and '/orbax/' in code.co_filename):
+      return
+    previous(u)
+
+  hook.jaxlm = True
+  return hook
 
 
 def _manager(directory: str, options) -> ocp.CheckpointManager:

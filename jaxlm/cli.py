@@ -5,8 +5,9 @@ jaxlm.commands. Other commands live in their own module, listed in
 ``PLUGINS``, which provides ``define_flags(fv)`` and ``run(fv, args) -> int``
 (``args``: positional words after the command, e.g. ``jaxlm tokenizer train``).
 
-Every user error ends as one line on stderr and exit status 2; a traceback
-means a bug in jaxlm.
+Every user error ends as one ``jaxlm: error:`` line on stderr and a documented
+exit status (jaxlm.errors: 2 bad input, 3 diverged, 4 storage fault; 75 for a
+train run stopped early by a signal); a traceback means a bug in jaxlm.
 """
 
 import difflib
@@ -17,7 +18,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxlm import configs, lock
-from jaxlm.errors import ConfigError, JaxlmError
+from jaxlm.errors import EXIT_BAD_INPUT, EXIT_CODES_HELP, ConfigError, JaxlmError
 
 COMMANDS = ('train', 'eval', 'generate', 'plan')
 PLUGINS = {
@@ -36,6 +37,14 @@ USAGE = f"""usage: jaxlm {{{','.join(COMMANDS + tuple(PLUGINS))}}} [--flags]
                  --top_k=40 --top_p=1.0 --seed=0]
   jaxlm plan     --config=llama_8b [--target=h100-80g] [--devices=N]
   jaxlm <plugin> --help   for prepare, tokenizer, convert, finetune
+"""
+TRAIN_HELP = f"""usage: jaxlm train --config=<name or file.py> --workdir=DIR [--config.a.b=value ...]
+                   [--restore_step=N] [--coordinator_address=H:P --num_processes=N --process_id=I]
+
+Trains to train.steps, resuming from the latest checkpoint in --workdir. Every config
+field, its default and meaning: jaxlm/configs/base.py.
+
+{EXIT_CODES_HELP}
 """
 
 
@@ -177,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
   command, rest = argv[0], argv[1:]
   if command not in COMMANDS and command not in PLUGINS:
     print(f"jaxlm: error: unknown command '{command}'\n{USAGE}", file=sys.stderr)
-    return 2
+    return EXIT_BAD_INPUT
+  if command in COMMANDS and ('--help' in rest or '-h' in rest):
+    print(TRAIN_HELP if command == 'train' else USAGE)
+    return 0
   try:
     if command in PLUGINS:
       return _run_plugin(command, rest)
@@ -186,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     return getattr(commands, command)(fv) or 0
   except JaxlmError as e:
     print(f'jaxlm: error: {e}', file=sys.stderr)
-    return 2
+    return e.exit_code
   except KeyboardInterrupt:
     print('jaxlm: interrupted', file=sys.stderr)
     return 130

@@ -1,6 +1,5 @@
 """What each CLI command does, given parsed flags (see jaxlm.cli)."""
 
-import json
 import logging
 import math
 
@@ -14,7 +13,7 @@ from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import make_pipeline
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.engine import Setup
-from jaxlm.errors import CheckpointError, ConfigError
+from jaxlm.errors import EXIT_OK, EXIT_PREEMPTED, CheckpointError, ConfigError
 from jaxlm.lock import WorkdirLock
 from jaxlm.train import metrics as metrics_lib
 from jaxlm.train.loop import Trainer
@@ -38,7 +37,8 @@ def train(fv) -> int:
   if runtime.is_main() and 'train/loss' in summary:
     extra = f", eval/loss {summary['eval/loss']:.4f}" if 'eval/loss' in summary else ''
     print(f"step {summary['step']}: train/loss {summary['train/loss']:.4f}{extra}")
-  return 0
+  # Diverged (3) and storage faults (4) arrive as errors; see jaxlm.errors for all codes.
+  return EXIT_PREEMPTED if summary['stopped_early'] else EXIT_OK
 
 
 def _saved_run(fv):
@@ -64,7 +64,7 @@ def eval(fv) -> int:  # noqa: A001  (the command's name)
   loss = setup.eval_loss(params, data.eval_batches())
   if runtime.is_main():
     storage.append_text(storage.join(fv.workdir, 'metrics.jsonl'),
-                        json.dumps({'step': step, 'eval/loss': loss}) + '\n')
+                        metrics_lib.json_line(step, {'eval/loss': loss}) + '\n')
     print(f'step {step}: eval/loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.3f}')
   return 0
 

@@ -9,6 +9,7 @@ import json
 import ml_collections
 
 from jaxlm import storage
+from jaxlm.configs import base
 from jaxlm.errors import ConfigError
 
 CHOICES = {
@@ -22,7 +23,7 @@ CHOICES = {
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'data.source': ('text', 'jsonl', 'arrayrecord', 'pystdlib'),
     'data.tokenizer': ('byte', 'sentencepiece', 'hf'),
-    'optim.schedule': ('cosine', 'linear', 'constant'),
+    'optim.schedule': ('cosine', 'linear', 'constant', 'wsd'),
     'optim.mu_dtype': ('', 'float32', 'bfloat16'),
 }
 
@@ -32,10 +33,12 @@ LIBRARY_KERNELS = {'splash': 'tpu', 'pallas_gpu': 'gpu', 'cudnn': 'gpu'}
 NO_WINDOW = ('pallas_gpu',)
 
 # Keys that may change when resuming a run in an existing workdir: they alter
-# how the run is observed or laid out, not what it computes.
+# how the run is observed or laid out, not what it computes. (train.steps and
+# optim.decay_steps move the lr schedule's horizon: optimizer.resume_horizon checks them.)
 RESUMABLE_KEYS = ('name', 'train.steps', 'train.log_every', 'train.peak_flops', 'train.profile_steps',
-                  'train.progress', 'eval.', 'checkpoint.', 'mesh.', 'data.worker_count',
-                  'data.prefetch', 'data.path', 'data.tokenizer_path',
+                  'train.progress', 'train.max_bad_steps', 'eval.', 'checkpoint.', 'mesh.',
+                  'data.worker_count', 'data.prefetch', 'data.path', 'data.tokenizer_path',
+                  'optim.decay_steps',
                   'model.loss_chunk')  # the same loss, summed in another order
 
 
@@ -66,12 +69,12 @@ def validate(cfg, need_data: bool = True) -> None:
   positive = ('model.vocab_size', 'model.d_model', 'model.n_layers', 'model.n_heads',
               'model.n_kv_heads', 'model.mlp_dim', 'model.max_seq_len', 'data.seq_len',
               'train.steps', 'train.batch_size', 'train.grad_accum', 'train.log_every',
-              'eval.batches', 'checkpoint.keep', 'model.attention_chunk')
+              'eval.batches', 'checkpoint.keep', 'model.attention_chunk', 'train.max_bad_steps')
   for key in positive:
     if _get(cfg, key) <= 0:
       raise ConfigError(f'{key}={_get(cfg, key)} must be positive')
-  for key in ('model.sliding_window', 'checkpoint.keep_period', 'checkpoint.keep_best', 'checkpoint.every', 'data.prefetch',
-              'data.worker_count'):
+  for key in ('model.sliding_window', 'checkpoint.keep_period', 'checkpoint.keep_best',
+              'checkpoint.every', 'data.prefetch', 'data.worker_count', 'optim.decay_steps'):
     if _get(cfg, key) < 0:
       raise ConfigError(f'{key}={_get(cfg, key)} must be >= 0')
   if cfg.checkpoint.keep_best and not cfg.eval.every:
@@ -106,6 +109,10 @@ def validate(cfg, need_data: bool = True) -> None:
   if t.batch_size % t.grad_accum:
     raise ConfigError(f'train.batch_size={t.batch_size} is not divisible by '
                       f'train.grad_accum={t.grad_accum}')
+  if not 0.0 < cfg.optim.decay_fraction <= 1.0:
+    raise ConfigError(f'optim.decay_fraction={cfg.optim.decay_fraction} must be in (0, 1]')
+  if t.spike_factor and t.spike_factor <= 1.0:
+    raise ConfigError(f'train.spike_factor={t.spike_factor} must be 0 (off) or above 1')
   if not 0.0 <= d.val_fraction < 1.0:
     raise ConfigError(f'data.val_fraction={d.val_fraction} must be in [0, 1)')
   if need_data and d.source != 'pystdlib' and not d.path and not d.mixture:
@@ -193,10 +200,13 @@ def conflicts(cfg, workdir: str) -> list[str]:
     return []
   old = flatten(with_defaults(saved))
   new = flatten(cfg.to_dict())
+  defaults = flatten(base.get_config().to_dict())
   out = []
   for key in sorted(set(old) | set(new)):
     if any(key == k or (k.endswith('.') and key.startswith(k)) for k in RESUMABLE_KEYS):
       continue
+    if key not in old and new.get(key) == defaults.get(key):
+      continue  # a field added to jaxlm after this run started: its default is what the run did
     if old.get(key) != new.get(key):
       out.append(f'{key} ({old.get(key)!r} -> {new.get(key)!r})')
   return out

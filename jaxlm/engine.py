@@ -27,8 +27,8 @@ from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.generate import generate
 from jaxlm.model.transformer import build_model, param_count
-from jaxlm.train.optimizer import make_optimizer, schedule
-from jaxlm.train.step import TrainState, make_eval_step, make_train_step
+from jaxlm.train.optimizer import horizon, make_optimizer, schedule
+from jaxlm.train.step import TrainState, make_eval_step, make_train_step, new_state
 
 log = logging.getLogger('jaxlm')
 
@@ -91,8 +91,8 @@ class Setup:
     check_divisibility(cfg, self.mesh)
     self.rules = sharding.rules_for(cfg.model, cfg.mesh, self.mesh)
     self.model = build_model(cfg.model)
-    self.tx = make_optimizer(cfg.optim, cfg.train.steps)
-    self.lr = schedule(cfg.optim, cfg.train.steps)
+    self.tx = make_optimizer(cfg.optim, horizon(cfg))
+    self.lr = schedule(cfg.optim, horizon(cfg))
     # Init runs outside sharding.activate: DenseGeneral reshapes its kernel
     # after init, which a live rank-3 constraint on a rank-2 array rejects.
     boxed = jax.eval_shape(self._init_boxed, jax.random.key(cfg.train.seed))
@@ -105,7 +105,8 @@ class Setup:
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
     repl = sharding.replicated(self.mesh)
     self._train_step = jax.jit(
-        make_train_step(self.model, self.tx, self.lr, cfg.train.grad_accum, cfg.train.z_loss),
+        make_train_step(self.model, self.tx, self.lr, cfg.train.grad_accum, cfg.train.z_loss,
+                        cfg.train.spike_factor),
         in_shardings=(self.state_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, repl), donate_argnums=(0,),
         compiler_options=step_compiler_options())
@@ -116,7 +117,7 @@ class Setup:
   def _init_boxed(self, rng):
     tokens = jnp.zeros((1, self.cfg.data.seq_len), jnp.int32)
     params = self.model.init(rng, tokens)['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+    return new_state(params, self.tx.init(params))
 
   def init_state(self) -> TrainState:
     key = jax.random.key(self.cfg.train.seed)
@@ -130,8 +131,8 @@ class Setup:
   def state_from_params(self, params, step: int = 0) -> TrainState:
     """A TrainState around ``params`` with a fresh optimizer state (e.g. after an HF import)."""
     opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
-    return TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), self.state_shardings.step),
-                      params=params, opt_state=opt_state)
+    return new_state(params, opt_state,
+                     jax.device_put(jnp.asarray(step, jnp.int32), self.state_shardings.step))
 
   def train_step_memory(self):
     """XLA's memory analysis of the compiled train step, per device (None if unavailable)."""

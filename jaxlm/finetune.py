@@ -16,7 +16,6 @@ import logging
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
@@ -28,7 +27,7 @@ from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.engine import Setup, load
 from jaxlm.errors import ConfigError, DataError
 from jaxlm.train import metrics as metrics_lib
-from jaxlm.train.step import TrainState
+from jaxlm.train.step import new_state
 
 log = logging.getLogger('jaxlm')
 
@@ -149,8 +148,7 @@ def finetune(init_from: str, data: str, workdir: str, restore_step: int | None =
 
   params = loaded.params
   opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings.opt_state)(params)
-  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), setup.state_shardings.step),
-                     params=params, opt_state=opt_state)
+  state = new_state(params, opt_state)
   config_lib.save(cfg, workdir)
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   ckpt = Checkpointer(workdir, cfg.checkpoint)

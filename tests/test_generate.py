@@ -14,7 +14,7 @@ from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.generate import generate
 from jaxlm.model.transformer import build_model
 from jaxlm.engine import Setup
-from jaxlm.train.step import TrainState
+from jaxlm.train.step import new_state
 
 PROMPTS = [[72, 101, 108], [1, 2, 3, 4, 5, 6, 7], [200]]  # lengths 3, 7, 1: left padding
 NEW = 8
@@ -106,7 +106,7 @@ def test_generate_text_api_reads_a_workdir(tiny, tmp_path):
   cfg.checkpoint.async_save = False
   setup = Setup(cfg)
   sharded = jax.device_put(params, setup.state_shardings.params)
-  state = TrainState(step=np.int32(5), params=sharded, opt_state=jax.jit(setup.tx.init)(sharded))
+  state = new_state(sharded, jax.jit(setup.tx.init)(sharded), step=5)
   config_lib.save(cfg, str(tmp_path))
   ckpt = Checkpointer(str(tmp_path), cfg.checkpoint)
   ckpt.save(5, state, None, force=True)

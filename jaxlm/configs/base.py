@@ -91,13 +91,21 @@ def get_config() -> ml_collections.ConfigDict:
   t.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 means look up the platform
   t.profile_steps = ''  # 'start,stop' writes a jax.profiler trace for those steps
   t.progress = True  # show a progress bar on the console
+  # Non-finite loss/gradients skip a step on device (params and optimizer state kept, counted
+  # in train/skipped_steps); this many skipped steps in a row stop the run with exit code 3.
+  t.max_bad_steps = 8
+  t.spike_factor = 0.0  # also skip a step whose loss > this x its running mean (0 = off; e.g. 3)
 
   # ---- optimizer (optax AdamW).
   o = c.optim = ml_collections.ConfigDict()
   o.lr = 3e-4  # peak learning rate
   o.min_lr_ratio = 0.1  # final lr = lr * min_lr_ratio
   o.warmup_steps = 100  # linear warmup steps
-  o.schedule = 'cosine'  # decay after warmup: 'cosine', 'linear' or 'constant'
+  o.schedule = 'cosine'  # decay after warmup: 'cosine', 'linear', 'constant' or 'wsd'
+  # Steps the schedule decays over (0 = train.steps); saved resolved in config.json, so a
+  # resumed run with a new train.steps keeps the lr continuous or is refused (see README).
+  o.decay_steps = 0
+  o.decay_fraction = 0.1  # 'wsd': decay linearly over this last fraction of decay_steps
   o.b1 = 0.9  # Adam beta1
   o.b2 = 0.95  # Adam beta2
   o.eps = 1e-8  # Adam epsilon

@@ -6,6 +6,7 @@ pure step lives in jaxlm.train.step; everything with side effects (logging,
 checkpoints, hooks, signals) lives here.
 """
 
+import contextlib
 import logging
 import signal
 import time
@@ -18,20 +19,21 @@ from tqdm import tqdm
 from jaxlm import config as config_lib
 from jaxlm import hooks as hooks_lib
 from jaxlm import mesh as mesh_lib
-from jaxlm import runtime
+from jaxlm import runtime, storage
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import make_pipeline
 from jaxlm.engine import Setup
 from jaxlm import evals
-from jaxlm.errors import ConfigError
+from jaxlm.errors import ConfigError, DivergedError
 from jaxlm.evals.multiple_choice import multiple_choice_hook
 from jaxlm.train import metrics as metrics_lib
+from jaxlm.train.optimizer import resume_horizon
 
 log = logging.getLogger('jaxlm')
 
 
 class _Signals:
-  """First SIGTERM/SIGINT: finish the step, checkpoint, exit 0. Second SIGINT: abort now."""
+  """First SIGTERM/SIGINT: finish the step, checkpoint, exit 75. Second SIGINT: abort now."""
 
   def __init__(self):
     self.stop = False
@@ -95,6 +97,14 @@ class Trainer:
     self._stop_requested = True
 
   def run(self) -> dict:
+    """Trains to ``train.steps``; returns the last metrics, 'step' and 'stopped_early'.
+
+    'stopped_early' is True when a signal or ``request_stop`` ended the run
+    first, with a committed checkpoint. Raises DivergedError (train.max_bad_steps
+    skipped steps in a row), StorageError (a save failed), or ConfigError /
+    DataError / CheckpointError (bad input). Whatever happens, everything the
+    run opened is closed on the way out of the ``with cleanup`` block below.
+    """
     cfg, workdir = self.cfg, self.workdir
     runtime.initialize()
     config_lib.validate(cfg)
@@ -104,31 +114,54 @@ class Trainer:
                         f"{'; '.join(changed[:5])} (use a new --workdir)")
 
     log.info('mesh: building from %s', dict(cfg.mesh))
-    setup = Setup(cfg, mesh_lib.make_mesh(cfg.mesh, self.devices))
-    log.info('mesh: %s', dict(setup.mesh.shape))
-    if cfg.model.moe_experts:
-      log.info('model: %s active params per token (MoE: top %d of %d experts)',
-               f'{metrics_lib.active_params(cfg.model, setup.n_params):,}', cfg.model.moe_top_k,
-               cfg.model.moe_experts)
-    log.info('model: %s params (%s, %d layers, d_model %d)', f'{setup.n_params:,}',
-             cfg.model.position, cfg.model.n_layers, cfg.model.d_model)
-
+    mesh = mesh_lib.make_mesh(cfg.mesh, self.devices)
     log.info('data: loading %s', cfg.data.source)
     data = make_pipeline(cfg, jax.process_index(), jax.process_count())
-    tokenizer = data.tokenizer
-    if tokenizer.vocab_size > cfg.model.vocab_size:
+    if data.tokenizer.vocab_size > cfg.model.vocab_size:
       raise ConfigError(f'model.vocab_size={cfg.model.vocab_size} is smaller than the '
-                        f'tokenizer vocabulary ({tokenizer.vocab_size})')
-    it = data.train_iterator()
-    if runtime.is_main():  # only once the config has proved loadable
-      config_lib.save(cfg, workdir)
+                        f'tokenizer vocabulary ({data.tokenizer.vocab_size})')
+    with contextlib.ExitStack() as cleanup:
+      it = data.train_iterator()
+      if hasattr(it, 'close'):
+        cleanup.callback(it.close)
+      ckpt = cleanup.enter_context(Checkpointer(workdir, cfg.checkpoint))
+      cfg = self.cfg = self._with_horizon(ckpt)
+      if runtime.is_main():  # only once the config has proved loadable
+        config_lib.save(cfg, workdir)
+      setup = Setup(cfg, mesh)
+      log.info('mesh: %s', dict(setup.mesh.shape))
+      if cfg.model.moe_experts:
+        log.info('model: %s active params per token (MoE: top %d of %d experts)',
+                 f'{metrics_lib.active_params(cfg.model, setup.n_params):,}', cfg.model.moe_top_k,
+                 cfg.model.moe_experts)
+      log.info('model: %s params (%s, %d layers, d_model %d)', f'{setup.n_params:,}',
+               cfg.model.position, cfg.model.n_layers, cfg.model.d_model)
+      step = self._restore_or_init(setup, ckpt, it)
+      writer = metrics_lib.MetricsWriter(workdir, enabled=runtime.is_main())
+      cleanup.callback(writer.close)
+      writer.drop_after(step)
+      return self._train(setup, data, it, ckpt, writer, step, cleanup)
 
-    ckpt = Checkpointer(workdir, cfg.checkpoint)
-    step = self._restore_or_init(setup, ckpt, it)
+  def _with_horizon(self, ckpt: Checkpointer):
+    """The config with optim.decay_steps set to the horizon this run uses (saved in config.json)."""
+    cfg = self.cfg.copy_and_resolve_references()
+    step = self.restore_step if self.restore_step is not None else ckpt.latest_step()
+    saved = None
+    if step and storage.path(self.workdir).joinpath('config.json').exists():
+      old = config_lib.load_saved(self.workdir)
+      saved = old.optim.get('decay_steps') or old.train.steps
+    steps = resume_horizon(cfg, saved, step or 0)
+    if steps != saved and saved is not None:
+      log.info('schedule: horizon %d -> %d steps (the lr at step %d is unchanged)', saved, steps,
+               step)
+    with cfg.unlocked():
+      cfg.optim.decay_steps = steps
+    return cfg
+
+  def _train(self, setup, data, it, ckpt, writer, step, cleanup) -> dict:
+    cfg, workdir = self.cfg, self.workdir
     state = self._state
-
-    writer = metrics_lib.MetricsWriter(workdir, enabled=runtime.is_main())
-    writer.drop_after(step)
+    tokenizer = data.tokenizer
     flops_tok = metrics_lib.flops_per_token(
         cfg.model, metrics_lib.matmul_params(cfg.model, setup.n_params), cfg.data.seq_len)
     peak = metrics_lib.device_peak_flops(cfg.train.peak_flops) * jax.device_count()
@@ -146,12 +179,19 @@ class Trainer:
     if runtime.is_main() and cfg.train.progress:
       bar = tqdm(total=cfg.train.steps, initial=step, desc='train', unit='step',
                  dynamic_ncols=True)
+      cleanup.callback(bar.close)
+    # Skipped steps are counted on device; the host reads the counts on log steps, every
+    # check_every steps, and on every step while a run of bad steps lasts, so it stops
+    # exactly at train.max_bad_steps without a host sync per step in a healthy run.
+    check_every = min(cfg.train.log_every, cfg.train.max_bad_steps)
+    skipped = int(jax.device_get(state.skipped_steps))
+    bad = 0
     last = {}
     t_last, step_last = time.perf_counter(), step
     log.info('train: steps %d -> %d', step, cfg.train.steps)
-    # Leaving the block (also by an exception, e.g. a hook running out of memory)
-    # closes the checkpointer, which first finishes any save in flight.
-    with _Signals() as signals, ckpt:
+    # Leaving run()'s cleanup block (also by an exception, e.g. a hook running out of
+    # memory) closes the checkpointer, which first finishes any save in flight.
+    with _Signals() as signals:
       while step < cfg.train.steps:
         if profile and step == profile[0]:
           jax.profiler.start_trace(f'{workdir}/profile')
@@ -161,22 +201,32 @@ class Trainer:
         if profile and step == profile[1]:
           jax.block_until_ready(state)
           jax.profiler.stop_trace()
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        log_now = step % cfg.train.log_every == 0 or step == cfg.train.steps
+        if log_now or bad or step % check_every == 0:
           m = jax.device_get(m)
+          streak, bad = bad, int(m['bad_steps'])
+          if int(m['skipped_steps']) > skipped and (log_now or not streak):
+            log.info('train: %d step(s) skipped by step %d (non-finite loss or gradients%s); '
+                     '%d in total', int(m['skipped_steps']) - skipped, step,
+                     ', or a loss spike' if cfg.train.spike_factor else '',
+                     int(m['skipped_steps']))
+            skipped = int(m['skipped_steps'])
+        diverged = bad >= cfg.train.max_bad_steps
+        if log_now or diverged:
           now = time.perf_counter()
           tok_s = float(m['tokens']) * (step - step_last) / max(now - t_last, 1e-9)
           t_last, step_last = now, step
           last = {'train/loss': float(m['loss']), 'train/lr': float(m['lr']),
                   'train/grad_norm': float(m['grad_norm']), 'train/tokens_per_sec': tok_s,
                   'train/mfu': tok_s * flops_tok / peak,
+                  'train/skipped_steps': float(m['skipped_steps']),
                   **{f'train/{k}': float(v) for k, v in m.items() if k.startswith('moe_')}}
-          if not np.isfinite(last['train/loss']):
-            log.info('train: loss is %s at step %d; stopping (last checkpoint kept)',
-                     last['train/loss'], step)
-            break
           writer.write(step, last)
+          ckpt.check()  # a background save that failed ends the run now, not at the next save
           if bar is not None:
             bar.set_postfix(loss=f"{last['train/loss']:.4f}", tok_s=f'{tok_s:,.0f}')
+        if diverged:
+          self._diverged(ckpt, step, m)
         if bar is not None:
           bar.update(1)
         self._state = state
@@ -212,16 +262,27 @@ class Trainer:
           break
     if bar is not None:
       bar.close()
-    writer.close()
-    if hasattr(it, 'close'):
-      it.close()
+    ckpt.wait()  # committed (or a StorageError) before the run reports anything
+    self._state = state
     if step < cfg.train.steps:
       log.info('stopped at step %d; checkpoint saved in %s; rerun the same command to resume',
                step, ckpt.directory)
     else:
       log.info('done: step %d, checkpoints in %s', step, ckpt.directory)
-    self._state = state
-    return {'step': step, **last}
+    return {'step': step, 'stopped_early': step < cfg.train.steps, **last}
+
+  def _diverged(self, ckpt: Checkpointer, step: int, m) -> None:
+    """Stops the run: train.max_bad_steps steps in a row were skipped. Nothing is saved."""
+    bad = int(m['bad_steps'])
+    ckpt.wait()  # saves in flight hold good states; let them commit first
+    latest = ckpt.latest_step()
+    good = (f'step {latest} in {ckpt.directory}' if latest is not None
+            else 'none (a rerun starts from scratch)')
+    raise DivergedError(
+        f'training diverged: steps {step - bad + 1}-{step} were all skipped (loss '
+        f"{float(m['loss'])}; train.max_bad_steps={self.cfg.train.max_bad_steps}); stopped "
+        f'without saving; last good checkpoint: {good}; lower optim.lr or check the data, then '
+        'rerun to resume from it')
 
   def _restore_or_init(self, setup: Setup, ckpt: Checkpointer, it) -> int:
     step = self.restore_step if self.restore_step is not None else ckpt.latest_step()

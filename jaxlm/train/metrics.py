@@ -1,6 +1,9 @@
 """FLOP accounting, MFU and the metric sinks (console, tensorboardX, metrics.jsonl)."""
 
+import errno
 import json
+import math
+import os
 import sys
 import time
 
@@ -8,6 +11,7 @@ import jax
 import numpy as np
 
 from jaxlm import storage
+from jaxlm.errors import StorageError
 
 # Dense peak FLOP/s per chip for bf16 (the dtype MFU is quoted in).
 PEAK_FLOPS = {
@@ -110,11 +114,20 @@ def _summary_writer_class():
   return SummaryWriter
 
 
+def json_line(step: int, metrics: dict) -> str:
+  """One strict-JSON metrics line: non-finite numbers (NaN, inf) become null."""
+  clean = {k: v if isinstance(v, str) else (float(v) if math.isfinite(float(v)) else None)
+           for k, v in metrics.items()}
+  return json.dumps({'step': int(step), **clean}, allow_nan=False)
+
+
 class MetricsWriter:
   """Writes metric dicts to tensorboard and metrics.jsonl (process 0 only).
 
   Both go through the workdir's path layer (jaxlm.storage; tensorboardX writes
   gs:// and s3:// event files itself), so a bucket workdir gets them too.
+  Non-finite values are null in metrics.jsonl and left out of tensorboard, so
+  both stay readable by strict parsers; a failed write raises StorageError.
   """
 
   def __init__(self, workdir: str, enabled: bool = True):
@@ -134,11 +147,16 @@ class MetricsWriter:
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
-    clean = {k: (float(v) if not isinstance(v, str) else v) for k, v in metrics.items()}
-    for k, v in clean.items():
-      if isinstance(v, float):
+    line = json_line(step, metrics)
+    for k, v in json.loads(line).items():
+      if k != 'step' and isinstance(v, float):
         self._tb.add_scalar(k, v, step)
-    self._jsonl.write(json.dumps({'step': int(step), **clean}) + '\n')
+    try:
+      self._jsonl.write(line + '\n')
+    except OSError as e:
+      raise StorageError(
+          f'writing metrics for step {step} to {self._jsonl.path} failed: '
+          f'{errno.errorcode.get(e.errno, e.errno)} ({os.strerror(e.errno or 0)})') from None
 
   def text(self, step: int, tag: str, text: str) -> None:
     if self.enabled:
@@ -147,7 +165,10 @@ class MetricsWriter:
   def close(self) -> None:
     if self.enabled:
       self._tb.close()
-      self._jsonl.close()
+      try:
+        self._jsonl.close()
+      except OSError:
+        pass  # a failed flush was already reported by write()
 
 
 def _step_of(line: str) -> int:

@@ -3,6 +3,11 @@
 Batches are dicts of ``[batch, length]`` arrays: inputs, targets, segment_ids,
 positions, loss_mask. Losses are summed over tokens and divided once by the
 token count, so gradient accumulation gives the same update as one big batch.
+
+Every step is guarded on device: a step whose loss, gradient norm or updated
+parameters are not finite (or, with ``spike_factor``, whose loss spikes) keeps
+the old params and optimizer state and is counted in the state, so the loop
+learns about it without a host sync per step.
 """
 
 from typing import Any
@@ -15,10 +20,31 @@ from flax import struct
 from jaxlm.model.loss import chunked_losses, sequence_losses
 
 
+# Running mean of accepted losses for the spike guard: ~100 steps of memory.
+LOSS_AVG_DECAY = 0.99
+
+
 class TrainState(struct.PyTreeNode):
-  step: jax.Array
+  step: jax.Array  # steps taken, skipped ones included (the data position)
   params: Any
   opt_state: Any
+  skipped_steps: jax.Array  # int32: steps whose update was dropped, in total (survives resume)
+  bad_steps: jax.Array  # int32: consecutive dropped steps up to now (0 after a good step)
+  loss_avg: jax.Array  # float32: running mean of accepted losses (0 before the first)
+
+
+def new_state(params, opt_state, step=0) -> TrainState:
+  """A TrainState at ``step`` with clean guard counters."""
+  return TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=opt_state,
+                    skipped_steps=jnp.zeros((), jnp.int32), bad_steps=jnp.zeros((), jnp.int32),
+                    loss_avg=jnp.zeros((), jnp.float32))
+
+
+def all_finite(tree) -> jax.Array:
+  """True when every floating-point leaf of ``tree`` is finite (a bool scalar)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def loss_sums(model, params, batch, z_loss: float = 0.0):
@@ -73,8 +99,12 @@ def objective_sums(model, params, batch, z_loss: float = 0.0):
 
 
 def make_train_step(model, tx: optax.GradientTransformation, lr_schedule, grad_accum: int = 1,
-                    z_loss: float = 0.0):
-  """Builds the pure train step; the caller jits it with shardings."""
+                    z_loss: float = 0.0, spike_factor: float = 0.0):
+  """Builds the pure train step; the caller jits it with shardings.
+
+  ``spike_factor`` > 0 also drops a step whose loss is above ``spike_factor``
+  times the running mean of accepted losses (off by default).
+  """
 
   def grads_of(params, batch):
     (total, (count, extras)), grads = jax.value_and_grad(
@@ -98,13 +128,27 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule, grad_a
       (total, count, extras, grads), _ = jax.lax.scan(body, zero, micro)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
+    # 'loss' stays the token loss; MoE router losses are reported on their own.
+    loss, grad_norm = extras.pop('ce', total) / denom, optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    # 'loss' stays the token loss; MoE router losses are reported on their own.
-    metrics = {'loss': extras.pop('ce', total) / denom, 'grad_norm': optax.tree.norm(grads),
-               'lr': lr_schedule(state.step), 'tokens': count,
+    # The new params are checked too: a huge lr overflows them from finite gradients.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
+    if spike_factor > 0:
+      ok &= ~((state.loss_avg > 0) & (loss > spike_factor * state.loss_avg))
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    avg = jnp.where(state.loss_avg > 0,
+                    LOSS_AVG_DECAY * state.loss_avg + (1 - LOSS_AVG_DECAY) * loss, loss)
+    skipped = state.skipped_steps + (~ok).astype(jnp.int32)
+    bad = jnp.where(ok, 0, state.bad_steps + 1)
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'tokens': count,
+               # The lr this update used: the schedule counts applied updates only.
+               'lr': lr_schedule(state.step - state.skipped_steps),
+               'skipped_steps': skipped, 'bad_steps': bad,
                **{k: v / denom for k, v in extras.items()}}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=keep(params, state.params),
+                         opt_state=keep(opt_state, state.opt_state), skipped_steps=skipped,
+                         bad_steps=bad, loss_avg=jnp.where(ok, avg, state.loss_avg)), metrics
 
   return train_step
 

@@ -35,6 +35,16 @@
 #   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command='pkill -f "jaxlm train"'
 # and delete the slice when done: gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone="$ZONE"
 #
+# Preemption (Spot slices, maintenance): each worker gets SIGTERM; all workers agree on a
+# step, commit one checkpoint to --workdir and exit 75 (see `jaxlm train --help` for the
+# exit codes). A preempted slice is gone or restarted empty, so resume by running this
+# script again with the same TPU_NAME and arguments once the slice (or its queued resource)
+# is READY/ACTIVE again: it reinstalls and every worker resumes from the latest committed
+# checkpoint. The workdir must outlive the slice (gs://...). Exit 3 (diverged), 4 (storage
+# fault) and 2 (bad input) need a person, not a rerun. (Whether `gcloud ... ssh --worker=all`
+# passes a worker's exit code on depends on the gcloud version; the log line 'stopped at
+# step N; checkpoint saved' says the same.)
+#
 # Queued resources (how v5e/v5p/v6e capacity is usually granted): request the slice, wait
 # for ACTIVE, then run this script with the same TPU_NAME (it reuses an existing slice):
 #   gcloud compute tpus queued-resources create "$TPU_NAME-qr" --node-id="$TPU_NAME" \

@@ -58,13 +58,13 @@ def _start_and_wait_for(cmd, repo, workdir, lines):
 
 
 @pytest.fixture(scope='module')
-def uninterrupted(tmp_path_factory, repo):
+def uninterrupted(tmp_path_factory):
   """(data path, losses) of a 60-step run that nothing interrupts."""
-  from conftest import SHAKESPEARE  # noqa: PLC0415
+  from conftest import REPO, SHAKESPEARE  # noqa: PLC0415
   root = tmp_path_factory.mktemp('uninterrupted')
   data = root / 'text.txt'
   data.write_text(SHAKESPEARE.read_text()[:60_000])
-  subprocess.run(_cmd(root / 'full', data), cwd=repo, check=True, capture_output=True,
+  subprocess.run(_cmd(root / 'full', data), cwd=REPO, check=True, capture_output=True,
                  timeout=300, env=ENV)
   return data, _losses(root / 'full')
 

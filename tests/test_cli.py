@@ -115,3 +115,23 @@ def test_override_parser_is_shared_with_scripts():
   assert (cfg.train.steps, cfg.optim.lr) == (7, 0.5)
   with pytest.raises(ConfigError, match="unknown config key 'train.stepz'.*did you mean 'steps'"):
     cli.override(tiny.get_config(), ['--config.train.stepz=7'])
+
+
+def test_train_help_lists_the_exit_codes(capsys):
+  assert main(['train', '--help']) == 0
+  out = capsys.readouterr().out
+  for line in ('0   reached train.steps', '75  stopped early by SIGTERM', '2   bad input',
+               '3   diverged', '4   storage fault'):
+    assert line in out, out
+
+
+@pytest.mark.parametrize('error, code', [('DivergedError', 3), ('StorageError', 4),
+                                         ('CheckpointError', 2)])
+def test_each_error_kind_has_its_exit_code(capsys, monkeypatch, tmp_path, error, code):
+  from jaxlm import commands, errors  # noqa: PLC0415
+
+  def train(fv):
+    raise getattr(errors, error)('what went wrong')
+  monkeypatch.setattr(commands, 'train', train)
+  assert main(['train', f'--config={TINY}', f'--workdir={tmp_path}']) == code
+  assert capsys.readouterr().err == 'jaxlm: error: what went wrong\n'

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -129,3 +130,45 @@ def test_docker_entrypoint_is_the_launch_script(dockerfile, script):
   entry = [l for l in text.splitlines() if l.startswith('ENTRYPOINT')]
   assert entry == [f'ENTRYPOINT ["/opt/jaxlm/launch/{script}"]']
   assert 'COPY launch ./launch' in text and 'WORKDIR /opt/jaxlm' in text
+
+
+def _fake_slurm(tmp_path, srun_body):
+  """A PATH with stub srun/scontrol; scontrol appends its arguments to calls.txt."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  (bin_dir / 'srun').write_text(f'#!/usr/bin/env bash\n{srun_body}\n')
+  (bin_dir / 'scontrol').write_text(
+      '#!/usr/bin/env bash\n'
+      f'echo "$*" >> {tmp_path}/calls.txt\n'
+      'if [ "$1" = show ]; then echo node1; fi\n')
+  for f in bin_dir.iterdir():
+    f.chmod(0o755)
+  env = {'PATH': f'{bin_dir}:/usr/bin:/bin', 'SLURM_JOB_ID': '77', 'SLURM_NNODES': '1', 'SLURM_NTASKS': '1',
+         'SLURM_JOB_NODELIST': 'node1'}
+  return env
+
+
+@pytest.mark.parametrize('code, requeued', [(75, True), (0, False), (3, False), (4, False)])
+def test_slurm_script_requeues_only_on_75(tmp_path, code, requeued):
+  env = _fake_slurm(tmp_path, f'exit {code}')
+  out = subprocess.run(['bash', str(LAUNCH / 'slurm_gpu.sbatch'), '--config=tiny'], env=env,
+                       capture_output=True, text=True, timeout=30, check=False)
+  assert out.returncode == code, out.stderr
+  calls = (tmp_path / 'calls.txt').read_text()
+  assert ('requeue 77' in calls) == requeued, calls
+
+
+def test_slurm_script_passes_sigterm_on_and_requeues(tmp_path):
+  # The stub stands in for jaxlm: on SIGTERM it "saves" and exits 75.
+  env = _fake_slurm(tmp_path, f'trap "touch {tmp_path}/got_term; exit 75" TERM\n'
+                              f'touch {tmp_path}/started\nsleep 30 & wait')
+  proc = subprocess.Popen(['bash', str(LAUNCH / 'slurm_gpu.sbatch')], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 20
+  while not (tmp_path / 'started').exists() and time.monotonic() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=20)
+  assert proc.returncode == 75, err
+  assert (tmp_path / 'got_term').exists()
+  assert 'requeue 77' in (tmp_path / 'calls.txt').read_text()

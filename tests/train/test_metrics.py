@@ -1,5 +1,6 @@
 """FLOP accounting and peak FLOP/s: jaxlm.train.metrics against hand counts and the table."""
 
+import json
 import types
 
 import jax
@@ -83,3 +84,17 @@ def test_device_peak_flops_measures_cpu(monkeypatch):
   peak = metrics.device_peak_flops()
   assert peak > 0
   assert metrics.device_peak_flops() == peak  # cached: measured once per process
+
+
+def test_non_finite_metrics_are_null_in_jsonl_and_absent_from_tensorboard(tmp_path):
+  writer = metrics.MetricsWriter(str(tmp_path))
+  scalars = []
+  writer._tb.add_scalar = lambda k, v, step: scalars.append((k, v))
+  writer.write(3, {'train/loss': float('nan'), 'train/grad_norm': float('inf'), 'train/lr': 0.5})
+  writer.close()
+
+  def refuse(name):
+    raise ValueError(name)
+  row = json.loads((tmp_path / 'metrics.jsonl').read_text(), parse_constant=refuse)
+  assert row == {'step': 3, 'train/loss': None, 'train/grad_norm': None, 'train/lr': 0.5}
+  assert scalars == [('train/lr', 0.5)]

@@ -161,7 +161,7 @@ def test_slurm_script_requeues_only_on_75(tmp_path, code, requeued):
 def test_slurm_script_passes_sigterm_on_and_requeues(tmp_path):
   # The stub stands in for jaxlm: on SIGTERM it "saves" and exits 75.
   env = _fake_slurm(tmp_path, f'trap "touch {tmp_path}/got_term; exit 75" TERM\n'
-                              f'touch {tmp_path}/started\nsleep 30 & wait')
+                              f'touch {tmp_path}/started\nsleep 30 >/dev/null 2>&1 & wait')
   proc = subprocess.Popen(['bash', str(LAUNCH / 'slurm_gpu.sbatch')], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.monotonic() + 20

@@ -230,6 +230,7 @@ def test_kill_9_during_an_async_save_keeps_the_previous_step(repo, tiny_cfg, tmp
   assert 'resume: restoring step 5' in done.stderr
   assert [s for s, _ in _losses(work)] == list(range(1, 11))
   assert Checkpointer(str(work), cfg.checkpoint, read_only=True).latest_step() == 10
+  assert not seen.exists()  # the rerun deleted the half-written directory
 
 
 def test_a_non_finite_state_is_never_saved(trained):
@@ -330,4 +331,18 @@ def test_keep_policy_last_k_every_mth_and_best_by_eval_loss(tiny_cfg, tmp_path, 
   assert main(['eval', f'--workdir={work}', '--restore_step=5']) == 0
   assert 'step 5: eval/loss' in capsys.readouterr().out
   assert main(['eval', f'--workdir={work}', '--restore_step=7']) == 2
-  assert _losses(part) == full, f'JAXLM_TEST_KILL_SEED={seed}'
+  assert 'best by eval loss: [5, 15]' in capsys.readouterr().err
+
+  # `jaxlm generate --restore_step`: greedy text of step 5, not of the latest step.
+  def generate(*flags):
+    assert main(['generate', f'--workdir={work}', '--prompt=ROMEO:', '--max_new_tokens=24',
+                 *flags]) == 0
+    return capsys.readouterr().out
+  step5 = generate('--restore_step=5', '--temperature=0')
+  assert step5 == 'ROMEO:' + jaxlm.generate_text(str(work), 'ROMEO:', max_new_tokens=24,
+                                                  restore_step=5) + '\n'
+  assert step5 != generate('--temperature=0')
+  # Sampling flags: the same seed gives the same text, another seed another text.
+  sampled = [generate('--restore_step=5', '--temperature=1.0', '--top_p=0.95', f'--seed={s}')
+             for s in (1, 1, 2)]
+  assert sampled[0] == sampled[1] and sampled[0] != sampled[2], sampled

@@ -310,17 +310,21 @@ def _all_finite(state):
 
 
 class _DropOrbaxErrors(logging.Filter):
-  """Orbax's save threads log a failure and then raise it to the caller, who reports it once."""
+  """Drops error records of Orbax's save machinery: the failure is raised to the caller, who
+  reports it once. Orbax's threads log it (absl), and asyncio logs each of its write tasks
+  whose exception nobody retrieved ('Task exception was never retrieved')."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno >= logging.ERROR and '/orbax/' in record.pathname)
+    return not (record.levelno >= logging.ERROR
+                and ('/orbax/' in record.pathname or '/orbax/' in record.getMessage()))
 
 
 def _quiet_orbax_errors() -> None:
   """Keeps a failed save to the one line the caller prints (no thread or asyncio noise)."""
-  absl = logging.getLogger('absl')
-  if not any(isinstance(f, _DropOrbaxErrors) for f in absl.filters):
-    absl.addFilter(_DropOrbaxErrors())
+  for name in ('absl', 'asyncio'):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _DropOrbaxErrors) for f in logger.filters):
+      logger.addFilter(_DropOrbaxErrors())
   if not getattr(sys.unraisablehook, 'jaxlm', False):
     sys.unraisablehook = _unraisable_hook(sys.unraisablehook)
 

@@ -135,6 +135,7 @@ def finetune(init_from: str, data: str, workdir: str, restore_step: int | None =
     cfg.train.steps, cfg.train.batch_size, cfg.train.grad_accum = steps, batch_size, 1
     cfg.train.log_every = log_every
     cfg.optim.lr, cfg.optim.warmup_steps = lr, min(warmup_steps, steps)
+    cfg.optim.decay_steps = 0  # the schedule spans the fine-tuning steps, not the pretraining run's
     if seq_len:
       cfg.data.seq_len = seq_len
   config_lib.validate(cfg, need_data=False)

@@ -346,3 +346,30 @@ def test_keep_policy_last_k_every_mth_and_best_by_eval_loss(tiny_cfg, tmp_path, 
   sampled = [generate('--restore_step=5', '--temperature=1.0', '--top_p=0.95', f'--seed={s}')
              for s in (1, 1, 2)]
   assert sampled[0] == sampled[1] and sampled[0] != sampled[2], sampled
+
+
+def test_a_failed_save_is_one_line_exit_4_and_the_rerun_resumes(repo, tiny_cfg, tmp_path):
+  # A real write failure without root: a file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes
+  # the checkpoint's largest array file fail with EFBIG, as a full disk fails with ENOSPC.
+  cfg = tiny_cfg
+  cfg.train.steps, cfg.train.log_every, cfg.checkpoint.every, cfg.eval.every = 5, 1, 5, 0
+  cfg.optim.decay_steps = 20  # the schedule of the whole 20-step run (train.steps grows below)
+  work = tmp_path / 'w'
+  Trainer(cfg, str(work), devices=jax.devices()[:1]).run()  # commits step 5
+  limited = ['bash', '-c', 'ulimit -f 100; trap "" XFSZ; exec "$@"', '_']
+  run = subprocess.run(limited + _cmd(work, cfg.data.path, steps=20), cwd=repo,
+                       capture_output=True, text=True, timeout=300, env=ENV)
+  assert run.returncode == 4, run.stderr[-3000:]
+  lines = run.stderr.splitlines()
+  errors = [l for l in lines if l.startswith('jaxlm: error:')]
+  assert len(lines) < 10 and len(errors) == 1, run.stderr[-3000:]
+  assert re.search(r'saving checkpoint step 10 to .*checkpoints/10 failed: EFBIG \(File too large\)'
+                   r'; latest committed checkpoint: step 5 in', errors[0]), errors[0]
+  assert list((work / 'checkpoints').glob('10.orbax-checkpoint-tmp*'))
+
+  cfg.train.steps = 20
+  assert Trainer(cfg, str(work), devices=jax.devices()[:1]).run()['step'] == 20
+  ckpt = Checkpointer(str(work), cfg.checkpoint, read_only=True)
+  assert ckpt.steps() == [10, 15, 20]
+  ckpt.close()
+  assert not list((work / 'checkpoints').glob('*.orbax-checkpoint-tmp*'))

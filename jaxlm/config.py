@@ -9,7 +9,6 @@ import json
 import ml_collections
 
 from jaxlm import storage
-from jaxlm.configs import base
 from jaxlm.errors import ConfigError
 
 CHOICES = {
@@ -200,13 +199,10 @@ def conflicts(cfg, workdir: str) -> list[str]:
     return []
   old = flatten(with_defaults(saved))
   new = flatten(cfg.to_dict())
-  defaults = flatten(base.get_config().to_dict())
   out = []
   for key in sorted(set(old) | set(new)):
     if any(key == k or (k.endswith('.') and key.startswith(k)) for k in RESUMABLE_KEYS):
       continue
-    if key not in old and new.get(key) == defaults.get(key):
-      continue  # a field added to jaxlm after this run started: its default is what the run did
     if old.get(key) != new.get(key):
       out.append(f'{key} ({old.get(key)!r} -> {new.get(key)!r})')
   return out

@@ -154,18 +154,17 @@ class Checkpointer:
     return self
 
   def __exit__(self, exc_type, *_):
-    # Also on errors: an unclosed manager's background threads fail noisily at exit.
+    # Also on errors (and a second Ctrl-C): closing finishes a save in flight, and an
+    # unclosed manager's background threads fail noisily or hang at exit.
     if exc_type is None:
       self.close()
-    elif issubclass(exc_type, Exception):
-      # The error in flight is the one to report; a failing close only repeats it.
-      for m in (self.manager, self.best):
-        try:
-          if m is not None:
-            m.close()
-        except Exception:  # noqa: BLE001,S110
-          pass
-    # SystemExit / KeyboardInterrupt (a second Ctrl-C): leave now, do not wait for saves.
+      return
+    for m in (self.manager, self.best):
+      try:
+        if m is not None:
+          m.close()
+      except Exception:  # noqa: BLE001,S110  (the error in flight is the one to report)
+        pass
 
   def holds_params_only(self, step: int) -> bool:
     """True for a step saved without optimizer state (``jaxlm convert --from_hf`` writes one)."""

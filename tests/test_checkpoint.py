@@ -233,6 +233,20 @@ def test_kill_9_during_an_async_save_keeps_the_previous_step(repo, tiny_cfg, tmp
   assert not seen.exists()  # the rerun deleted the half-written directory
 
 
+def test_a_writer_deletes_partial_step_directories(trained):
+  # What a failed or killed save leaves; a resumed run may never save that step again.
+  cfg, work = trained
+  tmp = work / 'checkpoints' / '15.orbax-checkpoint-tmp-1234'
+  (tmp / 'state').mkdir(parents=True)
+  (tmp / 'state' / 'garbage').write_bytes(b'\0' * 100)
+  assert Checkpointer(str(work), cfg.checkpoint, read_only=True).latest_step() == 10
+  Checkpointer(str(work), cfg.checkpoint).close()  # deletes it in the background
+  deadline = time.time() + 30
+  while tmp.exists() and time.time() < deadline:
+    time.sleep(0.05)
+  assert not tmp.exists()
+
+
 def test_a_non_finite_state_is_never_saved(trained):
   cfg, work = trained
   setup = Setup(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))

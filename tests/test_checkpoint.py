@@ -48,6 +48,12 @@ def _lines(workdir) -> int:
   return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+def _committed_steps(workdir) -> list[int]:
+  """Steps whose Orbax directory has been committed (renamed from its temporary name)."""
+  d = Path(workdir) / 'checkpoints'
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
 def _start_and_wait_for(cmd, repo, workdir, lines):
   proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=ENV)
@@ -78,6 +84,10 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_losses(repo, uninterrupted, t
   kill_at = random.Random(seed).randint(8, 50)
   print(f'kill -9 test: JAXLM_TEST_KILL_SEED={seed} -> kill after {kill_at} metric lines')
   proc = _start_and_wait_for(_cmd(part, data), repo, part, kill_at)
+  # The test is about resuming: an early kill point must not beat the first async save's commit.
+  deadline = time.time() + 120
+  while not _committed_steps(part) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.005)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'

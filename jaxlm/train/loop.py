@@ -138,7 +138,7 @@ class Trainer:
                cfg.model.position, cfg.model.n_layers, cfg.model.d_model)
       step = self._restore_or_init(setup, ckpt, it)
       writer = metrics_lib.MetricsWriter(workdir, enabled=runtime.is_main())
-      cleanup.callback(writer.close)
+      cleanup.push(lambda exc_type, *_: writer.close(quiet=exc_type is not None))
       writer.drop_after(step)
       return self._train(setup, data, it, ckpt, writer, step, cleanup)
 

@@ -162,13 +162,18 @@ class MetricsWriter:
     if self.enabled:
       self._tb.add_text(tag, text, step)
 
-  def close(self) -> None:
-    if self.enabled:
-      self._tb.close()
+  def close(self, quiet: bool = False) -> None:
+    """Flushes and closes both sinks; ``quiet``: another error is already being reported."""
+    if not self.enabled:
+      return
+    for sink in (self._tb, self._jsonl):
       try:
-        self._jsonl.close()
-      except OSError:
-        pass  # a failed flush was already reported by write()
+        sink.close()
+      except OSError as e:
+        if not quiet:
+          raise StorageError(
+              f'writing metrics to {self._jsonl.path.parent} failed: '
+              f'{errno.errorcode.get(e.errno, e.errno)} ({os.strerror(e.errno or 0)})') from None
 
 
 def _step_of(line: str) -> int:

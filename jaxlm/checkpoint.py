@@ -314,8 +314,15 @@ class _DropOrbaxErrors(logging.Filter):
   whose exception nobody retrieved ('Task exception was never retrieved')."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno >= logging.ERROR
-                and ('/orbax/' in record.pathname or '/orbax/' in record.getMessage()))
+    if record.levelno < logging.ERROR:
+      return True
+    if '/orbax/' in record.pathname or '/orbax/' in record.getMessage():
+      return False
+    # Orbax's file writes also run as bare asyncio futures; their I/O errors are the same
+    # failure, raised to the caller.
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (record.name == 'asyncio' and isinstance(exc, OSError)
+                and 'exception was never retrieved' in record.getMessage())
 
 
 def _quiet_orbax_errors() -> None:

@@ -70,7 +70,13 @@ def _pid_alive(pid: int) -> bool:
     return False
   except PermissionError:
     return True  # exists, owned by another user
-  return True
+  # A killed process whose parent has not reaped it yet is a zombie: it still has a PID
+  # but holds nothing (an init that reaps slowly leaves killed trainers so for a while).
+  try:
+    with open(f'/proc/{pid}/stat', encoding='ascii') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except (OSError, IndexError):
+    return True  # no /proc (macOS): the signal check above is all there is
 
 
 class WorkdirLock:

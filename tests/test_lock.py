@@ -167,3 +167,20 @@ def test_multi_host_processes_agree_through_process_0(tmp_path, monkeypatch):
   with pytest.raises(OSError, match='bucket unreachable'):  # the real error, after the broadcast
     WorkdirLock(str(tmp_path)).acquire()
   assert sent[-1] == 0  # the workers were told to stop too
+
+
+def test_a_zombie_holds_no_lock():
+  # A killed trainer not yet reaped by its parent keeps its PID as a zombie; it must count as gone.
+  proc = subprocess.Popen(['sleep', '60'])
+  assert lock_lib._pid_alive(proc.pid)
+  proc.kill()
+  deadline = time.time() + 10
+  while _zombie_state(proc.pid) != 'Z' and time.time() < deadline:
+    time.sleep(0.01)
+  assert not lock_lib._pid_alive(proc.pid)
+  proc.wait()
+
+
+def _zombie_state(pid: int) -> str:
+  with open(f'/proc/{pid}/stat', encoding='ascii') as f:
+    return f.read().rsplit(')', 1)[1].split()[0]

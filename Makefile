@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Pinned versions (see the file's header): a free resolve of the cloud extras runs pip out of depth.
+PIP_INSTALL := $(BIN)/pip install -q -c .ci/constraints.txt
 
 .PHONY: install demo test test-cloud test-slurm test-package test-demo clean
 
@@ -11,12 +13,12 @@ $(BIN)/python:
 
 # The demo needs only the package; tests add pytest and the HF extra
 # (transformers + the CPU torch wheel) for the import/export parity tests.
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e .
+$(VENV)/.installed: $(BIN)/python pyproject.toml .ci/constraints.txt
+	$(PIP_INSTALL) -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[test,hf,eval]'
+	$(PIP_INSTALL) -e '.[test,hf,eval]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -30,7 +32,7 @@ test: $(VENV)/.installed-test
 
 # Real runs on gs:// against fake-gcs-server on localhost (tests/cloud; a few minutes).
 $(VENV)/.installed-test-cloud: $(VENV)/.installed-test
-	$(BIN)/pip install -q -e '.[test-cloud]'
+	$(PIP_INSTALL) -e '.[test-cloud]'
 	touch $@
 
 test-cloud: $(VENV)/.installed-test-cloud

@@ -26,7 +26,9 @@ def test_fresh_venv_trains_converts_and_generates_outside_the_repo(tmp_path):
   src = tmp_path / 'src'
   shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
       '.git', '.venv', 'build', 'runs', '*.egg-info', '__pycache__', '.pytest_cache'))
-  pip = subprocess.run([str(venv / 'bin' / 'pip'), 'install', '-q', str(src)],
+  # The CI's pinned versions (.ci/constraints.txt): the same set the other targets run on.
+  pip = subprocess.run([str(venv / 'bin' / 'pip'), 'install', '-q', '-c',
+                        str(REPO / '.ci' / 'constraints.txt'), str(src)],
                        capture_output=True, text=True, timeout=1200)
   assert pip.returncode == 0, pip.stderr[-3000:]
   work = tmp_path / 'elsewhere'

@@ -107,7 +107,9 @@ def test_released_on_error_and_on_sigterm_outside_the_loop(tmp_path):
   assert not (tmp_path / lock_lib.NAME).exists()
   code = ('import os, signal, time\nfrom jaxlm.lock import WorkdirLock\n'
           f'with WorkdirLock({str(tmp_path)!r}):\n'
-          '  print("held", flush=True)\n  time.sleep(60)\n')
+          '  print("held", flush=True)\n  for _ in range(600): time.sleep(0.1)\n')
+  # Short sleeps: jax's native threads (started by acquire) may take the signal, and then
+  # Python runs the handler only when the main thread wakes (one long sleep hung ~1 in 30).
   proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
   assert proc.stdout.readline().strip() == 'held'
   assert (tmp_path / lock_lib.NAME).exists()

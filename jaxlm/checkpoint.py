@@ -17,6 +17,7 @@ the latest committed step. The next run deletes the partial ``*.orbax-checkpoint
 directory such a failure leaves.
 """
 
+import dataclasses
 import errno
 import logging
 import os
@@ -34,6 +35,9 @@ from jaxlm.train.step import all_finite
 
 log = logging.getLogger('jaxlm')
 BEST_METRIC = 'eval/loss'
+# TrainState fields added after the first release, each fresh at zero (jaxlm.train.step.new_state):
+# a checkpoint without them still resumes.
+UPGRADABLE = {'skipped_steps', 'bad_steps', 'loss_avg'}
 
 
 class Checkpointer:
@@ -166,15 +170,27 @@ class Checkpointer:
       except Exception:  # noqa: BLE001,S110  (the error in flight is the one to report)
         pass
 
-  def holds_params_only(self, step: int) -> bool:
-    """True for a step saved without optimizer state (``jaxlm convert --from_hf`` writes one)."""
-    manager = self.manager if step in self.steps() else self._best_manager()
+  def _saved_tree(self, manager, step: int):
+    """The saved state's metadata tree, or None when it cannot be read (restore reports it)."""
     try:
       meta = manager.item_metadata(step)['state']
     except Exception:  # noqa: BLE001  (unreadable metadata is reported by restore)
-      return False
-    tree = getattr(meta, 'tree', meta)
+      return None
+    return getattr(meta, 'tree', meta)
+
+  def holds_params_only(self, step: int) -> bool:
+    """True for a step saved without optimizer state (``jaxlm convert --from_hf`` writes one)."""
+    manager = self.manager if step in self.steps() else self._best_manager()
+    tree = self._saved_tree(manager, step)
     return isinstance(tree, dict) and 'params' in tree and 'opt_state' not in tree
+
+  def _predates(self, manager, step: int, abstract_state) -> list[str]:
+    """TrainState counters this checkpoint has no entry for: an older jaxlm wrote it."""
+    tree = self._saved_tree(manager, step)
+    if not isinstance(tree, dict) or not hasattr(abstract_state, 'params'):
+      return []
+    missing = [f.name for f in dataclasses.fields(abstract_state) if f.name not in tree]
+    return missing if set(missing) <= UPGRADABLE else []
 
   def _check_shapes(self, manager, step: int, abstract_state) -> None:
     """Names the first parameter whose saved shape differs from the model's."""
@@ -216,20 +232,20 @@ class Checkpointer:
     if bad:  # Orbax would report this as an unreadable checkpoint
       raise ConfigError(f'checkpoint step {step} cannot be placed on this mesh: {bad} '
                         '(choose mesh sizes that divide it)')
+    missing = [] if params_only else self._predates(manager, step, abstract_state)
     try:
       if params_only:
-        # StandardCheckpointHandler refuses a partial tree; the PyTree handler reads
-        # the same files and can restore a subtree.
-        reader = ocp.CheckpointManager(
-            directory, options=ocp.CheckpointManagerOptions(create=False),
-            item_handlers={'state': ocp.PyTreeCheckpointHandler()})
-        restored = reader.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item=abstract_state,
-                restore_args=jax.tree.map(_restore_arg, abstract_state),
-                partial_restore=True)))
-        reader.close()
-        return restored['state']['params'], None
+        return _restore_subtree(directory, step, abstract_state)['params'], None
+      if missing:
+        # Written before these counters existed: read the rest, start them fresh.
+        log.warning('checkpoint step %d predates %s (an older jaxlm wrote it); starting them '
+                    'at zero', step, ', '.join(missing))
+        fields = {f.name: getattr(abstract_state, f.name)
+                  for f in dataclasses.fields(abstract_state) if f.name not in missing}
+        saved, data = _restore_subtree(directory, step, fields, with_data=True)
+        fresh = {name: jax.device_put(np.zeros(x.shape, x.dtype), x.sharding)
+                 for name, x in ((n, getattr(abstract_state, n)) for n in missing)}
+        return abstract_state.replace(**saved, **fresh), data or None
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     except CheckpointError:
@@ -361,6 +377,28 @@ def _manager(directory: str, options) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       directory, options=options,
       item_handlers={'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler()})
+
+
+def _restore_subtree(directory: str, step: int, abstract_tree: dict, with_data: bool = False):
+  """Restores the entries of ``abstract_tree`` only (with the data state if ``with_data``).
+
+  StandardCheckpointHandler refuses a partial tree; the PyTree handler reads the same files
+  and can restore a subtree.
+  """
+  handlers = {'state': ocp.PyTreeCheckpointHandler()}
+  args = {'state': ocp.args.PyTreeRestore(
+      item=abstract_tree, restore_args=jax.tree.map(_restore_arg, abstract_tree),
+      partial_restore=True)}
+  if with_data:
+    handlers['data'] = ocp.JsonCheckpointHandler()
+    args['data'] = ocp.args.JsonRestore()
+  reader = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
+                                 item_handlers=handlers)
+  try:
+    restored = reader.restore(step, args=ocp.args.Composite(**args))
+  finally:
+    reader.close()
+  return (restored['state'], restored['data']) if with_data else restored['state']
 
 
 def _save_args(state, data_state: dict | None):

@@ -301,6 +301,34 @@ def test_divergence_stops_with_exit_3_and_leaves_only_finite_checkpoints(tiny_cf
   ckpt.close()
 
 
+def test_a_checkpoint_from_before_the_step_guard_counters_still_resumes(trained):
+  # jaxlm before the divergence guard saved TrainState(step, params, opt_state) only.
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  cfg, work = trained
+  setup = Setup(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+  ckpt = Checkpointer(str(work), cfg.checkpoint)
+  state, data = ckpt.restore(10, setup.abstract_state)
+  ckpt.close()
+  shutil.rmtree(work / 'checkpoints')
+  old = ocp.CheckpointManager(str(work / 'checkpoints'), item_handlers={
+      'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler()})
+  old.save(10, args=ocp.args.Composite(
+      state=ocp.args.StandardSave({'step': state.step, 'params': state.params,
+                                   'opt_state': state.opt_state}),
+      data=ocp.args.JsonSave(data)))
+  old.wait_until_finished()
+  old.close()
+  again, data_again = Checkpointer(str(work), cfg.checkpoint).restore(10, setup.abstract_state)
+  assert data_again == data and int(again.step) == 10
+  assert int(again.skipped_steps) == 0 and int(again.bad_steps) == 0 and float(again.loss_avg) == 0
+  for a, b in zip(jax.tree.leaves((state.params, state.opt_state)),
+                  jax.tree.leaves((again.params, again.opt_state)), strict=True):
+    np.testing.assert_array_equal(a, b)
+  cfg.train.steps, cfg.optim.decay_steps = 12, 10  # and training goes on from it
+  Trainer(cfg, str(work), devices=jax.devices()[:1]).run()
+  assert Checkpointer(str(work), cfg.checkpoint, read_only=True).latest_step() == 12
+
+
 def test_shape_mismatch_names_the_parameter(trained, capsys):
   cfg, work = trained
   cfg.model.mlp_dim = 128

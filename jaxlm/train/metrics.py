@@ -35,10 +35,15 @@ def flops_per_token(model_cfg, n_params: int, seq_len: int) -> float:
   ``d*E + (top_k + shared) * 3*d*expert_mlp_dim``, not all E experts. MFU
   from it is the useful-work MFU that MoE papers quote; the dispatch
   (sort, all-to-all) is overhead and not counted.
+
+  Sliding-window attention (``model.sliding_window`` = w) scores at most w keys per
+  query, so the attention term uses min(w, seq_len) where full attention uses seq_len.
   """
   hd = model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads
   attn_width = model_cfg.n_heads * hd
-  return 6.0 * n_params + 12.0 * model_cfg.n_layers * attn_width * seq_len
+  window = model_cfg.get('sliding_window', 0)
+  keys = min(window, seq_len) if window else seq_len
+  return 6.0 * n_params + 12.0 * model_cfg.n_layers * attn_width * keys
 
 
 def inactive_expert_params(model_cfg) -> int:

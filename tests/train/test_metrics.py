@@ -57,6 +57,13 @@ def test_flops_per_token_untied_rope_gqa():
   assert metrics.flops_per_token(cfg.model, n, seq) == 6 * n + 12 * layers * heads * hd * seq
 
 
+def test_flops_per_token_sliding_window_counts_only_the_window():
+  cfg = _small_cfg(position='rope', sliding_window=8)
+  n = metrics.matmul_params(cfg.model, _model_params(cfg))
+  assert metrics.flops_per_token(cfg.model, n, 32) == 6 * n + 12 * 2 * 64 * 8
+  assert metrics.flops_per_token(cfg.model, n, 4) == 6 * n + 12 * 2 * 64 * 4  # window > seq
+
+
 def test_param_count_matches_model_init():
   cfg = _small_cfg()
   params = build_model(cfg.model).init(jax.random.key(0), jax.numpy.zeros((1, 32), 'int32'))

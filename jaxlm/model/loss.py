@@ -83,15 +83,149 @@ def chunked_losses(head, x, targets, mask, z_loss: float = 0.0, chunk: int = 0,
   return total
 
 
+_NEG = -1e30  # logits of padding vocab rows (finite, as in Transformer.logits)
+
+
+def _vocab_split(n: int, a):
+  """[..., vocab] -> [n, ..., vocab / n]: tile k holds vocab ids k, k + n, k + 2n, ...
+
+  Strided, like the position chunks: with the vocab split over 'tensor', every
+  shard holds an equal share of every tile.
+  """
+  return jnp.moveaxis(a.reshape(*a.shape[:-1], a.shape[-1] // n, n), -1, 0)
+
+
+def _tile_logits(xc, w, k, n_v, vocab_used, dtype):
+  """fp32 logits [batch, c, vocab / n_v] of x chunk [batch, c, embed] and head tile k
+  [embed, vocab / n_v], computed in ``dtype`` as the Dense head does; and the tile's
+  vocab ids."""
+  ids = jnp.arange(w.shape[-1], dtype=jnp.int32) * n_v + k
+  logits = jax.lax.dot_general(xc.astype(dtype), w.astype(dtype), (((2,), (0,)), ((), ())))
+  logits = constrain(logits.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))
+  if vocab_used:
+    logits = jnp.where(ids < vocab_used, logits, _NEG)
+  return logits, ids
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def head_losses(x, kernel, targets, mask, z_loss, n_pos, n_vocab, vocab_used, dtype):
+  """Summed masked token losses per sequence of the LM head ``x @ kernel``, ``[batch]``.
+
+  x [batch, length, embed]; kernel [embed, vocab] (the head's, or the tied
+  embedding transposed); targets, mask [batch, length]. Logits are built one
+  block of ``length / n_pos`` positions x ``vocab / n_vocab`` vocab entries at a
+  time (online log-sum-exp over the vocab tiles), and the gradient is written
+  by hand: the backward pass recomputes each block and adds its share to dx
+  and to that vocab tile's kernel gradient, which is reduced to the kernel's
+  sharding (a reduce-scatter over 'fsdp') before the next tile. So no full
+  ``[batch, length, vocab]`` logits and no full-size copy of the head, its
+  gradient or its all-gathered kernel exist at once: only one tile of each.
+  ``vocab_used`` > 0: ids from there on are padding (logit -1e30).
+  """
+  return _head_fwd(x, kernel, targets, mask, z_loss, n_pos, n_vocab, vocab_used, dtype)[0]
+
+
+def _pos_split(n: int, a):  # [batch, length, ...] -> [n, batch, length / n, ...], strided
+  b, t = a.shape[:2]
+  return jnp.moveaxis(a.reshape(b, t // n, n, *a.shape[2:]), 2, 0)
+
+
+def _pos_merge(a):  # inverse of _pos_split
+  n, b, c = a.shape[:3]
+  return jnp.moveaxis(a, 0, 2).reshape(b, c * n, *a.shape[3:])
+
+
+def _head_fwd(x, kernel, targets, mask, z_loss, n_pos, n_vocab, vocab_used, dtype):
+  xs, ts = _pos_split(n_pos, x), _pos_split(n_pos, targets)
+
+  def tile(carry, wk):  # one vocab tile over every position chunk
+    w, k = wk
+
+    def chunk(_, c):
+      xc, tc, m, s, tl = c
+      xc = constrain(xc, ('act_batch', 'act_length', 'act_embed'))
+      logits, ids = _tile_logits(xc, w, k, n_vocab, vocab_used, dtype)
+      m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+      s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[..., None]), axis=-1)
+      # A one-hot product, not a gather: each vocab shard sums its own slice.
+      tl = tl + jnp.sum(jnp.where(ids == tc[..., None], logits, 0.0), axis=-1)
+      return None, (m_new, s, tl)
+
+    _, carry = jax.lax.scan(chunk, None, (xs, ts, *carry))
+    return carry, None
+
+  zero = jnp.zeros(ts.shape, jnp.float32)
+  (m, s, tl), _ = jax.lax.scan(
+      tile, (jnp.full(ts.shape, -jnp.inf, jnp.float32), zero, zero),
+      (_vocab_split(n_vocab, kernel), jnp.arange(n_vocab, dtype=jnp.int32)))
+  lse = _pos_merge(m + jnp.log(s))  # [batch, length]
+  mask = mask.astype(jnp.float32)
+  losses = (lse - _pos_merge(tl) + z_loss * jnp.square(lse)) * mask
+  return jnp.sum(losses, axis=-1), (x, kernel, targets, mask, lse)
+
+
+def _head_bwd(z_loss, n_pos, n_vocab, vocab_used, dtype, res, g):
+  x, kernel, targets, mask, lse = res
+  # d(loss)/d(logits) = softmax * (1 + 2 z lse) - onehot, times g * mask per position.
+  scale = g[:, None] * mask
+  xs, ts = _pos_split(n_pos, x), _pos_split(n_pos, targets)
+  ls, ss = _pos_split(n_pos, lse), _pos_split(n_pos, scale)
+
+  def tile(dx, wk):
+    w, k = wk
+
+    def chunk(dw, c):
+      xc, tc, lc, sc, dxc = c
+      xc = constrain(xc, ('act_batch', 'act_length', 'act_embed'))
+      logits, ids = _tile_logits(xc, w, k, n_vocab, vocab_used, dtype)
+      p = jnp.exp(logits - lc[..., None]) * (1.0 + 2.0 * z_loss * lc)[..., None]
+      d = ((p - (ids == tc[..., None])) * sc[..., None]).astype(dtype)
+      dxc = dxc + jax.lax.dot_general(d, w.astype(dtype), (((2,), (1,)), ((), ())),
+                                      preferred_element_type=jnp.float32)
+      dw = dw + jax.lax.dot_general(xc.astype(dtype), d, (((0, 1), (0, 1)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+      return dw, constrain(dxc, ('act_batch', 'act_length', 'act_embed'))
+
+    dw, dx = jax.lax.scan(chunk, jnp.zeros(w.shape, jnp.float32), (xs, ts, ls, ss, dx))
+    # Reduced to the kernel's own sharding here, one tile at a time.
+    return dx, constrain(dw, ('embed', 'vocab'))
+
+  dx, dws = jax.lax.scan(tile, jnp.zeros(xs.shape, jnp.float32),
+                         (_vocab_split(n_vocab, kernel), jnp.arange(n_vocab, dtype=jnp.int32)))
+  dkernel = jnp.moveaxis(dws, 0, -1).reshape(kernel.shape)
+  return (_pos_merge(dx).astype(x.dtype), dkernel.astype(kernel.dtype), None, None)
+
+
+head_losses.defvjp(_head_fwd, _head_bwd)
+
+
+def model_losses(model, params, x, targets, mask, z_loss: float = 0.0, count_misses: bool = False):
+  """Summed masked losses per sequence ``[batch]`` from final hidden states x [batch, length, embed].
+
+  The model's head and loss in blocks of ``model.loss_chunk`` positions x
+  ``model.loss_vocab_chunk`` vocab entries (``head_losses``). With
+  ``count_misses`` (which needs whole-vocab argmaxes): ``chunked_losses``,
+  position chunks only.
+  """
+  c = model.cfg
+  if count_misses:
+    head = lambda h: model.apply({'params': params}, h, method='logits')
+    return chunked_losses(head, x, targets, mask, z_loss, c.get('loss_chunk', 0), True)
+  kernel = (params['embed']['embedding'].T if c.tie_embeddings else params['head']['kernel'])
+  vocab_used = c.vocab_used if 0 < c.vocab_used < c.vocab_size else 0
+  return head_losses(x, kernel, targets, mask, float(z_loss),
+                     num_chunks(targets.shape[1], c.get('loss_chunk', 0)),
+                     num_chunks(c.vocab_size, c.get('loss_vocab_chunk', 0)), vocab_used,
+                     jnp.dtype(c.dtype))
+
+
 def sequence_losses(model, params, batch, z_loss: float = 0.0, count_misses: bool = False):
   """Summed masked next-token losses per sequence, ``[batch]`` fp32.
 
   batch: dict of [batch, length] arrays (inputs, targets, positions,
-  segment_ids, loss_mask). Chunked by ``model.cfg.loss_chunk``; see
-  ``chunked_losses`` for ``count_misses``.
+  segment_ids, loss_mask). Blocked as ``model_losses`` says.
   """
   x, _ = model.apply({'params': params}, batch['inputs'], batch['positions'],
                      batch['segment_ids'], method='features')
-  head = lambda h: model.apply({'params': params}, h, method='logits')
-  return chunked_losses(head, x, batch['targets'], batch['loss_mask'], z_loss,
-                        model.cfg.get('loss_chunk', 0), count_misses)
+  return model_losses(model, params, x, batch['targets'], batch['loss_mask'], z_loss,
+                      count_misses)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxlm.model.loss import chunked_losses, sequence_losses
+from jaxlm.model.loss import model_losses, sequence_losses
 
 
 # Running mean of accepted losses for the spike guard: ~100 steps of memory.
@@ -87,10 +87,8 @@ def objective_sums(model, params, batch, z_loss: float = 0.0):
   # sequence_losses, keeping the router losses the MoE layers sow on the way.
   (x, _), state = model.apply({'params': params}, batch['inputs'], batch['positions'],
                               batch['segment_ids'], method='features', mutable=['intermediates'])
-  head = lambda h: model.apply({'params': params}, h, method='logits')
   count = jnp.sum(batch['loss_mask'].astype(jnp.float32))
-  ce = jnp.sum(chunked_losses(head, x, batch['targets'], batch['loss_mask'], z_loss,
-                              c.get('loss_chunk', 0)))
+  ce = jnp.sum(model_losses(model, params, x, batch['targets'], batch['loss_mask'], z_loss))
   moe = moe_metrics(state['intermediates'])
   router = (c.moe_aux_loss_weight * moe['moe_aux_loss']
             + c.moe_z_loss_weight * moe['moe_router_z_loss'])

@@ -11,7 +11,7 @@ from conftest import load_config
 from jaxlm import mesh as mesh_lib
 from jaxlm import sharding
 from jaxlm.engine import Setup
-from jaxlm.model.loss import chunked_losses, num_chunks
+from jaxlm.model.loss import chunked_losses, head_losses, num_chunks
 from jaxlm.model.transformer import build_model
 from jaxlm.train.step import loss_sums
 
@@ -73,11 +73,15 @@ def test_num_chunks_divides_the_length():
   assert num_chunks(32, 0) == num_chunks(32, 32) == num_chunks(32, 100) == 1
 
 
-@pytest.mark.parametrize('tied,chunk', [(True, 8), (False, 5)], ids=['gpt2-tied', 'llama-untied'])
-def test_chunked_loss_and_grads_equal_full_logits(tied, chunk):
-  cfg = _cfg(tied, chunk)
+@pytest.mark.parametrize('tied,chunk,vocab_chunk,used', [(True, 8, 0, 0), (False, 5, 0, 0),
+                                                         (False, 8, 64, 300), (True, 0, 100, 0)],
+                         ids=['gpt2-tied', 'llama-untied', 'vocab-tiles-padded', 'tied-vocab-tiles'])
+def test_chunked_loss_and_grads_equal_full_logits(tied, chunk, vocab_chunk, used):
+  """Position chunks x vocab tiles (5 tiles of 64 and 4 of 80 of the 320 ids; ids
+  from 300 on padding) give full-logits cross entropy and its gradients."""
+  cfg = _cfg(tied, chunk, loss_vocab_chunk=vocab_chunk, vocab_used=used)
   model = build_model(cfg.model)
-  params, batch, z = _params(model), _batch(), 1e-3
+  params, batch, z = _params(model), _batch(vocab=used or 320), 1e-3
   loss, grads = _value_and_grad(lambda p: loss_sums(model, p, batch, z), params)
   ref_loss, ref_grads = _value_and_grad(lambda p: _reference(model, p, batch, z), params)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
@@ -85,8 +89,8 @@ def test_chunked_loss_and_grads_equal_full_logits(tied, chunk):
 
 
 def test_sharded_chunked_loss_equals_one_device():
-  """fsdp x tensor x sequence: logits split over vocab and length, chunks strided."""
-  cfg = _cfg(False, 8)
+  """fsdp x tensor x sequence: logits split over vocab and length, chunks and tiles strided."""
+  cfg = _cfg(False, 8, loss_vocab_chunk=80)
   for k, v in dict(data=1, fsdp=2, tensor=2, sequence=2).items():
     cfg.mesh[k] = v
   setup = Setup(cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:8]))
@@ -117,3 +121,29 @@ def test_full_logits_never_exist_in_the_compiled_step():
 
   assert temp_bytes(0) > full_logits  # the measure sees the full logits when they exist
   assert temp_bytes(16) < full_logits / 4  # 16 chunks of 0.5 MiB logits, one at a time
+
+
+@pytest.mark.parametrize('n_vocab', [16, 1], ids=['tiles', 'whole-vocab'])
+def test_head_gradient_is_reduced_one_vocab_tile_at_a_time(n_vocab):
+  """fsdp=8: the compiled loss gradient holds no full [embed, vocab] head array (neither
+  the all-gathered kernel nor its unreduced gradient, the peak of the whole-vocab loss at
+  Llama 3's 128,256 vocab), only 1/16-vocab tiles; one tile of the whole vocab holds them."""
+  cfg = _cfg(False, 0)
+  cfg.mesh.data, cfg.mesh.fsdp = 1, 8
+  mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:8])
+  rules = sharding.rules_for(cfg.model, cfg.mesh, mesh)
+  b, t, embed, vocab = 8, 64, 64, 8192
+  head = embed * vocab * 4  # one fp32 [embed, vocab] array: 2 MiB
+  spec = lambda *names: sharding.logical_sharding(mesh, rules, names)
+  args = (jax.ShapeDtypeStruct((b, t, embed), jnp.float32, sharding=spec('act_batch', None, None)),
+          jax.ShapeDtypeStruct((embed, vocab), jnp.float32, sharding=spec('embed', 'vocab')),
+          jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=spec('act_batch', None)),
+          jax.ShapeDtypeStruct((b, t), jnp.float32, sharding=spec('act_batch', None)))
+  grad = jax.jit(jax.grad(lambda x, w, tg, m: jnp.sum(
+      head_losses(x, w, tg, m, 1e-4, 1, n_vocab, 0, jnp.dtype('float32'))), argnums=(0, 1)))
+  with sharding.activate(mesh, rules):
+    temp = grad.lower(*args).compile().memory_analysis().temp_size_in_bytes
+  if n_vocab == 1:
+    assert temp > 2 * head  # the measure sees full-size head arrays when they exist
+  else:
+    assert temp < head / 2

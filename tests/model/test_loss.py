@@ -73,12 +73,12 @@ def test_num_chunks_divides_the_length():
   assert num_chunks(32, 0) == num_chunks(32, 32) == num_chunks(32, 100) == 1
 
 
-@pytest.mark.parametrize('tied,chunk,vocab_chunk,used', [(True, 8, 0, 0), (False, 5, 0, 0),
-                                                         (False, 8, 64, 300), (True, 0, 100, 0)],
-                         ids=['gpt2-tied', 'llama-untied', 'vocab-tiles-padded', 'tied-vocab-tiles'])
+@pytest.mark.parametrize('tied,chunk,vocab_chunk,used', [(True, 8, 100, 0), (False, 5, 0, 0),
+                                                         (False, 8, 64, 300)],
+                         ids=['gpt2-tied', 'llama-untied', 'llama-padded-vocab'])
 def test_chunked_loss_and_grads_equal_full_logits(tied, chunk, vocab_chunk, used):
-  """Position chunks x vocab tiles (5 tiles of 64 and 4 of 80 of the 320 ids; ids
-  from 300 on padding) give full-logits cross entropy and its gradients."""
+  """Position chunks x vocab tiles (4 tiles of 80 or 5 of 64 of the 320 ids, or the
+  whole vocab; ids from 300 on padding) give full-logits cross entropy and its gradients."""
   cfg = _cfg(tied, chunk, loss_vocab_chunk=vocab_chunk, vocab_used=used)
   model = build_model(cfg.model)
   params, batch, z = _params(model), _batch(vocab=used or 320), 1e-3

@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -45,9 +44,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, ckpt_cfg, read_only: bool = False):
     storage.check(workdir)  # names the cloud extra before Orbax raises ImportError
-    root = workdir.rstrip('/')
-    if not storage.is_remote(workdir):
-      root = str(Path(root).absolute())
+    root = storage.absolute(workdir).rstrip('/')
     self.directory = root + '/checkpoints'
     self.best_directory = root + '/checkpoints_best'
     _quiet_orbax_errors()

@@ -95,7 +95,7 @@ def import_hf(hf_dir: str, workdir: str, data_path: str = '', param_dtype: str =
   want = {leaf_name(p): a for p, a in jax.tree_util.tree_flatten_with_path(
       setup.abstract_state.params)[0]}
   config_lib.save(cfg, workdir)
-  step_dir = storage.join(workdir, 'checkpoints', '0')
+  step_dir = storage.join(storage.absolute(workdir), 'checkpoints', '0')
   # 64 MiB storage chunks: Orbax then writes a parameter a chunk at a time instead of
   # holding one more whole copy of it (bench/RESULTS.md: peak RSS 3.69 -> 2.3 GiB at 1B).
   opts = ocp.options.ArrayOptions

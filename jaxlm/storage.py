@@ -50,6 +50,12 @@ def path(p) -> epath.Path:
   return epath.Path(p)
 
 
+def absolute(p) -> str:
+  """A local path made absolute (Orbax refuses relative ones); URIs as they are."""
+  s = os.fspath(p)
+  return s if is_remote(s) else os.path.abspath(s)
+
+
 def join(p, *parts) -> str:
   """``p/part/...`` as a string (URIs keep their scheme)."""
   return os.fspath(path(p).joinpath(*parts))

@@ -139,16 +139,19 @@ def test_odd_vocab_pads_runs_on_any_mesh_and_names_indivisible_shapes(tmp_path, 
   assert 'corrupt' not in str(e.value)
 
 
-def test_import_writes_params_only_bf16_stays_bf16_and_training_adds_optimizer(tmp_path, tiny_cfg):
+def test_import_writes_params_only_bf16_stays_bf16_and_training_adds_optimizer(tmp_path, tiny_cfg,
+                                                                              monkeypatch):
   """Import streams one tensor at a time into a params-only step 0 (no optimizer state);
-  bf16 weights stay bf16 bit for bit; `train` on the workdir creates the optimizer state."""
+  bf16 weights stay bf16 bit for bit; `train` on the workdir creates the optimizer state.
+  The workdir is given relative (Orbax itself refuses relative paths)."""
   import ml_dtypes  # noqa: PLC0415
   from jaxlm import config as config_lib  # noqa: PLC0415
   from jaxlm.checkpoint import Checkpointer  # noqa: PLC0415
   from jaxlm.train.loop import Trainer  # noqa: PLC0415
   model = _tiny_hf('llama', tmp_path / 'f32')
   model.to(torch.bfloat16).save_pretrained(str(tmp_path / 'hf'))
-  assert cli.main(['convert', f'--from_hf={tmp_path / "hf"}', f'--workdir={tmp_path / "w"}',
+  monkeypatch.chdir(tmp_path)
+  assert cli.main(['convert', f'--from_hf={tmp_path / "hf"}', '--workdir=w',
                    '--param_dtype=bfloat16']) == 0
   cfg = config_lib.load_saved(str(tmp_path / 'w'))
   assert cfg.model.param_dtype == 'bfloat16'

@@ -17,7 +17,7 @@ CHOICES = {
     'model.position': ('learned', 'rope'),
     'model.rope_scaling': ('', 'llama3'),
     'model.attention': ('xla', 'chunked', 'splash', 'pallas_gpu', 'cudnn'),
-    'model.remat': ('none', 'full', 'dots'),
+    'model.remat': ('none', 'full', 'dots', 'minimal'),
     'model.param_dtype': ('float32', 'bfloat16', 'float16'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'data.source': ('text', 'jsonl', 'arrayrecord', 'pystdlib'),

@@ -45,7 +45,7 @@ TARGETS = {
 USABLE = 0.9
 
 # Remat policies from most memory (least recompute) to least.
-REMAT_ORDER = ('none', 'dots', 'full')
+REMAT_ORDER = ('none', 'dots', 'minimal', 'full')
 
 _EVENT = 'JAXLM-PLAN '  # prefix of the child's JSON lines on stdout
 

@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.loss_chunk = 2048  # positions per cross-entropy block: fp32 logits [batch, chunk, vocab_chunk] at a time
   m.loss_vocab_chunk = 8192  # vocab entries per cross-entropy block (and per head-gradient tile)
   m.scan_layers = True  # nn.scan over blocks: one compiled block, stacked params
-  m.remat = 'none'  # activation checkpointing: 'none', 'full', 'dots' (save matmul outputs)
+  m.remat = 'none'  # activation checkpointing: 'none', 'full', 'dots' (save matmul outputs), 'minimal' (save attention)
   # Mixture of Experts (jaxlm/model/moe.py; README "Mixture of Experts"). Needs swiglu.
   m.moe_experts = 0  # routed experts per MoE layer (0 = dense MLP in every layer)
   m.moe_top_k = 2  # experts each token is sent to

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from jaxlm.model import kernels as fused
@@ -27,6 +28,11 @@ from jaxlm.sharding import constrain
 log = logging.getLogger('jaxlm')
 
 _NEG = -1e30  # finite, so fully-masked (padding) rows give a finite average, not NaNs
+
+# What remat 'minimal' keeps of a block: everything attention's backward needs (q, k, v
+# after RoPE; its output and, from the chunked kernel, per-row log-sum-exp) and the
+# out-projection, so the backward pass recomputes norms and the MLP but no attention.
+REMAT_NAMES = ('query_proj', 'key_proj', 'value_proj', 'context', 'context_lse', 'out_proj')
 
 
 class MaskInfo(NamedTuple):
@@ -96,11 +102,12 @@ _warned: set = set()
 
 def _local_attend(q, k, v, m: MaskInfo, impl: str, chunk: int, window: int,
                   interpret: bool) -> jax.Array:
-  if impl == 'xla':
-    return xla_attention(q, k, v, m, window)
-  if impl == 'chunked':
+  if impl == 'chunked':  # names its output and log-sum-exp itself ('context', 'context_lse')
     return chunked_attention(q, k, v, m, chunk, window)
-  return fused.KERNELS[impl](q, k, v, m, window=window, interpret=interpret)
+  if impl == 'xla':
+    return checkpoint_name(xla_attention(q, k, v, m, window), 'context')
+  return checkpoint_name(fused.KERNELS[impl](q, k, v, m, window=window, interpret=interpret),
+                         'context')
 
 
 def _sequence_axes():
@@ -200,9 +207,11 @@ class Attention(nn.Module):
     if c.position == 'rope':
       freq = rope_frequencies(hd, c)
       q, k = rope(q, positions, freq), rope(k, positions, freq)
-    q = constrain(q, ('act_batch', 'act_length', 'act_heads', None))
-    k = constrain(k, ('act_batch', 'act_length', 'act_kv_heads', None))
-    v = constrain(v, ('act_batch', 'act_length', 'act_kv_heads', None))
+    # Names (after RoPE) for remat 'minimal' (REMAT_NAMES); no-ops otherwise.
+    q = checkpoint_name(constrain(q, ('act_batch', 'act_length', 'act_heads', None)), 'query_proj')
+    k = checkpoint_name(constrain(k, ('act_batch', 'act_length', 'act_kv_heads', None)), 'key_proj')
+    v = checkpoint_name(constrain(v, ('act_batch', 'act_length', 'act_kv_heads', None)),
+                        'value_proj')
     new_cache = None
     if cache is not None:
       upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype),
@@ -214,4 +223,4 @@ class Attention(nn.Module):
     out_kw = {**kw, 'std': c.init_std / (2 * c.n_layers) ** 0.5}
     out = Dense((c.d_model,), ('heads', 'head_dim'), ('embed',),
                 name='out', **out_kw)(o)
-    return out, new_cache
+    return checkpoint_name(out, 'out_proj'), new_cache

@@ -20,6 +20,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 _NEG = -1e30  # finite: masked scores stay out of the max without inf - inf NaNs
 _BIG = 2**30  # stands in for +/- infinity in integer index and segment bounds
@@ -143,6 +144,8 @@ def _flash(q, k, v, qseg, kseg, qidx, kidx, chunk, window):
 
 def _flash_fwd(q, k, v, qseg, kseg, qidx, kidx, chunk, window):
   out, lse = _forward(q, k, v, qseg, kseg, qidx, kidx, chunk, window)
+  # Named so that remat 'minimal' can keep them and skip this forward in the backward pass.
+  out, lse = checkpoint_name(out, 'context'), checkpoint_name(lse, 'context_lse')
   return out, (q, k, v, qseg, kseg, qidx, kidx, out, lse)
 
 

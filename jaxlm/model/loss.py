@@ -200,7 +200,7 @@ head_losses.defvjp(_head_fwd, _head_bwd)
 
 
 def model_losses(model, params, x, targets, mask, z_loss: float = 0.0, count_misses: bool = False):
-  """Summed masked losses per sequence ``[batch]`` from final hidden states x [batch, length, embed].
+  """Summed masked losses per sequence ``[batch]``; x: final hidden states [batch, length, embed].
 
   The model's head and loss in blocks of ``model.loss_chunk`` positions x
   ``model.loss_vocab_chunk`` vocab entries (``head_losses``). With

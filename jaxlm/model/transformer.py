@@ -11,7 +11,7 @@ import ml_collections
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxlm.model.attention import Attention, MaskInfo
+from jaxlm.model.attention import REMAT_NAMES, Attention, MaskInfo
 from jaxlm.model.layers import Dense, Mlp, Norm, dtype_of, param_init
 from jaxlm.model.moe import MoeMlp
 from jaxlm.sharding import constrain
@@ -19,6 +19,8 @@ from jaxlm.sharding import constrain
 _REMAT_POLICIES = {
     'full': None,  # save nothing: recompute the whole block in backward
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # MaxText's save_dot_with_context_except_mlp: keep attention, recompute the rest.
+    'minimal': jax.checkpoint_policies.save_only_these_names(*REMAT_NAMES),
 }
 
 ACT = ('act_batch', 'act_length', 'act_embed')

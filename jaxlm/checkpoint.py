@@ -207,6 +207,21 @@ class Checkpointer:
             f'checkpoint step {step} in {manager.directory}: parameter {key} has shape '
             f'{tuple(saved[key])} but the config gives {tuple(v.shape)}')
 
+  def _find(self, step: int):
+    """(manager, directory) holding committed ``step``: the latest steps' or the best's."""
+    if step in self.steps():
+      return self.manager, self.directory
+    best_steps = sorted(self.best_steps())
+    if step not in best_steps:
+      best = f'; best by eval loss: {best_steps}' if best_steps else ''
+      raise CheckpointError(f'no checkpoint for step {step} in {self.directory} '
+                            f'(available: {self.steps() or "none"}{best})')
+    return self.best, self.best_directory
+
+  def step_dir(self, step: int) -> str:
+    """The directory of committed ``step`` (jaxlm.param_store reads single params there)."""
+    return self._find(step)[1] + '/' + str(step)
+
   def restore(self, step: int, abstract_state, params_only: bool = False):
     """Restores onto ``abstract_state``'s shardings (any mesh). Returns (state, data_state).
 
@@ -214,14 +229,7 @@ class Checkpointer:
     fine-tune); ``abstract_state`` may be a TrainState or just its params, and
     the result is ``(params, None)``.
     """
-    manager, directory = self.manager, self.directory
-    if step not in self.steps():
-      best_steps = sorted(self.best_steps())
-      if step not in best_steps:
-        best = f'; best by eval loss: {best_steps}' if best_steps else ''
-        raise CheckpointError(f'no checkpoint for step {step} in {self.directory} '
-                              f'(available: {self.steps() or "none"}{best})')
-      manager, directory = self.best, self.best_directory
+    manager, directory = self._find(step)
     if params_only:
       abstract_state = {'params': getattr(abstract_state, 'params', abstract_state)}
     self._check_shapes(manager, step, abstract_state)

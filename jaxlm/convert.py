@@ -8,14 +8,18 @@
       `jaxlm train --workdir=OUT` continues pretraining from it (creating the
       optimizer state).
   jaxlm convert --to_hf=DIR --workdir=W [--restore_step=N] [--vocab_size=V]
-      DIR/config.json + DIR/model.safetensors for GPT2LMHeadModel or
-      LlamaForCausalLM (+ tokenizer.json when the run used an HF tokenizer).
+      [--max_shard_size=1GB]
+      DIR/config.json + DIR/model.safetensors (or model-0000i-of-0000N.safetensors
+      + model.safetensors.index.json past max_shard_size) for the model's HF
+      architecture (+ tokenizer.json when the run used an HF tokenizer), written
+      tensor by tensor; on several hosts only process 0 writes.
 
 The tensor-name mapping lives in jaxlm.hf; this module wires it to configs,
 meshes and checkpoints. Loading either kind of directory for inference is
 ``jaxlm.engine.load``.
 """
 
+import json
 import logging
 
 import jax
@@ -23,14 +27,16 @@ import jax.numpy as jnp
 from absl import flags
 
 from jaxlm import config as config_lib
-from jaxlm import hf, lock, storage
+from jaxlm import hf, hf_writer, lock, param_store, runtime, storage
+from jaxlm import mesh as mesh_lib
 from jaxlm.checkpoint import Checkpointer, leaf_name
 from jaxlm.data.tokenizers import get_tokenizer
-from jaxlm.engine import Setup, check_placeable, config_from_hf, is_workdir, load
+# load: convert.load opens either kind of directory (tests and users call it here).
+from jaxlm.engine import Setup, check_placeable, config_from_hf, is_workdir, load  # noqa: F401
 from jaxlm.errors import CheckpointError, ConfigError
 
 log = logging.getLogger('jaxlm')
-IMPORT_CHUNK_BYTES = 64 << 20
+DEFAULT_MAX_SHARD_SIZE = '1GB'
 
 
 def define_flags(fv) -> None:
@@ -41,6 +47,9 @@ def define_flags(fv) -> None:
                       flag_values=fv)
   flags.DEFINE_integer('restore_step', None, 'export: checkpoint step (default: latest)',
                        flag_values=fv)
+  flags.DEFINE_string('max_shard_size', DEFAULT_MAX_SHARD_SIZE, 'export: largest safetensors '
+                      'file (e.g. 500MB, 2GB); more tensors go to further files + an index '
+                      '(host memory holds about one file)', flag_values=fv)
   flags.DEFINE_integer('vocab_size', 0, 'export: keep this many vocab rows '
                        '(0 = model.vocab_used, else model.vocab_size)', flag_values=fv)
   flags.DEFINE_string('data_path', '', 'import: data.path for the new config (for eval/train)',
@@ -65,22 +74,26 @@ def run(fv, args) -> int:
     print(f'imported {cfg.name} ({cfg.model.n_layers} layers, d_model {cfg.model.d_model}) '
           f'into {fv.workdir}')
   else:
-    kind = export_hf(fv.workdir, fv.to_hf, restore_step=fv.restore_step, vocab_size=fv.vocab_size)
-    print(f'exported {fv.workdir} as {kind} to {fv.to_hf}')
+    kind = export_hf(fv.workdir, fv.to_hf, restore_step=fv.restore_step, vocab_size=fv.vocab_size,
+                     max_shard_size=fv.max_shard_size)
+    if runtime.is_main():
+      print(f'exported {fv.workdir} as {kind} to {fv.to_hf}')
   return 0
 
 
 def import_hf(hf_dir: str, workdir: str, data_path: str = '', param_dtype: str = ''):
   """HF dir -> workdir with config.json and a params-only checkpoint at step 0.
 
-  Host memory stays near one parameter: each is read from the memory-mapped
-  safetensors, cast to ``model.param_dtype``, placed into its shards
-  (``make_array_from_callback``) and added to the checkpoint (Orbax partial
-  save) before the next is read. No optimizer state is written: training from
-  the workdir creates it. Returns the config.
+  Host memory stays near one block of one tensor: Orbax first writes the
+  checkpoint with every parameter empty (jaxlm.param_store.save_empty), then
+  each parameter is read from the memory-mapped safetensors, cast to
+  ``model.param_dtype`` and written into its array a block of rows at a time.
+  The step is built under ``<workdir>/checkpoints.importing`` and renamed to
+  ``checkpoints/0`` when complete, so an interrupted import leaves no step.
+  No optimizer state is written: training from the workdir creates it.
+  Returns the config.
   """
-  from orbax.checkpoint import v1 as ocp  # noqa: PLC0415
-  from orbax.checkpoint.experimental.v1 import partial  # noqa: PLC0415
+  import tensorstore as ts  # noqa: PLC0415
   if (storage.path(workdir) / 'checkpoints').exists():
     raise ConfigError(f"workdir '{workdir}' already holds checkpoints (use a new --workdir)")
   hf_cfg, tensors = hf.read_dir(hf_dir)
@@ -94,73 +107,126 @@ def import_hf(hf_dir: str, workdir: str, data_path: str = '', param_dtype: str =
   check_placeable(setup)
   want = {leaf_name(p): a for p, a in jax.tree_util.tree_flatten_with_path(
       setup.abstract_state.params)[0]}
+  leaves = _checked_leaves(tensors, cfg.model, want)
   config_lib.save(cfg, workdir)
-  step_dir = storage.join(storage.absolute(workdir), 'checkpoints', '0')
-  # 64 MiB storage chunks: Orbax then writes a parameter a chunk at a time instead of
-  # holding one more whole copy of it (bench/RESULTS.md: peak RSS 3.69 -> 2.3 GiB at 1B).
-  opts = ocp.options.ArrayOptions
-  with ocp.Context(array_options=opts(saving=opts.Saving(
-      storage_options=opts.Saving.StorageOptions(chunk_byte_size=IMPORT_CHUNK_BYTES)))):
-    done = _write_params(tensors, cfg.model, want, step_dir, partial)
-    if done != set(want):
-      raise CheckpointError(f'converted parameters do not match the model: missing '
-                            f'{sorted(set(want) - done)[:3]}')
-    partial.save(step_dir, {'step': jax.device_put(jnp.zeros((), jnp.int32),
-                                                   setup.state_shardings.step)})
-  partial.finalize(step_dir)
+  # Absolute: Orbax refuses a relative destination.
+  building = storage.join(storage.absolute(workdir), 'checkpoints.importing')
+  if storage.path(building).exists():  # what an interrupted import left
+    storage.path(building).rmtree()
+  param_store.save_empty(building, {path: leaf.shape for path, leaf in leaves},
+                         jnp.dtype(cfg.model.param_dtype))
+  context = ts.Context()
+  for path, leaf in leaves:
+    # release(): the file pages just copied stop counting toward this process's memory.
+    param_store.fill(param_store.open_param(building, path, context), leaf,
+                     after_block=tensors.release)
+  (storage.path(workdir) / 'checkpoints').mkdir(parents=True, exist_ok=True)
+  storage.path(building).rename(storage.path(storage.join(workdir, 'checkpoints', '0')))
   return cfg
 
 
-def _write_params(tensors, m, want: dict, step_dir: str, partial) -> set[str]:
-  """Places each converted parameter into its shards and appends it to the step-0
-  checkpoint, one at a time. Returns the names written."""
-  done = set()
-  for path, leaf in hf.param_leaves(tensors, m):
-    name = '/'.join(path)
-    a = want.get(name)
+def _checked_leaves(tensors, m, want: dict) -> list:
+  """[(path, hf.Leaf)] for every parameter, checked against the model's names and
+  shapes before anything is written."""
+  leaves = list(hf.param_leaves(tensors, m))
+  for path, leaf in leaves:
+    a = want.get('/'.join(path))
     if a is None or leaf.shape != tuple(a.shape):
-      raise CheckpointError(f'converted parameter {name} has shape {leaf.shape}, the model '
-                            f'expects {"no such parameter" if a is None else tuple(a.shape)}')
-
-    def shard(idx, leaf=leaf):  # each device's slice, built from the tensors' views
-      out = leaf[idx]
-      tensors.release()  # unmap: the file pages just copied stop counting toward memory
-      return out
-
-    node = jax.make_array_from_callback(a.shape, a.sharding, shard)
-    for k in reversed(('params',) + path):
-      node = {k: node}
-    partial.save(step_dir, node)
-    done.add(name)
-    del node
-  return done
+      raise CheckpointError(f"converted parameter {'/'.join(path)} has shape {leaf.shape}, "
+                            f'the model expects '
+                            f'{"no such parameter" if a is None else tuple(a.shape)}')
+  missing = set(want) - {'/'.join(p) for p, _ in leaves}
+  if missing:
+    raise CheckpointError(f'converted parameters do not match the model: missing '
+                          f'{sorted(missing)[:3]}')
+  return leaves
 
 
 def export_hf(workdir: str, out_dir: str, restore_step: int | None = None,
-              vocab_size: int = 0) -> str:
-  """Writes ``out_dir`` for transformers' from_pretrained; returns the architecture name."""
+              vocab_size: int = 0, max_shard_size: str = DEFAULT_MAX_SHARD_SIZE) -> str:
+  """Writes ``out_dir`` for transformers' from_pretrained; returns the architecture name.
+
+  Tensor by tensor: each parameter (one layer of a stacked one at a time) is read
+  from the checkpoint's arrays (jaxlm.param_store), mapped to its HF tensors and
+  added to safetensors files of at most ``max_shard_size`` (+ an index when
+  there are several), so host memory stays near one file plus one tensor.
+  Multi-host: process 0 reads and writes everything (reading storage needs no
+  gathers); the others wait for it, so all return when the files are complete.
+  """
+  from jax.experimental import multihost_utils  # noqa: PLC0415
   if not is_workdir(workdir):
     raise ConfigError(f"workdir '{workdir}' has no config.json and checkpoints/ to export")
+  runtime.initialize()
+  limit = hf_writer.parse_size(max_shard_size)
   cfg = config_lib.load_saved(workdir)
   m = cfg.model
-  hf.export_family(m)  # refuse before restoring anything
+  kind = hf.hf_config(m, m.vocab_size)['architectures'][0]  # refuse before reading anything
   vocab = vocab_size or m.vocab_used or m.vocab_size  # the HF vocabulary, padding cut
   if not 0 < vocab <= m.vocab_size:
     raise ConfigError(f'--vocab_size={vocab} must be in [1, model.vocab_size={m.vocab_size}]')
-  loaded = load(workdir, restore_step)
-  params = jax.device_get(loaded.params)
+  with Checkpointer(workdir, cfg.checkpoint, read_only=True) as ckpt:
+    step = restore_step if restore_step is not None else ckpt.latest_step()
+    if step is None:
+      raise CheckpointError(f"no checkpoint in '{ckpt.directory}' (train first)")
+    step_dir = ckpt.step_dir(step)
+  if jax.process_index() == 0:
+    shapes = {tuple(k.key for k in p): tuple(a.shape) for p, a in
+              jax.tree_util.tree_flatten_with_path(Setup(cfg, mesh_lib.fit_to_host(cfg))
+                                                   .abstract_state.params)[0]}
+    with hf_writer.ShardedWriter(out_dir, limit) as out:
+      for name, tensor in _hf_tensors(step_dir, m, vocab, shapes):
+        out.add(name, tensor)
+    _write_config(cfg, out_dir, vocab)
+    log.info('convert: wrote %s (step %d) to %s: %d file(s), %.2f GB', kind, step, out_dir,
+             len(out.files), out.total / 1e9)
+  multihost_utils.sync_global_devices('jaxlm convert --to_hf')  # the files are complete
+  return kind
+
+
+def _hf_tensors(step_dir: str, m, vocab: int, shapes: dict):
+  """Yields (HF name, float32 tensor) read from a step's arrays, one layer at a time."""
+  import tensorstore as ts  # noqa: PLC0415
+  context = ts.Context()
+
+  def array(path):
+    try:
+      a = param_store.open_param(step_dir, path, context)
+    except ValueError as e:  # tensorstore: NOT_FOUND and friends
+      raise CheckpointError(f"checkpoint {step_dir} has no readable parameter "
+                            f"params/{'/'.join(path)} ({str(e).splitlines()[0][:200]})") from None
+    if tuple(a.shape) != shapes[path]:
+      raise CheckpointError(f"checkpoint {step_dir}: parameter params/{'/'.join(path)} has "
+                            f'shape {tuple(a.shape)} but the config gives {shapes[path]}')
+    return a
+
+  stacked = [p for p in shapes if p[0] == 'layers']
+  for i in range(m.n_layers):
+    layer = {}
+    for path in stacked or [p for p in shapes if p[0] == f'layer_{i}']:
+      node = layer
+      for k in path[1:-1]:
+        node = node.setdefault(k, {})
+      a = array(path)
+      node[path[-1]] = (a[i] if stacked else a).read().result()
+    yield from hf.layer_to_hf(layer, i, m).items()
+    del layer
+  yield from hf.top_to_hf(lambda p: array(p).read().result() if p in shapes else None, m, vocab)
+
+
+def _write_config(cfg, out_dir: str, vocab: int) -> None:
+  """config.json (+ tokenizer.json when the run used an HF tokenizer)."""
   try:
     tok = get_tokenizer(cfg.data)
     bos, eos = tok.bos_id, tok.eos_id
   except Exception:  # noqa: BLE001  (the tokenizer only supplies optional ids)
-    tok, bos, eos = None, None, None
+    bos, eos = None, None
   bos = bos if bos is not None and bos < vocab else None
   eos = eos if eos is not None and eos < vocab else None
-  hf.write_dir(out_dir, hf.hf_config(m, vocab, bos, eos), hf.from_params(params, m, vocab))
+  config = hf.hf_config(cfg.model, vocab, bos, eos)
+  storage.path(storage.join(out_dir, 'config.json')).write_text(
+      json.dumps(config, indent=2, sort_keys=True))
   if cfg.data.tokenizer == 'hf' and cfg.data.tokenizer_path:
     src = storage.path(cfg.data.tokenizer_path)
     src = src / 'tokenizer.json' if src.is_dir() else src
     if src.is_file():
       storage.copy(src, storage.join(out_dir, 'tokenizer.json'))
-  log.info('convert: wrote %s (step %d) to %s', hf.export_family(m), loaded.step, out_dir)
-  return hf.hf_config(m, vocab)['architectures'][0]

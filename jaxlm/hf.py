@@ -13,6 +13,7 @@ Layouts worth knowing:
 """
 
 import json
+import mmap
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -56,12 +57,13 @@ class SafetensorsDir(Mapping):
 
   A lookup is a view into its file's map (nothing is read until used; the
   dtype is the file's, bf16 included), so the tensor-name mapping below can
-  reshape and transpose without copying. ``release()`` drops the maps, so file
-  pages read so far stop counting toward this process's memory.
+  reshape and transpose without copying. ``release()`` drops the pages read
+  so far from this process (madvise DONTNEED; views stay valid and read them
+  again from the page cache), so they stop counting toward its memory.
   """
 
   def __init__(self, files):
-    self._index, self._maps = {}, {}
+    self._index, self._maps, self._mmaps = {}, {}, []
     dtypes = _dtypes()
     for f in files:  # the format: u64 header size, JSON header, raw little-endian bytes
       with open(f, 'rb') as fh:
@@ -76,7 +78,10 @@ class SafetensorsDir(Mapping):
   def __getitem__(self, name: str) -> np.ndarray:
     f, dtype, shape, start, end = self._index[name]
     if f not in self._maps:
-      self._maps[f] = np.memmap(f, np.uint8, mode='r')
+      with open(f, 'rb') as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+      self._mmaps.append(mm)
+      self._maps[f] = np.frombuffer(mm, np.uint8)
     return self._maps[f][start:end].view(dtype).reshape(shape)
 
   def __iter__(self):
@@ -89,7 +94,8 @@ class SafetensorsDir(Mapping):
     return self._index[name][2]
 
   def release(self) -> None:
-    self._maps.clear()
+    for mm in self._mmaps:
+      mm.madvise(mmap.MADV_DONTNEED)
 
 
 def write_dir(path: str, hf_config: dict, tensors: dict[str, np.ndarray]) -> None:
@@ -551,6 +557,7 @@ def param_leaves(tensors, m):
   """
   import jax.numpy as jnp  # noqa: PLC0415
   dtype = jnp.dtype(m.param_dtype)
+  release = getattr(tensors, 'release', lambda: None)
   get, layer, top = _outside_layers(tensors, m)
   for path, x in _leaves(top):
     if path in (('embed', 'embedding'), ('head', 'kernel')):
@@ -568,6 +575,7 @@ def param_leaves(tensors, m):
         if out is None:
           out = np.empty((len(layers),) + x.shape, dtype)
         out[j] = x
+        release()  # a strided slice touches every page of the layer's tensor: drop them
       return out
 
     if m.scan_layers:
@@ -591,64 +599,99 @@ def to_params(tensors, m) -> dict:
 
 def from_params(params: dict, m, vocab_size: int) -> dict[str, np.ndarray]:
   """jaxlm params (numpy) -> HF tensor dict; the vocab is cut to ``vocab_size`` rows."""
-  if 'layers' in params:
-    layers = [_index(params['layers'], i) for i in range(m.n_layers)]
-  else:
-    layers = [params[f'layer_{i}'] for i in range(m.n_layers)]
-  f32 = lambda x: np.asarray(x, np.float32)
-  embed = f32(params['embed']['embedding'])[:vocab_size]
   out = {}
+  for i in range(m.n_layers):
+    out.update(layer_to_hf(layer_params(params, i, m), i, m))
+  out.update(top_to_hf(lambda path: _pick(params, path) if _has(params, path) else None,
+                       m, vocab_size))
+  return out
+
+
+def layer_params(params: dict, i: int, m) -> dict:
+  """Layer ``i``'s params tree, from a stacked ('layers') or unstacked tree."""
+  return _index(params['layers'], i) if 'layers' in params else params[f'layer_{i}']
+
+
+def _f32(x) -> np.ndarray:
+  return np.asarray(x, np.float32)
+
+
+def _bias(tree, shape) -> np.ndarray:
+  return _f32(tree['bias']).reshape(shape) if 'bias' in tree else np.zeros(shape, np.float32)
+
+
+def layer_to_hf(l: dict, i: int, m) -> dict[str, np.ndarray]:
+  """One jaxlm layer's params (numpy) -> its HF tensors (float32, contiguous)."""
+  out, a = {}, l['attn']
   if export_family(m) == 'gpt2':
-    d = m.d_model
-    zeros = lambda *s: np.zeros(s, np.float32)
-    bias = lambda tree, shape: f32(tree['bias']).reshape(shape) if 'bias' in tree else zeros(*shape)
-    for i, l in enumerate(layers):
-      p, a = f'transformer.h.{i}.', l['attn']
-      out[p + 'ln_1.weight'], out[p + 'ln_1.bias'] = f32(l['attn_norm']['scale']), bias(l['attn_norm'], (d,))
-      out[p + 'ln_2.weight'], out[p + 'ln_2.bias'] = f32(l['mlp_norm']['scale']), bias(l['mlp_norm'], (d,))
-      out[p + 'attn.c_attn.weight'] = np.concatenate(
-          [f32(a[n]['kernel']).reshape(d, d) for n in ('query', 'key', 'value')], axis=1)
-      out[p + 'attn.c_attn.bias'] = np.concatenate(
-          [bias(a[n], (d,)) for n in ('query', 'key', 'value')])
-      out[p + 'attn.c_proj.weight'] = f32(a['out']['kernel']).reshape(d, d)
-      out[p + 'attn.c_proj.bias'] = bias(a['out'], (d,))
-      out[p + 'mlp.c_fc.weight'] = f32(l['mlp']['up']['kernel'])
-      out[p + 'mlp.c_fc.bias'] = bias(l['mlp']['up'], (m.mlp_dim,))
-      out[p + 'mlp.c_proj.weight'] = f32(l['mlp']['down']['kernel'])
-      out[p + 'mlp.c_proj.bias'] = bias(l['mlp']['down'], (d,))
-    out['transformer.wte.weight'] = embed
-    out['transformer.wpe.weight'] = f32(params['pos_embed']['embedding'])
-    out['transformer.ln_f.weight'] = f32(params['final_norm']['scale'])
-    out['transformer.ln_f.bias'] = bias(params['final_norm'], (d,))
+    d, p = m.d_model, f'transformer.h.{i}.'
+    for hf_name, norm in (('ln_1', 'attn_norm'), ('ln_2', 'mlp_norm')):
+      out[f'{p}{hf_name}.weight'] = _f32(l[norm]['scale'])
+      out[f'{p}{hf_name}.bias'] = _bias(l[norm], (d,))
+    out[p + 'attn.c_attn.weight'] = np.concatenate(
+        [_f32(a[n]['kernel']).reshape(d, d) for n in ('query', 'key', 'value')], axis=1)
+    out[p + 'attn.c_attn.bias'] = np.concatenate(
+        [_bias(a[n], (d,)) for n in ('query', 'key', 'value')])
+    out[p + 'attn.c_proj.weight'] = _f32(a['out']['kernel']).reshape(d, d)
+    out[p + 'attn.c_proj.bias'] = _bias(a['out'], (d,))
+    out[p + 'mlp.c_fc.weight'] = _f32(l['mlp']['up']['kernel'])
+    out[p + 'mlp.c_fc.bias'] = _bias(l['mlp']['up'], (m.mlp_dim,))
+    out[p + 'mlp.c_proj.weight'] = _f32(l['mlp']['down']['kernel'])
+    out[p + 'mlp.c_proj.bias'] = _bias(l['mlp']['down'], (d,))
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+  p = f'model.layers.{i}.'
+  out[p + 'input_layernorm.weight'] = _f32(l['attn_norm']['scale'])
+  out[p + 'post_attention_layernorm.weight'] = _f32(l['mlp_norm']['scale'])
+  for n in ('query', 'key', 'value'):
+    k = _f32(a[n]['kernel'])  # [embed, heads, head_dim]
+    out[f'{p}self_attn.{n[0]}_proj.weight'] = k.reshape(k.shape[0], -1).T
+    if 'bias' in a[n]:
+      out[f'{p}self_attn.{n[0]}_proj.bias'] = _f32(a[n]['bias']).reshape(-1)
+  k = _f32(a['out']['kernel'])  # [heads, head_dim, embed]
+  out[p + 'self_attn.o_proj.weight'] = k.reshape(-1, k.shape[-1]).T
+  if 'bias' in a['out']:
+    out[p + 'self_attn.o_proj.bias'] = _f32(a['out']['bias'])
+  for n in ('query', 'key'):
+    if f'{n}_norm' in a:
+      out[f'{p}self_attn.{n[0]}_norm.weight'] = _f32(a[f'{n}_norm']['scale'])
+  if m.moe_experts:
+    out.update(_moe_to_hf(l['mlp'], p, m))
   else:
-    for i, l in enumerate(layers):
-      p, a = f'model.layers.{i}.', l['attn']
-      out[p + 'input_layernorm.weight'] = f32(l['attn_norm']['scale'])
-      out[p + 'post_attention_layernorm.weight'] = f32(l['mlp_norm']['scale'])
-      for n in ('query', 'key', 'value'):
-        k = f32(a[n]['kernel'])  # [embed, heads, head_dim]
-        out[f'{p}self_attn.{n[0]}_proj.weight'] = k.reshape(k.shape[0], -1).T
-        if 'bias' in a[n]:
-          out[f'{p}self_attn.{n[0]}_proj.bias'] = f32(a[n]['bias']).reshape(-1)
-      k = f32(a['out']['kernel'])  # [heads, head_dim, embed]
-      out[p + 'self_attn.o_proj.weight'] = k.reshape(-1, k.shape[-1]).T
-      if 'bias' in a['out']:
-        out[p + 'self_attn.o_proj.bias'] = f32(a['out']['bias'])
-      for n in ('query', 'key'):
-        if f'{n}_norm' in a:
-          out[f'{p}self_attn.{n[0]}_norm.weight'] = f32(a[f'{n}_norm']['scale'])
-      if m.moe_experts:
-        out.update(_moe_to_hf(l['mlp'], p, m))
-      else:
-        for n in ('gate', 'up', 'down'):
-          out[f'{p}mlp.{n}_proj.weight'] = f32(l['mlp'][n]['kernel']).T
-          if 'bias' in l['mlp'][n]:
-            out[f'{p}mlp.{n}_proj.bias'] = f32(l['mlp'][n]['bias'])
-    out['model.embed_tokens.weight'] = embed
-    out['model.norm.weight'] = f32(params['final_norm']['scale'])
-  if not m.tie_embeddings:
-    out['lm_head.weight'] = f32(params['head']['kernel']).T[:vocab_size]
+    for n in ('gate', 'up', 'down'):
+      out[f'{p}mlp.{n}_proj.weight'] = _f32(l['mlp'][n]['kernel']).T
+      if 'bias' in l['mlp'][n]:
+        out[f'{p}mlp.{n}_proj.bias'] = _f32(l['mlp'][n]['bias'])
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def top_to_hf(get, m, vocab_size: int):
+  """Yields ``(HF name, float32 tensor)`` for the params outside the layers (embeddings,
+  final norm, head), one at a time. ``get(path)`` returns one param (numpy) or None
+  if the model has none; each is asked for when its tensor is built, so a caller
+  reading them from storage holds one at a time."""
+  gpt2 = export_family(m) == 'gpt2'
+  pre = 'transformer.' if gpt2 else 'model.'
+  emb = _f32(get(('embed', 'embedding'))[:vocab_size])
+  yield pre + ('wte.weight' if gpt2 else 'embed_tokens.weight'), np.ascontiguousarray(emb)
+  del emb
+  if gpt2:
+    yield pre + 'wpe.weight', _f32(get(('pos_embed', 'embedding')))
+    yield pre + 'ln_f.weight', _f32(get(('final_norm', 'scale')))
+    b = get(('final_norm', 'bias'))
+    yield pre + 'ln_f.bias', (np.zeros((m.d_model,), np.float32) if b is None else _f32(b))
+  else:
+    yield pre + 'norm.weight', _f32(get(('final_norm', 'scale')))
+  if not m.tie_embeddings:
+    # [embed, vocab] -> [vocab, embed], cut before the copy
+    yield 'lm_head.weight', np.ascontiguousarray(_f32(get(('head', 'kernel'))[:, :vocab_size].T))
+
+
+def _has(tree, path) -> bool:
+  for k in path:
+    if not isinstance(tree, dict) or k not in tree:
+      return False
+    tree = tree[k]
+  return True
 
 
 def _index(tree, i):

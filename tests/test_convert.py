@@ -169,3 +169,81 @@ def test_import_writes_params_only_bf16_stays_bf16_and_training_adds_optimizer(t
   Trainer(cfg, str(tmp_path / 'w')).run()
   with Checkpointer(str(tmp_path / 'w'), cfg.checkpoint, read_only=True) as ckpt:
     assert ckpt.latest_step() == 2 and not ckpt.holds_params_only(2)
+
+
+def test_export_writes_sharded_files_with_an_index_transformers_loads(tmp_path):
+  """Past --max_shard_size the export writes model-0000i-of-0000N.safetensors and an index,
+  as save_pretrained does; transformers loads them with the original's logits."""
+  hf_model = _tiny_hf('llama', tmp_path / 'hf')
+  assert cli.main(['convert', f'--from_hf={tmp_path / "hf"}', f'--workdir={tmp_path / "w"}']) == 0
+  out = tmp_path / 'out'
+  (out).mkdir()
+  (out / 'model.safetensors').write_bytes(b'stale')  # a previous export's file goes away
+  assert cli.main(['convert', f'--to_hf={out}', f'--workdir={tmp_path / "w"}',
+                   '--max_shard_size=30KB']) == 0
+  files = sorted(p.name for p in out.glob('*.safetensors'))
+  index = json.loads((out / 'model.safetensors.index.json').read_text())
+  assert len(files) > 2 and files[0] == f'model-00001-of-{len(files):05d}.safetensors', files
+  assert sorted(set(index['weight_map'].values())) == files
+  sizes = [(out / f).stat().st_size for f in files]
+  assert max(sizes) < 30_000 + 40_000  # one 300x32 fp32 tensor alone passes the limit
+  original = hf.read_dir(str(tmp_path / 'hf'))[1]
+  assert index['weight_map'].keys() == original.keys()
+  assert index['metadata']['total_size'] == sum(t.size * 4 for t in original.values())
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+  np.testing.assert_array_equal(_hf_logits(back), _hf_logits(hf_model))
+
+
+def test_export_on_two_processes_writes_from_process_0_only(repo, tmp_path):
+  """Two jax.distributed processes (gloo on 127.0.0.1) export one workdir to the relative
+  path out/, each from its own directory: only process 0's directory gets files."""
+  import os  # noqa: PLC0415
+  import socket  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  hf_model = _tiny_hf('llama', tmp_path / 'hf')
+  assert cli.main(['convert', f'--from_hf={tmp_path / "hf"}', f'--workdir={tmp_path / "w"}']) == 0
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  procs = []
+  for i in range(2):
+    cwd = tmp_path / f'p{i}'
+    cwd.mkdir()
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(repo),
+           'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+           'JAXLM_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAXLM_NUM_PROCESSES': '2',
+           'JAXLM_PROCESS_ID': str(i)}
+    procs.append(subprocess.Popen(
+        [sys.executable, '-m', 'jaxlm', 'convert', f'--workdir={tmp_path / "w"}', '--to_hf=out'],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=240)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  assert 'process 0/2: 2 local devices, 4 global' in outs[0]
+  assert not (tmp_path / 'p1' / 'out').exists(), outs[1]
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'p0' / 'out')).eval()
+  np.testing.assert_array_equal(_hf_logits(back), _hf_logits(hf_model))
+
+
+def test_interrupted_import_leaves_no_step_and_a_rerun_completes(tmp_path, monkeypatch):
+  """The step is built aside and renamed when every parameter is in: an import stopped
+  half-way leaves no checkpoints/ (nothing to resume from zeros), and a rerun succeeds."""
+  from jaxlm import param_store  # noqa: PLC0415
+  from jaxlm.errors import StorageError  # noqa: PLC0415
+  _tiny_hf('llama', tmp_path / 'hf')
+  fill, calls = param_store.fill, []
+
+  def fail_third(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+      raise StorageError('disk full (simulated)')
+    return fill(*args, **kwargs)
+
+  monkeypatch.setattr(param_store, 'fill', fail_third)
+  argv = ['convert', f'--from_hf={tmp_path / "hf"}', f'--workdir={tmp_path / "w"}']
+  assert cli.main(argv) != 0
+  assert not (tmp_path / 'w' / 'checkpoints').exists()
+  monkeypatch.setattr(param_store, 'fill', fill)
+  assert cli.main(argv) == 0
+  assert not (tmp_path / 'w' / 'checkpoints.importing').exists()
+  assert engine.load(str(tmp_path / 'w')).step == 0

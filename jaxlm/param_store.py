@@ -1,0 +1,92 @@
+"""Single parameters of a saved step, written and read a block of rows at a time.
+
+Orbax keeps each array of a step's ``state`` item as a zarr3 array in one OCDBT
+database (``<step>/state``, key ``params.<path joined by '.'>``). HF import and
+export move one parameter at a time through those arrays with tensorstore, so
+host memory stays near one block (or one layer), never a model or a whole
+extra copy of a tensor:
+
+  * ``save_empty``: Orbax saves every parameter as zeros backed by untouched
+    anonymous pages (no memory), which writes a normal checkpoint's metadata,
+    shapes, dtypes and chunking and no data (zarr does not store chunks equal
+    to the fill value). Orbax's own save of a real array would hold another
+    whole copy of it while writing (bench/RESULTS.md, issue 17).
+  * ``fill``: writes a parameter's values into its array, block by block.
+  * ``open_param``: a parameter's array, to read whole or one layer at a time.
+"""
+
+import itertools
+
+import jax
+import numpy as np
+
+from jaxlm import storage
+
+BLOCK_BYTES = 64 << 20  # storage chunk size and the size of one written block
+
+
+def _kvstore(step_dir: str) -> dict:
+  base = step_dir.rstrip('/') + '/state/'
+  if not storage.is_remote(base):
+    base = 'file://' + str(storage.path(base).absolute()) + '/'
+  return {'driver': 'ocdbt', 'base': base}
+
+
+def open_param(step_dir: str, path: tuple[str, ...], context=None):
+  """The tensorstore array of parameter ``path`` (e.g. ('embed', 'embedding')) in a
+  finalized step directory; ``[i]`` / ``.read()`` read what is indexed only."""
+  import tensorstore as ts  # noqa: PLC0415
+  spec = {'driver': 'zarr3', 'kvstore': _kvstore(step_dir),
+          'path': '.'.join(('params',) + tuple(path)) + '/'}
+  return ts.open(spec, open=True, context=context or ts.Context()).result()
+
+
+def _untouched_zeros(shape, dtype) -> np.ndarray:
+  """Zeros whose pages are never written (calloc'd), 64-byte aligned so that a CPU
+  jax array can alias them instead of copying."""
+  n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+  raw = np.zeros(n + 64, np.uint8)
+  start = (-raw.ctypes.data) % 64
+  return raw[start:start + n].view(dtype).reshape(shape)
+
+
+def save_empty(step_dir: str, shapes: dict[tuple[str, ...], tuple], dtype) -> None:
+  """Writes a finalized params-only checkpoint at ``step_dir`` (step 0) whose
+  parameters ``{path: shape}`` are all zero and stored as no data."""
+  from orbax.checkpoint import v1 as ocp  # noqa: PLC0415
+  from orbax.checkpoint.experimental.v1 import partial  # noqa: PLC0415
+  try:
+    cpu = jax.local_devices(backend='cpu')[0]
+  except RuntimeError:  # no CPU backend: the zeros then cost device memory, not host
+    cpu = jax.local_devices()[0]
+  opts = ocp.options.ArrayOptions
+  with ocp.Context(array_options=opts(saving=opts.Saving(
+      storage_options=opts.Saving.StorageOptions(chunk_byte_size=BLOCK_BYTES)))):
+    for path, shape in shapes.items():  # one at a time: bounded virtual memory too
+      node = jax.device_put(_untouched_zeros(shape, dtype), cpu, may_alias=True)
+      for k in reversed(('params',) + path):
+        node = {k: node}
+      partial.save(step_dir, node)
+      del node
+    partial.save(step_dir, {'step': jax.device_put(np.zeros((), np.int32), cpu)})
+  partial.finalize(step_dir)
+
+
+def fill(array, leaf, after_block=None) -> None:
+  """Writes ``leaf[idx]`` (numpy in the array's dtype) into ``array`` one storage write
+  chunk at a time (at most BLOCK_BYTES each, as save_empty chunks them).
+
+  Each block covers whole chunks: a write to part of a chunk would make
+  tensorstore read, merge and rewrite it (and hold it) once per block.
+  """
+  shape = tuple(array.shape)
+  if not shape:
+    array.write(leaf[()]).result()
+    return
+  chunk = array.chunk_layout.write_chunk.shape
+  for start in itertools.product(*(range(0, n, c) for n, c in zip(shape, chunk))):
+    idx = tuple(slice(lo, min(lo + c, n)) for lo, c, n in zip(start, chunk, shape))
+    # The block is new and never changed, so tensorstore may keep it instead of copying.
+    array[idx].write(leaf[idx], can_reference_source_data_indefinitely=True).result()
+    if after_block is not None:
+      after_block()

@@ -115,10 +115,10 @@ def import_hf(hf_dir: str, workdir: str, data_path: str = '', param_dtype: str =
     storage.path(building).rmtree()
   param_store.save_empty(building, {path: leaf.shape for path, leaf in leaves},
                          jnp.dtype(cfg.model.param_dtype))
-  context = ts.Context()
+  context, layout = ts.Context(), param_store.read_layout(building)
   for path, leaf in leaves:
     # release(): the file pages just copied stop counting toward this process's memory.
-    param_store.fill(param_store.open_param(building, path, context), leaf,
+    param_store.fill(param_store.open_param(building, path, context, layout), leaf,
                      after_block=tensors.release)
   (storage.path(workdir) / 'checkpoints').mkdir(parents=True, exist_ok=True)
   storage.path(building).rename(storage.path(storage.join(workdir, 'checkpoints', '0')))
@@ -186,11 +186,11 @@ def export_hf(workdir: str, out_dir: str, restore_step: int | None = None,
 def _hf_tensors(step_dir: str, m, vocab: int, shapes: dict):
   """Yields (HF name, float32 tensor) read from a step's arrays, one layer at a time."""
   import tensorstore as ts  # noqa: PLC0415
-  context = ts.Context()
+  context, layout = ts.Context(), param_store.read_layout(step_dir)
 
   def array(path):
     try:
-      a = param_store.open_param(step_dir, path, context)
+      a = param_store.open_param(step_dir, path, context, layout)
     except ValueError as e:  # tensorstore: NOT_FOUND and friends
       raise CheckpointError(f"checkpoint {step_dir} has no readable parameter "
                             f"params/{'/'.join(path)} ({str(e).splitlines()[0][:200]})") from None

@@ -12,10 +12,12 @@ extra copy of a tensor:
     to the fill value). Orbax's own save of a real array would hold another
     whole copy of it while writing (bench/RESULTS.md, issue 17).
   * ``fill``: writes a parameter's values into its array, block by block.
-  * ``open_param``: a parameter's array, to read whole or one layer at a time.
+  * ``open_param``: a parameter's array (in a training save too), to read whole or
+    one layer at a time.
 """
 
 import itertools
+import json
 
 import jax
 import numpy as np
@@ -25,19 +27,28 @@ from jaxlm import storage
 BLOCK_BYTES = 64 << 20  # storage chunk size and the size of one written block
 
 
-def _kvstore(step_dir: str) -> dict:
+def read_layout(step_dir: str) -> dict:
+  """Orbax's record of how the step's arrays are stored: ``use_ocdbt`` and ``use_zarr3``
+  (a training save writes zarr v2, jaxlm's import zarr3)."""
+  meta = json.loads(storage.read_text(storage.join(step_dir, 'state', '_METADATA')))
+  return {'use_ocdbt': meta.get('use_ocdbt', True), 'use_zarr3': meta.get('use_zarr3', False)}
+
+
+def open_param(step_dir: str, path: tuple[str, ...], context=None, layout: dict | None = None):
+  """The tensorstore array of parameter ``path`` (e.g. ('embed', 'embedding')) in a
+  finalized step directory; ``[i]`` / ``.read()`` read what is indexed only.
+  ``layout``: ``read_layout(step_dir)``, read here if not given."""
+  import tensorstore as ts  # noqa: PLC0415
+  layout = layout or read_layout(step_dir)
   base = step_dir.rstrip('/') + '/state/'
   if not storage.is_remote(base):
     base = 'file://' + str(storage.path(base).absolute()) + '/'
-  return {'driver': 'ocdbt', 'base': base}
-
-
-def open_param(step_dir: str, path: tuple[str, ...], context=None):
-  """The tensorstore array of parameter ``path`` (e.g. ('embed', 'embedding')) in a
-  finalized step directory; ``[i]`` / ``.read()`` read what is indexed only."""
-  import tensorstore as ts  # noqa: PLC0415
-  spec = {'driver': 'zarr3', 'kvstore': _kvstore(step_dir),
-          'path': '.'.join(('params',) + tuple(path)) + '/'}
+  key = '.'.join(('params',) + tuple(path)) + '/'
+  if layout['use_ocdbt']:
+    spec = {'kvstore': {'driver': 'ocdbt', 'base': base}, 'path': key}
+  else:
+    spec = {'kvstore': base + key}
+  spec['driver'] = 'zarr3' if layout['use_zarr3'] else 'zarr'
   return ts.open(spec, open=True, context=context or ts.Context()).result()
 
 

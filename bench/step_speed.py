@@ -13,6 +13,7 @@ tokens/s as the median over ``--repeats`` timings of ``--steps`` steps each.
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -23,7 +24,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxlm import cli, configs  # noqa: E402
+from jaxlm import cli, configs, runtime  # noqa: E402
 from jaxlm.engine import Setup  # noqa: E402
 from jaxlm.train.metrics import flops_per_token, matmul_params  # noqa: E402
 
@@ -51,6 +52,8 @@ def time_steps(setup, state, batches, steps):
 
 def measure(cfg, steps: int, repeats: int, warmup: int = 5):
   """Returns (tokens/s median, per-repeat tokens/s list, compile seconds, setup)."""
+  if runtime.cpu_only():
+    runtime.reuse_host_memory()  # as `jaxlm train` does (runtime.initialize)
   setup = Setup(cfg)
   rng = np.random.default_rng(0)
   batches = [setup.device_batch(fake_batch(cfg, rng)) for _ in range(4)]
@@ -60,13 +63,15 @@ def measure(cfg, steps: int, repeats: int, warmup: int = 5):
   compile_s = time.perf_counter() - t0
   _, state = time_steps(setup, state, batches, warmup)
   tokens = cfg.train.batch_size * cfg.data.seq_len * steps
-  rates, cpu = [], []
+  rates, cpu, faults = [], [], []
   for _ in range(repeats):
-    c0 = time.process_time()
+    c0, f0 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     secs, state = time_steps(setup, state, batches, steps)
     cpu.append((time.process_time() - c0) / steps)
+    faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / steps)
     rates.append(tokens / secs)
   measure.cpu_s_per_step = statistics.median(cpu)
+  measure.faults_per_step = statistics.median(faults)
   return statistics.median(rates), rates, compile_s, setup
 
 
@@ -93,7 +98,8 @@ def main(argv=None):
   print(f'median: {tok_s:,.0f} tokens/s = {tok_step / tok_s * 1e3:.2f} ms/step '
         f'= {tok_s * flops / 1e9:.1f} GFLOP/s (model FLOPs, {flops / 1e6:.2f} MFLOP/token)')
   print(f'process CPU time: {measure.cpu_s_per_step * 1e3:.1f} ms/step (all threads; '
-        f'less sensitive than wall time to other load on the host)')
+        f'less sensitive than wall time to other load on the host); '
+        f'{measure.faults_per_step:,.0f} page faults/step')
   return tok_s
 
 

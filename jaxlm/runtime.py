@@ -12,7 +12,9 @@ Multi-host runs call ``jax.distributed.initialize`` here and nowhere else:
     server (or GKE's variables), and a single-host slice is a 1-process cluster.
 """
 
+import ctypes
 import glob
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -53,6 +55,8 @@ def initialize(coordinator_address: str = '', num_processes: int = 0, process_id
   if _initialized:
     return
   setup_logging()
+  if cpu_only():
+    reuse_host_memory()  # before jax starts its CPU client's threads
   addr = coordinator_address or os.environ.get('JAXLM_COORDINATOR_ADDRESS', '')
   nproc = num_processes or int(os.environ.get('JAXLM_NUM_PROCESSES', '0') or 0)
   pid = process_id if process_id >= 0 else int(os.environ.get('JAXLM_PROCESS_ID', '-1') or -1)
@@ -74,6 +78,48 @@ def initialize(coordinator_address: str = '', num_processes: int = 0, process_id
            jax.devices()[0].device_kind)
   if jax.process_index() != 0:
     log.setLevel(logging.WARNING)  # one console voice: process 0's
+
+
+def cpu_only() -> bool:
+  """Whether jax can only run on its CPU backend here, decided without starting a backend.
+
+  True when ``JAX_PLATFORMS`` puts cpu first, or when it is unset and no
+  accelerator can load: jax finds GPUs and TPUs only through PJRT plugins (the
+  ``jax_plugins`` namespace or entry points) and libtpu.
+  """
+  platforms = jax.config.jax_platforms or ''  # JAX_PLATFORMS, or set in code
+  if platforms:
+    return platforms.split(',')[0].strip().lower() == 'cpu'
+  if importlib.util.find_spec('jax_plugins') is not None or \
+      importlib.util.find_spec('libtpu') is not None:
+    return False
+  return not importlib.metadata.entry_points(group='jax_plugins')
+
+
+# glibc's mallopt() parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+KEEP_FREED_BYTES = 256 << 20  # freed heap kept mapped for reuse before glibc trims it
+
+
+def reuse_host_memory() -> bool:
+  """Makes glibc's malloc reuse freed memory instead of mapping fresh pages each time.
+
+  XLA:CPU mallocs every step's temporary buffer (43 MB for nanoGPT's CPU model
+  at batch 12) and frees it when the step ends. glibc maps any request over
+  32 MB afresh with mmap (and a thread's own arena unmaps a heap it emptied),
+  so each step page-faulted ~10,500 new pages: ~21 ms of kernel time in a
+  ~90 ms step (bench/RESULTS.md, issue 19). Here every thread shares glibc's
+  main heap, large requests come from it, and up to KEEP_FREED_BYTES of freed
+  memory stays mapped. Call before jax's CPU client starts its threads (their
+  arenas are chosen at their first malloc). Returns False where glibc is not
+  the C library (nothing changes).
+  """
+  mallopt = getattr(ctypes.CDLL(None), 'mallopt', None)  # glibc only (not macOS, musl)
+  if mallopt is None:
+    return False
+  ok = [mallopt(_M_ARENA_MAX, 1), mallopt(_M_MMAP_MAX, 0),
+        mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES)]
+  return all(r == 1 for r in ok)
 
 
 def _slurm_tasks() -> int:

@@ -1,5 +1,9 @@
 """jaxlm.runtime: which jax.distributed.initialize call each cluster gets, and the compile cache."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import pytest
 
@@ -93,3 +97,64 @@ def test_train_flags_and_env_vars_reach_jax_distributed(calls, monkeypatch, caps
   assert cli.main(argv) == 2
   assert calls == [(('10.0.0.1:8476', 4, 3), {'local_device_ids': None}),
                    (('10.0.0.2:8476', 2, 1), {'local_device_ids': None})]
+
+
+@pytest.fixture
+def platforms():
+  """Sets jax_platforms for one test, restoring it after."""
+  old = jax.config.jax_platforms
+  yield lambda value: jax.config.update('jax_platforms', value)
+  jax.config.update('jax_platforms', old)
+
+
+def test_cpu_only_follows_jax_platforms_then_installed_accelerator_plugins(platforms, monkeypatch):
+  platforms('cpu')
+  assert runtime.cpu_only()
+  platforms('cuda,cpu')
+  assert not runtime.cpu_only()
+  platforms('')  # unset: whatever is installed decides
+  monkeypatch.setattr(runtime.importlib.metadata, 'entry_points', lambda group: [])
+  real_find = runtime.importlib.util.find_spec
+  monkeypatch.setattr(runtime.importlib.util, 'find_spec',
+                      lambda name: None if name in ('jax_plugins', 'libtpu') else real_find(name))
+  assert runtime.cpu_only()
+  monkeypatch.setattr(runtime.importlib.util, 'find_spec',
+                      lambda name: object() if name == 'libtpu' else None)
+  assert not runtime.cpu_only()
+
+
+# A fresh CPU process as `jaxlm train` starts one (initialize(), then Setup): the
+# page faults per train step at nanoGPT's CPU shape, whose XLA temporary buffer
+# (43 MB) is over glibc's 32 MB mmap limit.
+_FAULTS = r'''
+import resource
+import jax, numpy as np
+from jaxlm import configs, runtime
+runtime.initialize()
+from jaxlm.engine import Setup
+cfg = configs.load('shakespeare_char_nanogpt')
+setup = Setup(cfg)
+assert setup.train_step_memory().temp_size_in_bytes > 32 * 2**20
+toks = np.random.default_rng(0).integers(0, 256, (12, 65), dtype=np.int32)
+batch = setup.device_batch({'inputs': toks[:, :-1], 'targets': toks[:, 1:],
+                            'segment_ids': np.ones((12, 64), np.int32),
+                            'positions': np.tile(np.arange(64, dtype=np.int32), (12, 1)),
+                            'loss_mask': np.ones((12, 64), np.float32)})
+state = setup.init_state()
+for _ in range(4):
+  state, _ = setup.train_step(state, batch)
+jax.block_until_ready(state)
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+  state, _ = setup.train_step(state, batch)
+jax.block_until_ready(state)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 4)
+'''
+
+
+def test_cpu_train_steps_reuse_their_temporary_buffer_without_page_faults():
+  """Without reuse_host_memory each step maps its temp buffer afresh: ~10,500 faults."""
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  out = subprocess.run([sys.executable, '-c', _FAULTS], env=env, capture_output=True, text=True,
+                       timeout=300, check=True).stdout
+  assert float(out.split()[-1]) < 500, out

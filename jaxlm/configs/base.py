@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.attention_chunk = 512  # key/query block size of chunked attention
   m.sliding_window = 0  # attend only to the latest N tokens, self included (Mistral); 0 = off
   m.loss_chunk = 2048  # positions per cross-entropy block: fp32 logits [batch, chunk, vocab_chunk] at a time
-  m.loss_vocab_chunk = 8192  # vocab entries per cross-entropy block (and per head-gradient tile)
+  m.loss_vocab_chunk = 8192  # vocab entries per cross-entropy block when positions are chunked
   m.scan_layers = True  # nn.scan over blocks: one compiled block, stacked params
   m.remat = 'none'  # activation checkpointing: 'none', 'full', 'dots' (save matmul outputs), 'minimal' (save attention)
   # Mixture of Experts (jaxlm/model/moe.py; README "Mixture of Experts"). Needs swiglu.

@@ -204,17 +204,20 @@ def model_losses(model, params, x, targets, mask, z_loss: float = 0.0, count_mis
 
   The model's head and loss in blocks of ``model.loss_chunk`` positions x
   ``model.loss_vocab_chunk`` vocab entries (``head_losses``). With
-  ``count_misses`` (which needs whole-vocab argmaxes): ``chunked_losses``,
-  position chunks only.
+  ``count_misses`` (which needs whole-vocab argmaxes), or when the positions
+  fit one chunk: ``chunked_losses``, position chunks only.
   """
   c = model.cfg
-  if count_misses:
+  n_pos = num_chunks(targets.shape[1], c.get('loss_chunk', 0))
+  if count_misses or n_pos == 1:
+    # Unchunked positions: autodiff keeps the [batch, length, vocab] logits for the
+    # backward pass rather than recomputing them (a second head matmul: ~10% of a
+    # GPT-2 small step), as loss_chunk >= length asks.
     head = lambda h: model.apply({'params': params}, h, method='logits')
-    return chunked_losses(head, x, targets, mask, z_loss, c.get('loss_chunk', 0), True)
+    return chunked_losses(head, x, targets, mask, z_loss, c.get('loss_chunk', 0), count_misses)
   kernel = (params['embed']['embedding'].T if c.tie_embeddings else params['head']['kernel'])
   vocab_used = c.vocab_used if 0 < c.vocab_used < c.vocab_size else 0
-  return head_losses(x, kernel, targets, mask, float(z_loss),
-                     num_chunks(targets.shape[1], c.get('loss_chunk', 0)),
+  return head_losses(x, kernel, targets, mask, float(z_loss), n_pos,
                      num_chunks(c.vocab_size, c.get('loss_vocab_chunk', 0)), vocab_used,
                      jnp.dtype(c.dtype))
 

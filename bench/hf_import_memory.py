@@ -1,11 +1,12 @@
-"""Peak host memory of `jaxlm convert --from_hf` on a ~1B random Llama (Llama 3.2 1B shapes).
+"""Peak host memory of `jaxlm convert --from_hf` and `--to_hf` on a random Llama-3.2-1B.
 
     python bench/hf_import_memory.py [--hf_dir=/tmp/llama1b_random] [--dtype=bfloat16]
-        [--param_dtype=float32]
+        [--param_dtype=float32] [--max_shard_size=1GB]
 
 Writes the model once with transformers (random weights, safetensors) unless
 ``--hf_dir`` already holds one, then runs the import under ``/usr/bin/time -v``
-and prints the peak RSS next to the largest tensor (in the parameter dtype).
+and prints the peak RSS next to the largest tensor (in the parameter dtype), then
+exports the imported workdir with `jaxlm convert --to_hf` the same way.
 The fixed overhead is the peak RSS of the same command on a tiny model of the
 same family (interpreter, jax, orbax and tensorstore loaded; tensors of a few
 KiB), so ``(peak - fixed) / largest`` is what the model's size adds per byte of
@@ -67,6 +68,7 @@ def main() -> int:
   ap.add_argument('--hf_dir', default='/tmp/llama1b_random')
   ap.add_argument('--dtype', default='bfloat16', help='dtype the random model is saved in')
   ap.add_argument('--param_dtype', default='float32', help='jaxlm model.param_dtype on import')
+  ap.add_argument('--max_shard_size', default='1GB', help='export: jaxlm convert --max_shard_size')
   args = ap.parse_args()
   hf_dir = Path(args.hf_dir)
   if not (hf_dir / 'config.json').is_file():
@@ -77,8 +79,8 @@ def main() -> int:
   tiny = Path(tempfile.mkdtemp(prefix='jaxlm_tiny_hf_'))
   try:
     write_model(tiny, args.dtype, TINY)
-    fixed, _ = peak_rss(tiny, args.param_dtype)
-    peak, wall = peak_rss(hf_dir, args.param_dtype)
+    fixed = measure(tiny, args.param_dtype, args.max_shard_size)
+    big = measure(hf_dir, args.param_dtype, args.max_shard_size)
   finally:
     shutil.rmtree(tiny, ignore_errors=True)
   largest = count * BYTES[args.param_dtype]
@@ -86,26 +88,41 @@ def main() -> int:
   print(f'model files       {size / gib:.2f} GiB ({args.dtype}) in {hf_dir}')
   print(f'largest tensor    {name}: {count:,} elements = {largest / gib:.2f} GiB as '
         f'{args.param_dtype}')
-  print(f'fixed overhead    {fixed / gib:.2f} GiB (peak RSS importing a {TINY["hidden_size"]}-wide '
-        f'1-layer model)')
-  print(f'peak RSS          {peak / gib:.2f} GiB = fixed + {(peak - fixed) / largest:.2f} x the '
-        f'largest tensor ({peak / largest:.2f} x in all), wall {wall}')
+  for step in ('import', 'export'):
+    (peak, wall), (base, _) = big[step], fixed[step]
+    print(f'{step}: fixed overhead {base / gib:.2f} GiB (peak RSS for a '
+          f'{TINY["hidden_size"]}-wide 1-layer model)')
+    if step == 'export':  # HF files are float32: the largest tensor is 4 bytes an element
+      largest = count * 4
+      print(f'export: {big["files"]} safetensors file(s), --max_shard_size={args.max_shard_size}, '
+            f'largest tensor {largest / gib:.2f} GiB as float32')
+    print(f'{step}: peak RSS {peak / gib:.2f} GiB = fixed + {(peak - base) / largest:.2f} x the '
+          f'largest tensor ({peak / largest:.2f} x in all), wall {wall}')
   return 0
 
 
-def peak_rss(hf_dir: Path, param_dtype: str) -> tuple[int, str]:
-  """(peak RSS in bytes, wall time) of `jaxlm convert --from_hf` under /usr/bin/time -v."""
+def measure(hf_dir: Path, param_dtype: str, max_shard_size: str) -> dict:
+  """{'import'/'export': (peak RSS in bytes, wall time), 'files': count} of `jaxlm convert
+  --from_hf` into a fresh workdir and `--to_hf` back out of it, each under /usr/bin/time -v."""
   workdir = Path(tempfile.mkdtemp(prefix='jaxlm_import_'))
   try:
-    cmd = ['/usr/bin/time', '-v', sys.executable, '-m', 'jaxlm', 'convert',
-           f'--from_hf={hf_dir}', f'--workdir={workdir / "w"}', f'--param_dtype={param_dtype}']
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if out.returncode:
-      raise SystemExit(out.stderr[-3000:])
-    rss_kb = int(re.search(r'Maximum resident set size \(kbytes\): (\d+)', out.stderr).group(1))
-    wall = re.search(r'Elapsed \(wall clock\) time.*: (\S+)', out.stderr).group(1)
+    out = {'import': _timed(['--from_hf', hf_dir, '--workdir', workdir / 'w',
+                             '--param_dtype', param_dtype])}
+    out['export'] = _timed(['--to_hf', workdir / 'hf', '--workdir', workdir / 'w',
+                            '--max_shard_size', max_shard_size])
+    out['files'] = len(list((workdir / 'hf').glob('*.safetensors')))
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
+  return out
+
+
+def _timed(args: list) -> tuple[int, str]:
+  cmd = ['/usr/bin/time', '-v', sys.executable, '-m', 'jaxlm', 'convert', *map(str, args)]
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if out.returncode:
+    raise SystemExit(out.stderr[-3000:])
+  rss_kb = int(re.search(r'Maximum resident set size \(kbytes\): (\d+)', out.stderr).group(1))
+  wall = re.search(r'Elapsed \(wall clock\) time.*: (\S+)', out.stderr).group(1)
   return rss_kb * 1024, wall
 
 

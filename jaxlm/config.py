@@ -13,7 +13,7 @@ from jaxlm.errors import ConfigError
 
 CHOICES = {
     'model.norm': ('layernorm', 'rmsnorm'),
-    'model.activation': ('gelu', 'swiglu'),
+    'model.activation': ('gelu', 'gelu_exact', 'swiglu'),
     'model.position': ('learned', 'rope'),
     'model.rope_scaling': ('', 'llama3'),
     'model.attention': ('xla', 'chunked', 'splash', 'pallas_gpu', 'cudnn'),

@@ -143,9 +143,9 @@ def _rope_fields(hf: dict) -> dict:
 
 def gpt2_fields(hf: dict) -> dict:
   act = hf.get('activation_function', 'gelu_new')
-  if act not in _TANH_GELUS:
+  if act not in (*_TANH_GELUS, 'gelu'):
     raise ConfigError(f"GPT-2 activation_function '{act}' is not supported "
-                      f"(jaxlm's GELU is the tanh approximation: {', '.join(_TANH_GELUS)})")
+                      f"(supported: gelu, {', '.join(_TANH_GELUS)})")
   if hf.get('scale_attn_by_inverse_layer_idx') or not hf.get('scale_attn_weights', True):
     raise ConfigError('GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported')
   d = hf['n_embd']
@@ -153,7 +153,8 @@ def gpt2_fields(hf: dict) -> dict:
               n_heads=hf['n_head'], n_kv_heads=hf['n_head'], head_dim=0,
               mlp_dim=hf.get('n_inner') or 4 * d, max_seq_len=hf['n_positions'],
               norm='layernorm', norm_eps=float(hf.get('layer_norm_epsilon', 1e-5)),
-              activation='gelu', position='learned', use_bias=True,
+              activation='gelu_exact' if act == 'gelu' else 'gelu', position='learned',
+              use_bias=True,
               tie_embeddings=bool(hf.get('tie_word_embeddings', True)))
 
 
@@ -252,7 +253,7 @@ def model_fields(hf: dict) -> dict:
 
 def export_family(m) -> str:
   """The HF model_type a jaxlm ``model`` section maps onto exactly, or ConfigError."""
-  if (m.position, m.norm, m.activation) == ('learned', 'layernorm', 'gelu'):
+  if (m.position, m.norm) == ('learned', 'layernorm') and m.activation in ('gelu', 'gelu_exact'):
     if m.n_kv_heads != m.n_heads or (m.head_dim and m.head_dim * m.n_heads != m.d_model):
       raise ConfigError('GPT-2 export needs n_kv_heads == n_heads and head_dim == d_model / n_heads')
     return 'gpt2'
@@ -298,7 +299,8 @@ def gpt2_config(m, common: dict) -> dict:
   return dict(common, architectures=['GPT2LMHeadModel'], n_embd=m.d_model,
               n_layer=m.n_layers, n_head=m.n_heads, n_inner=m.mlp_dim,
               n_positions=m.max_seq_len, layer_norm_epsilon=m.norm_eps,
-              activation_function='gelu_new', resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+              activation_function='gelu' if m.activation == 'gelu_exact' else 'gelu_new',
+              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
               scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
               reorder_and_upcast_attn=False)
 

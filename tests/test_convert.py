@@ -16,8 +16,9 @@ TOKENS = np.array([[5, 17, 250, 3, 99, 42, 7, 0, 299, 12, 64, 1],
 
 def _tiny_hf(kind: str, path):
   torch.manual_seed(0)
-  if kind == 'gpt2':
-    c = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=300, n_positions=64)
+  if kind.startswith('gpt2'):  # gpt2: HF's default tanh GELU ('gelu_new'); gpt2_exact: erf
+    c = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=300, n_positions=64,
+                                activation_function='gelu' if kind == 'gpt2_exact' else 'gelu_new')
     model = transformers.GPT2LMHeadModel(c)
   else:
     c = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -28,6 +29,8 @@ def _tiny_hf(kind: str, path):
     for name, p in model.named_parameters():
       if 'norm' in name or 'ln_' in name or name.endswith('bias'):
         p.add_(0.1 * torch.randn_like(p))
+      if 'mlp.c_fc.weight' in name:  # GELU inputs of order 1, where tanh and erf GELU differ
+        p.mul_(50.0)
   model.eval().save_pretrained(str(path))
   return model
 
@@ -44,7 +47,7 @@ def _jax_logits(loaded, vocab: int = 300) -> np.ndarray:
   return logits[..., :vocab]
 
 
-@pytest.mark.parametrize('kind', ['gpt2', 'llama'])
+@pytest.mark.parametrize('kind', ['gpt2', 'gpt2_exact', 'llama'])
 def test_import_matches_transformers_and_export_round_trips(kind, tmp_path):
   hf_model = _tiny_hf(kind, tmp_path / 'hf')
   want = _hf_logits(hf_model)
@@ -70,7 +73,7 @@ def test_import_matches_transformers_and_export_round_trips(kind, tmp_path):
   for name, tensor in original[1].items():
     np.testing.assert_array_equal(exported[1][name], tensor, err_msg=name)
   for key in ('layer_norm_epsilon', 'rms_norm_eps', 'num_key_value_heads', 'tie_word_embeddings',
-              'rope_parameters', 'rope_theta'):
+              'rope_parameters', 'rope_theta', 'activation_function'):
     assert getattr(back.config, key, None) == getattr(hf_model.config, key, None), key
   np.testing.assert_array_equal(_hf_logits(back), want)
 

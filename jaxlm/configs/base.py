@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.max_seq_len = 256  # longest sequence the model supports (learned positions table size)
   m.norm = 'layernorm'  # 'layernorm' (GPT-2) or 'rmsnorm' (Llama)
   m.norm_eps = 1e-5  # epsilon inside the norm
-  m.activation = 'gelu'  # 'gelu' (GPT-2 MLP) or 'swiglu' (Llama MLP)
+  m.activation = 'gelu'  # 'gelu' (GPT-2 MLP, tanh-approximate), 'gelu_exact' (erf) or 'swiglu' (Llama)
   m.position = 'learned'  # 'learned' (GPT-2) or 'rope' (Llama)
   m.rope_theta = 10000.0  # RoPE base frequency
   m.rope_scaling = ''  # '' (plain RoPE) or 'llama3' (Llama 3.1 long-context frequency scaling)

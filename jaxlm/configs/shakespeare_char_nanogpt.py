@@ -20,7 +20,7 @@ def get_config():
   m = c.model
   m.position = 'learned'
   m.norm = 'layernorm'
-  m.activation = 'gelu'
+  m.activation = 'gelu_exact'  # nanoGPT's nn.GELU() is the exact (erf) GELU
   m.mlp_dim = 512
 
   c.train.steps = 2000

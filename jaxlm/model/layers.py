@@ -123,7 +123,8 @@ class Norm(nn.Module):
 
 
 class Mlp(nn.Module):
-  """GELU MLP (GPT-2) or SwiGLU (Llama); column- then row-parallel over 'mlp'."""
+  """GELU MLP (GPT-2: tanh-approximate 'gelu'; erf 'gelu_exact') or SwiGLU (Llama);
+  column- then row-parallel over 'mlp'."""
   cfg: object  # the model ConfigDict
   mlp_dim: int = 0  # hidden width; 0 = cfg.mlp_dim (MoE shared experts set their own)
 
@@ -135,7 +136,7 @@ class Mlp(nn.Module):
     if c.activation == 'swiglu':
       h = nn.silu(up('gate')(x)) * up('up')(x)
     else:
-      h = nn.gelu(up('up')(x), approximate=True)
+      h = nn.gelu(up('up')(x), approximate=c.activation == 'gelu')
     h = constrain(h, ('act_batch', 'act_length', 'act_mlp'))
     # GPT-2 scales the residual-output projections by 1/sqrt(2 * layers).
     down_kw = {**kw, 'std': c.init_std / (2 * c.n_layers) ** 0.5}

@@ -181,30 +181,26 @@ class Checkpointer:
     tree = self._saved_tree(manager, step)
     return isinstance(tree, dict) and 'params' in tree and 'opt_state' not in tree
 
-  def _predates(self, manager, step: int, abstract_state) -> list[str]:
-    """TrainState counters this checkpoint has no entry for: an older jaxlm wrote it."""
-    tree = self._saved_tree(manager, step)
+  @staticmethod
+  def _predates(tree, abstract_state) -> list[str]:
+    """TrainState counters the saved ``tree`` has no entry for: an older jaxlm wrote it."""
     if not isinstance(tree, dict) or not hasattr(abstract_state, 'params'):
       return []
     missing = [f.name for f in dataclasses.fields(abstract_state) if f.name not in tree]
     return missing if set(missing) <= UPGRADABLE else []
 
-  def _check_shapes(self, manager, step: int, abstract_state) -> None:
-    """Names the first parameter whose saved shape differs from the model's."""
-    try:
-      meta = manager.item_metadata(step)['state']
-    except Exception:  # noqa: BLE001  (unreadable metadata is reported by restore)
+  @staticmethod
+  def _check_shapes(tree, directory: str, step: int, abstract_state) -> None:
+    """Names the first parameter whose shape in the saved ``tree`` differs from the model's."""
+    if tree is None:
       return
-    if meta is None:
-      return
-    meta_tree = getattr(meta, 'tree', meta)
     saved = {leaf_name(p): getattr(v, 'shape', None)
-             for p, v in jax.tree_util.tree_flatten_with_path(meta_tree)[0]}
+             for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
     for p, v in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
       key = leaf_name(p)
       if key in saved and saved[key] is not None and tuple(saved[key]) != tuple(v.shape):
         raise CheckpointError(
-            f'checkpoint step {step} in {manager.directory}: parameter {key} has shape '
+            f'checkpoint step {step} in {directory}: parameter {key} has shape '
             f'{tuple(saved[key])} but the config gives {tuple(v.shape)}')
 
   def _find(self, step: int):
@@ -232,12 +228,13 @@ class Checkpointer:
     manager, directory = self._find(step)
     if params_only:
       abstract_state = {'params': getattr(abstract_state, 'params', abstract_state)}
-    self._check_shapes(manager, step, abstract_state)
+    tree = self._saved_tree(manager, step)  # one metadata read for both checks
+    self._check_shapes(tree, manager.directory, step, abstract_state)
     bad = sharding.indivisible(abstract_state)
     if bad:  # Orbax would report this as an unreadable checkpoint
       raise ConfigError(f'checkpoint step {step} cannot be placed on this mesh: {bad} '
                         '(choose mesh sizes that divide it)')
-    missing = [] if params_only else self._predates(manager, step, abstract_state)
+    missing = [] if params_only else self._predates(tree, abstract_state)
     try:
       if params_only:
         return _restore_subtree(directory, step, abstract_state)['params'], None

@@ -336,10 +336,12 @@ class _DropOrbaxErrors(logging.Filter):
       return True
     if '/orbax/' in record.pathname or '/orbax/' in record.getMessage():
       return False
-    # Orbax's file writes also run as bare asyncio futures; their I/O errors are the same
-    # failure, raised to the caller.
+    # Orbax's file writes also run as bare asyncio futures; their I/O errors (OSError, or
+    # TensorStore's ValueError 'Error writing ...') are the same failure, raised to the caller.
     exc = record.exc_info[1] if record.exc_info else None
-    return not (record.name == 'asyncio' and isinstance(exc, OSError)
+    io_error = isinstance(exc, OSError) or (isinstance(exc, ValueError)
+                                            and 'Error writing' in str(exc))
+    return not (record.name == 'asyncio' and io_error
                 and 'exception was never retrieved' in record.getMessage())
 
 

@@ -4,8 +4,8 @@ nanoGPT is run from its unmodified files in ``../shared/peers/nanoGPT`` (copied
 to a temporary directory with the shared tinyshakespeare text, prepared by its
 own ``prepare.py``; nothing of it enters this repository) with its documented
 CPU command. jaxlm runs ``jaxlm/configs/shakespeare_char_nanogpt.py``, the same
-model and recipe (see that file; only the vocabulary differs: bytes vs 65
-characters), through ``bench/shakespeare.py`` (the real Trainer). Runs
+model (65-character vocabulary, 804,096 parameters with positions) and recipe,
+through ``bench/shakespeare.py`` (the real Trainer). Runs
 alternate nanoGPT / jaxlm ``--repeats`` times; printed are the medians of:
 
 - tokens/s in training steps: nanoGPT's median ``time`` of its iteration lines
@@ -13,7 +13,9 @@ alternate nanoGPT / jaxlm ``--repeats`` times; printed are the medians of:
   jaxlm's median ``train/tokens_per_sec`` of metrics.jsonl (its window excludes
   eval and checkpoint time in the same way);
 - wall time from process start to the first evaluation with val loss <= target
-  (both evaluate every 250 iterations on 20 batches of 12 x 64);
+  (both evaluate every 250 iterations on 20 batches of 12 x 64), and to the
+  "common" val loss, the highest final val of all runs: the loss every run
+  reached, so a wall-clock comparison even when a side never gets to the target;
 - startup: process start to the end of the first training step.
 
     .venv/bin/python bench/nanogpt_side_by_side.py                 # 3 x 2000 iterations each
@@ -71,7 +73,7 @@ def run_nanogpt(root: Path, iters: int, target: float) -> dict:
          '--compile=False', '--eval_iters=20', '--log_interval=1', '--block_size=64',
          '--batch_size=12', '--n_layer=4', '--n_head=4', '--n_embd=128', f'--max_iters={iters}',
          f'--lr_decay_iters={iters}', '--dropout=0.0', '--always_save_checkpoint=False']
-  step_ms, reached, first_step, val = [], None, None, None
+  step_ms, evals, first_step = [], [], None
   for t, line in _stream(cmd, root, os.environ):
     if m := ITER.match(line):
       it, ms = int(m[1]), float(m[3])
@@ -80,11 +82,19 @@ def run_nanogpt(root: Path, iters: int, target: float) -> dict:
       if it % 250 and it:  # eval iterations' times include the eval
         step_ms.append(ms)
     elif m := EVAL.match(line):
-      val = float(m[3])
-      if val <= target and reached is None:
-        reached = t
-  return {'tokens_per_sec': 12 * 64 / (statistics.median(step_ms) / 1e3),
-          'wall_to_target': reached, 'final_val': val, 'startup': first_step}
+      evals.append((t, float(m[3])))
+  return _result(12 * 64 / (statistics.median(step_ms) / 1e3), evals, first_step, target)
+
+
+def _result(tokens_per_sec, evals, startup, target) -> dict:
+  """One run's figures; `evals` is [(seconds from process start, val loss)] in order."""
+  return {'tokens_per_sec': tokens_per_sec, 'wall_to_target': _wall_to(evals, target),
+          'startup': startup, 'final_val': evals[-1][1] if evals else None, 'evals': evals}
+
+
+def _wall_to(evals, target):
+  """Seconds from process start to the first eval with val loss <= target (None: never)."""
+  return next((t for t, v in evals if v <= target), None)
 
 
 def run_jaxlm(iters: int, target: float) -> dict:
@@ -94,7 +104,7 @@ def run_jaxlm(iters: int, target: float) -> dict:
          '--keep_going', f'--config.train.steps={iters}', '--config.train.log_every=10',
          f"--config.data.path={SHARED / 'data' / 'tinyshakespeare.txt'}",
          '--config.train.progress=False']
-  reached, startup, val, verdict = None, None, None, None
+  evals, startup, verdict = [], None, None
   # bench/shakespeare.py exits 1 when the target is not reached: a result here
   # (a short or unlucky run), an error only if it printed no verdict.
   for _, line in _stream(cmd, REPO, os.environ, ok=(0, 1)):
@@ -103,16 +113,18 @@ def run_jaxlm(iters: int, target: float) -> dict:
     elif m := re.match(r'^first step done: ([\d.]+) s', line):
       startup = float(m[1])
     elif m := re.match(r'^step +(\d+) +([\d.]+) s +val loss ([\d.]+)', line):
-      val = float(m[3])
-      if val <= target and reached is None:
-        reached = float(m[2])
+      evals.append((float(m[2]), float(m[3])))
   if verdict is None:
     raise RuntimeError(f'{cmd[:3]} failed before training finished')
   rows = [json.loads(l) for l in Path(workdir, 'metrics.jsonl').read_text().splitlines()]
   shutil.rmtree(workdir)
   rates = [r['train/tokens_per_sec'] for r in rows if 'train/tokens_per_sec' in r]
-  return {'tokens_per_sec': statistics.median(rates[1:] or rates),  # the first holds compile
-          'wall_to_target': reached, 'final_val': val, 'startup': startup}
+  # The first window holds the compile.
+  return _result(statistics.median(rates[1:] or rates), evals, startup, target)
+
+
+def _fmt(key, v) -> str:
+  return '-' if v is None else f'{v:.4f}' if key == 'final_val' else f'{v:,.2f}'
 
 
 def _median(runs, key):
@@ -135,17 +147,22 @@ def main(argv=None):
       runs['jaxlm'].append(run_jaxlm(args.iters, args.target))
       for name, rs in runs.items():
         print(f'run {r} {name:7s}: ' + ', '.join(
-            f'{k} {v:,.2f}' if v is not None else f'{k} -' for k, v in rs[-1].items()),
-            flush=True)
+            f'{k} {_fmt(k, v)}' for k, v in rs[-1].items() if k != 'evals'), flush=True)
   finally:
     shutil.rmtree(root)
+  # When a side never gets to the target, the fair wall-clock comparison is to the
+  # loss every run reached: the highest final val loss of all runs.
+  common = max(r['final_val'] for rs in runs.values() for r in rs)
+  for rs in runs.values():
+    for r in rs:
+      r['wall_to_common'] = _wall_to(r.pop('evals'), common)
   med = {name: {k: _median(rs, k) for k in rs[0]} for name, rs in runs.items()}
-  print(f'medians of {args.repeats} alternating runs, {args.iters} iterations each:')
-  for k in ('tokens_per_sec', 'wall_to_target', 'startup', 'final_val'):
+  print(f'medians of {args.repeats} alternating runs, {args.iters} iterations each '
+        f'(target val {args.target}; common val {common:.4f}, the highest final val of all runs):')
+  for k in ('tokens_per_sec', 'wall_to_target', 'wall_to_common', 'startup', 'final_val'):
     j, n = med['jaxlm'][k], med['nanogpt'][k]
     ratio = f'{j / n:.2f}x' if j and n else 'n/a'
-    fmt = lambda v: '-' if v is None else f'{v:,.2f}'  # noqa: E731
-    print(f'  {k:15s} jaxlm {fmt(j):>10s}   nanoGPT {fmt(n):>10s}   jaxlm/nanoGPT {ratio}')
+    print(f'  {k:15s} jaxlm {_fmt(k, j):>10s}   nanoGPT {_fmt(k, n):>10s}   jaxlm/nanoGPT {ratio}')
   return med
 
 

@@ -21,7 +21,7 @@ CHOICES = {
     'model.param_dtype': ('float32', 'bfloat16', 'float16'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'data.source': ('text', 'jsonl', 'arrayrecord', 'pystdlib'),
-    'data.tokenizer': ('byte', 'sentencepiece', 'hf'),
+    'data.tokenizer': ('byte', 'char', 'sentencepiece', 'hf'),
     'optim.schedule': ('cosine', 'linear', 'constant', 'wsd'),
     'optim.mu_dtype': ('', 'float32', 'bfloat16'),
 }
@@ -116,7 +116,7 @@ def validate(cfg, need_data: bool = True) -> None:
     raise ConfigError(f'data.val_fraction={d.val_fraction} must be in [0, 1)')
   if need_data and d.source != 'pystdlib' and not d.path and not d.mixture:
     raise ConfigError(f"data.path is empty but data.source='{d.source}' needs one (or data.mixture)")
-  if need_data and d.tokenizer != 'byte' and not d.tokenizer_path:
+  if need_data and d.tokenizer not in ('byte', 'char') and not d.tokenizer_path:
     raise ConfigError(f"data.tokenizer_path is empty but data.tokenizer='{d.tokenizer}' needs one")
   if t.profile_steps:
     parts = t.profile_steps.split(',')

@@ -65,8 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
   d.path = ''  # file, directory or glob for text/jsonl/arrayrecord
   d.mixture = ''  # 'path1:0.7,path2:0.3' weighted sources (same data.source/tokenizer); '' = data.path only
   d.jsonl_field = 'text'  # JSONL key holding the document text
-  d.tokenizer = 'byte'  # 'byte', 'sentencepiece' (.model file) or 'hf' (tokenizer.json)
-  d.tokenizer_path = ''  # path for sentencepiece/hf tokenizers
+  d.tokenizer = 'byte'  # 'byte', 'char', 'sentencepiece' (.model file) or 'hf' (tokenizer.json)
+  d.tokenizer_path = ''  # sentencepiece/hf file; for 'char' the text whose characters are the
+  # vocabulary ('' = data.path, as nanoGPT's shakespeare_char builds its 65 ids)
   d.seq_len = 128  # tokens per training sequence
   d.add_bos = False  # prepend BOS to every document
   d.add_eos = True  # append EOS to every document

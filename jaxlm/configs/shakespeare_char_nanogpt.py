@@ -4,10 +4,11 @@ GPT-2 blocks (learned positions, LayerNorm, GELU MLP of 4 x 128, no biases,
 tied embeddings), 4 layers, 4 heads, 128 dims, context 64, batch 12, 2000
 iterations, AdamW lr 1e-3 (100 warmup steps, cosine to 1e-4 at step 2000),
 betas (0.9, 0.99), weight decay 0.1 on matrices and embeddings, clip 1.0,
-dropout 0; eval every 250 iterations on 20 batches of 12. It exists for
-side-by-side runs with the real nanoGPT (bench/nanogpt_side_by_side.py); the
-one thing that differs is the vocabulary: jaxlm's byte tokenizer (nanoGPT's
-65 characters are a subset of its bytes) padded to 320 rows.
+dropout 0; eval every 250 iterations on 20 batches of 12. The vocabulary is
+nanoGPT's too: the 65 distinct characters of the training text, sorted
+(data.tokenizer 'char'), so embedding and head have 65 rows and the model has
+nanoGPT's parameter count. It exists for side-by-side runs with the real
+nanoGPT (bench/nanogpt_side_by_side.py).
 """
 
 from jaxlm.configs import shakespeare_char
@@ -22,6 +23,9 @@ def get_config():
   m.norm = 'layernorm'
   m.activation = 'gelu_exact'  # nanoGPT's nn.GELU() is the exact (erf) GELU
   m.mlp_dim = 512
+  m.vocab_size = 65  # len(sorted(set(text))) of tinyshakespeare, as nanoGPT's meta.pkl
+
+  c.data.tokenizer = 'char'  # alphabet from data.path
 
   c.train.steps = 2000
   c.train.batch_size = 12

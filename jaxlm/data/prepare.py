@@ -56,10 +56,10 @@ _TOKENIZER = None  # per worker process, built once by _init_worker
 def define_flags(fv: flags.FlagValues) -> None:
   corpus.define_input_flags(fv)
   flags.DEFINE_string('output', None, 'store directory (shards + manifest.json)', flag_values=fv)
-  flags.DEFINE_enum('tokenizer', 'byte', ('byte', 'sentencepiece', 'hf'), 'tokenizer kind',
+  flags.DEFINE_enum('tokenizer', 'byte', ('byte', 'char', 'sentencepiece', 'hf'), 'tokenizer kind',
                     flag_values=fv)
-  flags.DEFINE_string('tokenizer_path', '', '.model (sentencepiece) or tokenizer.json (hf)',
-                      flag_values=fv)
+  flags.DEFINE_string('tokenizer_path', '', '.model (sentencepiece), tokenizer.json (hf) or a '
+                      'text file whose characters are the alphabet (char)', flag_values=fv)
   flags.DEFINE_integer('docs_per_shard', 10000, 'documents per shard', lower_bound=1,
                        flag_values=fv)
   flags.DEFINE_integer('workers', min(os.cpu_count() or 1, 16),

@@ -1,4 +1,5 @@
-"""Tokenizers behind one small protocol: byte-level, SentencePiece and HF `tokenizer.json`.
+"""Tokenizers behind one small protocol: byte-level, character-level, SentencePiece and HF
+`tokenizer.json`.
 
 Every tokenizer has `.encode(text) -> int32 [tokens]` (no specials added),
 `.decode(ids) -> str` (specials skipped, bad UTF-8 replaced), `.vocab_size`,
@@ -63,6 +64,53 @@ class ByteTokenizer:
     return self.decode_bytes(ids).decode('utf-8', errors='replace')
 
 
+class CharTokenizer:
+  """One token per character of a fixed alphabet: the distinct characters of a text file, sorted.
+
+  nanoGPT's shakespeare_char vocabulary is built this way (65 characters of
+  tinyshakespeare, ids in code point order), so a jaxlm model can have exactly
+  its embedding and head rather than 320 byte rows. The file is re-read
+  whenever the tokenizer is built (training, generation, eval), so it must stay
+  where the config says. No BOS/EOS: the alphabet has no room for specials.
+  """
+
+  bos_id = None
+  eos_id = None
+
+  def __init__(self, path: Path):
+    if not path.is_file():
+      raise DataError(f"data.tokenizer 'char' needs a text file for its alphabet; '{path}' is not one")
+    alphabet = set()
+    with open(path, encoding='utf-8', errors='strict') as f:
+      try:
+        while chunk := f.read(1 << 24):
+          alphabet.update(chunk)
+      except UnicodeDecodeError as e:
+        raise DataError(f"'{path}' is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not alphabet:
+      raise DataError(f"'{path}' is empty: no characters for data.tokenizer 'char'")
+    self._points = np.array(sorted(map(ord, alphabet)), dtype=np.uint32)
+    self.vocab_size = len(self._points)
+    self.name = f'char:{path.name}'
+
+  def encode(self, text: str) -> np.ndarray:
+    """`text` -> int32 `[characters]`; a character outside the alphabet is a DataError."""
+    points = np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32)
+    ids = np.searchsorted(self._points, points)
+    bad = (ids == self.vocab_size) | (self._points[np.minimum(ids, self.vocab_size - 1)] != points)
+    if bad.any():
+      ch = chr(points[np.argmax(bad)])
+      raise DataError(f"character {ch!r} is not in the {self.vocab_size}-character alphabet of "
+                      f"tokenizer '{self.name}'")
+    return ids.astype(np.int32)
+
+  def decode(self, ids: Ids) -> str:
+    """int ids `[tokens]` -> text; out-of-range ids skipped."""
+    ids = np.asarray(ids).reshape(-1)
+    ids = ids[(ids >= 0) & (ids < self.vocab_size)]
+    return self._points[ids].astype('<u4').tobytes().decode('utf-32-le')
+
+
 class SentencePieceTokenizer:
   """A trained SentencePiece `.model` file."""
 
@@ -125,15 +173,24 @@ class HFTokenizer:
 
 
 def get_tokenizer(data_cfg) -> Tokenizer:
-  """Builds the tokenizer named by `data_cfg.tokenizer` ('byte', 'sentencepiece' or 'hf')."""
+  """Builds the tokenizer named by `data_cfg.tokenizer` ('byte', 'char', 'sentencepiece', 'hf').
+
+  'char' with no data.tokenizer_path takes its alphabet from data.path (the
+  training text itself, as nanoGPT's prepare.py does).
+  """
   kind = data_cfg.tokenizer
   if kind == 'byte':
     return ByteTokenizer()
-  if kind not in ('sentencepiece', 'hf'):
-    raise DataError(f"data.tokenizer '{kind}' is not one of 'byte', 'sentencepiece', 'hf'")
-  if not data_cfg.tokenizer_path:
+  if kind not in ('char', 'sentencepiece', 'hf'):
+    raise DataError(f"data.tokenizer '{kind}' is not one of 'byte', 'char', 'sentencepiece', 'hf'")
+  where = data_cfg.tokenizer_path
+  if kind == 'char' and not where:
+    where = getattr(data_cfg, 'path', '')
+  if not where:
     raise DataError(f"data.tokenizer '{kind}' needs data.tokenizer_path")
-  path = Path(data_cfg.tokenizer_path).expanduser()
+  path = Path(where).expanduser()
   if not path.exists():
     raise DataError(f"data.tokenizer_path '{path}' does not exist")
+  if kind == 'char':
+    return CharTokenizer(path)
   return SentencePieceTokenizer(path) if kind == 'sentencepiece' else HFTokenizer(path)

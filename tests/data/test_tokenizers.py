@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from _data_cfg import make_cfg
+from _data_cfg import SHAKESPEARE, make_cfg
+from jaxlm import configs
 from jaxlm.data.tokenizers import ByteTokenizer, get_tokenizer
 from jaxlm.errors import DataError
 
@@ -103,3 +104,39 @@ def test_bad_tokenizer_files(tmp_path):
     get_tokenizer(make_cfg(tokenizer='hf', tokenizer_path=str(bad)).data)
   with pytest.raises(DataError, match='has no tokenizer.json'):
     get_tokenizer(make_cfg(tokenizer='hf', tokenizer_path=str(tmp_path)).data)
+
+
+def test_char_vocabulary_is_nanogpts_shakespeare_char():
+  """The alphabet of the text, sorted, as nanoGPT's prepare.py builds its 65 ids."""
+  text = SHAKESPEARE.read_text(encoding='utf-8')
+  cfg = configs.load('shakespeare_char_nanogpt')
+  cfg.data.path = str(SHAKESPEARE)  # data.tokenizer_path '' -> the alphabet of data.path
+  tok = get_tokenizer(cfg.data)
+  chars = sorted(set(text))
+  assert tok.vocab_size == len(chars) == cfg.model.vocab_size == 65
+  assert (tok.bos_id, tok.eos_id) == (None, None)
+  ids = tok.encode(text)
+  assert ids.dtype == np.int32 and len(ids) == len(text)
+  stoi = {c: i for i, c in enumerate(chars)}
+  assert ids[:2000].tolist() == [stoi[c] for c in text[:2000]]
+  assert tok.decode(ids) == text
+  assert tok.decode([-1, *tok.encode('ROMEO:'), 65]) == 'ROMEO:'  # out-of-range ids skipped
+
+
+def test_char_alphabet_from_a_file_with_any_unicode(tmp_path):
+  alphabet = tmp_path / 'alphabet.txt'
+  alphabet.write_text('ba 中😀\n', encoding='utf-8')
+  tok = get_tokenizer(make_cfg(tokenizer='char', tokenizer_path=str(alphabet)).data)
+  assert tok.vocab_size == 6
+  assert tok.encode('\n ab中😀').tolist() == [0, 1, 2, 3, 4, 5]  # code point order
+  assert tok.decode(tok.encode('😀ab 中\n')) == '😀ab 中\n'
+  with pytest.raises(DataError, match="character 'c' is not in the 6-character alphabet"):
+    tok.encode('abc')
+  (tmp_path / 'empty.txt').write_text('')
+  with pytest.raises(DataError, match='is empty'):
+    get_tokenizer(make_cfg(tokenizer='char', tokenizer_path=str(tmp_path / 'empty.txt')).data)
+  with pytest.raises(DataError, match='needs a text file'):
+    get_tokenizer(make_cfg(tokenizer='char', tokenizer_path=str(tmp_path)).data)
+  (tmp_path / 'latin1.txt').write_bytes(b'caf\xe9')
+  with pytest.raises(DataError, match='not UTF-8 text'):
+    get_tokenizer(make_cfg(tokenizer='char', tokenizer_path=str(tmp_path / 'latin1.txt')).data)

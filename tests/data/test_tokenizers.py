@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 
 from _data_cfg import SHAKESPEARE, make_cfg
-from jaxlm import configs
 from jaxlm.data.tokenizers import ByteTokenizer, get_tokenizer
 from jaxlm.errors import DataError
 
@@ -109,11 +108,10 @@ def test_bad_tokenizer_files(tmp_path):
 def test_char_vocabulary_is_nanogpts_shakespeare_char():
   """The alphabet of the text, sorted, as nanoGPT's prepare.py builds its 65 ids."""
   text = SHAKESPEARE.read_text(encoding='utf-8')
-  cfg = configs.load('shakespeare_char_nanogpt')
-  cfg.data.path = str(SHAKESPEARE)  # data.tokenizer_path '' -> the alphabet of data.path
-  tok = get_tokenizer(cfg.data)
+  # data.tokenizer_path '' -> the alphabet of data.path
+  tok = get_tokenizer(make_cfg(tokenizer='char', path=str(SHAKESPEARE)).data)
   chars = sorted(set(text))
-  assert tok.vocab_size == len(chars) == cfg.model.vocab_size == 65
+  assert tok.vocab_size == len(chars) == 65
   assert (tok.bos_id, tok.eos_id) == (None, None)
   ids = tok.encode(text)
   assert ids.dtype == np.int32 and len(ids) == len(text)

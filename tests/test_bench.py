@@ -43,3 +43,26 @@ def test_throughput_agrees_with_an_independent_clock(capsys, monkeypatch):
   assert r['peak_memory_gib'] > 0
   out = capsys.readouterr().out
   assert 'tokens/s/device' in out and 'MFU' in out
+
+
+@pytest.mark.skipif(not (REPO.parent / 'shared' / 'peers' / 'nanoGPT').is_dir(),
+                    reason='needs ../shared/peers/nanoGPT')
+def test_side_by_side_reads_the_real_nanogpt_log(monkeypatch):
+  """The real nanoGPT's own log lines (iteration times, evals) are parsed, not guessed."""
+  pytest.importorskip('torch')
+  sys.path.insert(0, str(REPO / 'bench'))
+  monkeypatch.setenv('OMP_NUM_THREADS', '1')
+  import nanogpt_side_by_side as sbs  # noqa: PLC0415
+  root = sbs.prepare_nanogpt(REPO.parent / 'shared' / 'peers' / 'nanoGPT',
+                             REPO.parent / 'shared' / 'data' / 'tinyshakespeare.txt')
+  try:
+    t0 = time.time()
+    r = sbs.run_nanogpt(root, iters=3, target=100.0)
+    wall = time.time() - t0
+  finally:
+    sbs.shutil.rmtree(root)
+  # Iteration 0 evaluates (val loss ~ln 65 at init) and is left out of the speed.
+  assert [round(v) for _, v in r['evals']] == [4]
+  assert 0 < r['wall_to_target'] == r['evals'][0][0] < wall
+  assert 0 < r['startup'] < wall and r['final_val'] == r['evals'][-1][1]
+  assert 12 * 64 / wall < r['tokens_per_sec'] < 1e7

@@ -1,5 +1,6 @@
 """The benchmark scripts measure what they say (tiny configs, a few steps)."""
 
+import math
 import statistics
 import sys
 import time
@@ -7,7 +8,7 @@ import time
 import jax
 import pytest
 
-from conftest import REPO
+from conftest import REPO, SHAKESPEARE
 
 sys.path.insert(0, str(REPO / 'bench'))
 
@@ -47,7 +48,7 @@ def test_throughput_agrees_with_an_independent_clock(capsys, monkeypatch):
 
 @pytest.mark.skipif(not (REPO.parent / 'shared' / 'peers' / 'nanoGPT').is_dir(),
                     reason='needs ../shared/peers/nanoGPT')
-def test_side_by_side_reads_the_real_nanogpt_log(monkeypatch):
+def test_side_by_side_reads_the_real_nanogpt_and_scores_both_models_on_the_same_windows(monkeypatch, tmp_path):
   """The real nanoGPT's own log lines (iteration times, evals) are parsed, not guessed."""
   pytest.importorskip('torch')
   sys.path.insert(0, str(REPO / 'bench'))
@@ -57,12 +58,22 @@ def test_side_by_side_reads_the_real_nanogpt_log(monkeypatch):
                              REPO.parent / 'shared' / 'data' / 'tinyshakespeare.txt')
   try:
     t0 = time.time()
-    r = sbs.run_nanogpt(root, iters=3, target=100.0)
+    r = sbs.run_nanogpt(root, iters=4, target=100.0, keep=tmp_path / 'nanogpt.pt', eval_every=2)
     wall = time.time() - t0
+    windows = sbs.val_windows((REPO.parent / 'shared' / 'data' / 'tinyshakespeare.txt').read_text())
+    nanogpt_val = sbs.nanogpt_full_val(root, tmp_path / 'nanogpt.pt', windows[:240])
   finally:
     sbs.shutil.rmtree(root)
-  # Iteration 0 evaluates (val loss ~ln 65 at init) and is left out of the speed.
-  assert [round(v) for _, v in r['evals']] == [4]
+  assert len(windows) == 1740 and {len(w) for w in windows} == {65}
+  # The final model on our windows agrees with nanoGPT's own (random-window) val estimate.
+  assert abs(nanogpt_val - r['final_val']) < 0.03 and nanogpt_val < math.log(65)
+  # jaxlm's eval reads the same split (data.val_fraction 0.1 of this ASCII text) from its
+  # first window: on those 240 windows the final model must give its own eval's loss.
+  monkeypatch.setenv('XLA_FLAGS', '')  # one CPU device, as a user's run
+  j = sbs.run_jaxlm(3, 100.0, ['--config.data.path=' + str(SHAKESPEARE)], str(tmp_path / 'jaxlm'))
+  assert abs(sbs.jaxlm_full_val(str(tmp_path / 'jaxlm'), windows[:240]) - j['final_val']) < 1e-4
+  # Iterations 0, 2, 4 evaluate (val loss ~ln 65 near init) and are left out of the speed.
+  assert [round(v) for _, v in r['evals']] == [4, 4, 4]
   assert 0 < r['wall_to_target'] == r['evals'][0][0] < wall
   assert 0 < r['startup'] < wall and r['final_val'] == r['evals'][-1][1]
   assert 12 * 64 / wall < r['tokens_per_sec'] < 1e7

@@ -113,6 +113,14 @@ def reuse_host_memory() -> bool:
   memory stays mapped. Call before jax's CPU client starts its threads (their
   arenas are chosen at their first malloc). Returns False where glibc is not
   the C library (nothing changes).
+
+  The heap still grows by one temp buffer a few times early in a process (1-3
+  steps of the first ~20, rarely one later, then never): XLA frees a step's
+  temp on its worker thread after marking the step's outputs ready, so the
+  next step may allocate first on the other worker; and a freed temp that
+  small allocations hem in cannot merge with free neighbours, so it is too
+  short for posix_memalign's padded request of the same size. No mallopt
+  setting avoids either; the steady state after is fault-free.
   """
   mallopt = getattr(ctypes.CDLL(None), 'mallopt', None)  # glibc only (not macOS, musl)
   if mallopt is None:

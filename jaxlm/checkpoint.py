@@ -278,6 +278,9 @@ class _StorageFaults:
       return False  # not a storage fault: a bug, shown with its traceback
     step = _failed_step(exc, self.ckpt._pending, self.step)
     try:
+      # Read back from storage: Orbax lists an async save's step as soon as the save starts,
+      # so a failure it reports on the next call would name the failed step as committed.
+      self.ckpt.manager.reload()
       latest = self.ckpt.manager.latest_step()
     except Exception:  # noqa: BLE001  (the storage may be gone altogether)
       latest = None

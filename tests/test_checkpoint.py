@@ -1,5 +1,6 @@
 """Never lose a run: kill -9 and SIGTERM, resharding restore, corrupt and partial checkpoints."""
 
+import errno
 import json
 import os
 import random
@@ -20,7 +21,7 @@ from conftest import load_config
 from jaxlm import engine
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import make_pipeline
-from jaxlm.errors import CheckpointError, DivergedError
+from jaxlm.errors import CheckpointError, DivergedError, StorageError
 from jaxlm.hooks import Hook
 from jaxlm.mesh import make_mesh
 from jaxlm.engine import Setup
@@ -257,6 +258,20 @@ def test_a_writer_deletes_partial_step_directories(trained):
   assert not tmp.exists()
 
 
+def test_a_save_failure_reported_on_the_next_call_names_the_last_committed_step(trained):
+  # Orbax lists an async save's step as soon as the save starts and reports its write failure
+  # on the next call; the step never committed (what such a save leaves: its temporary dir).
+  cfg, work = trained
+  ckpt = Checkpointer(str(work), cfg.checkpoint)
+  assert ckpt.latest_step() == 10
+  (work / 'checkpoints' / '10').rename(work / 'checkpoints' / '10.orbax-checkpoint-tmp-1')
+  with pytest.raises(StorageError, match=r'saving checkpoint step 10 to .*checkpoints/10 failed: '
+                                         r'EFBIG .*; latest committed checkpoint: step 5 in'):
+    with ckpt._storage(10, ckpt.directory):
+      raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+  ckpt.close()
+
+
 def test_a_non_finite_state_is_never_saved(trained):
   cfg, work = trained
   setup = Setup(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
@@ -403,14 +418,21 @@ def test_keep_policy_last_k_every_mth_and_best_by_eval_loss(tiny_cfg, tmp_path, 
 def test_a_failed_save_is_one_line_exit_4_and_the_rerun_resumes(repo, tiny_cfg, tmp_path):
   # A real write failure without root: a file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes
   # the checkpoint's largest array file fail with EFBIG, as a full disk fails with ENOSPC.
+  # OCDBT packs arrays into data files as their writes happen to be flushed together, so with
+  # tiny's d_model 32 (largest array 41 KB) the largest file varies from save to save, and the
+  # step-10 save sometimes stayed under the limit (step 15 failed instead). An array is one
+  # value in one file: an embedding over the limit (320 x 128 float32 = 160 KB, about 7%
+  # compressible) fails the first save of the limited run, however the arrays are packed.
   cfg = tiny_cfg
   cfg.train.steps, cfg.train.log_every, cfg.checkpoint.every, cfg.eval.every = 5, 1, 5, 0
   cfg.optim.decay_steps = 20  # the schedule of the whole 20-step run (train.steps grows below)
+  cfg.model.d_model = 128
   work = tmp_path / 'w'
   Trainer(cfg, str(work), devices=jax.devices()[:1]).run()  # commits step 5
-  limited = ['bash', '-c', 'ulimit -f 100; trap "" XFSZ; exec "$@"', '_']
+  limited = ['bash', '-c', 'ulimit -f 100; trap "" XFSZ; exec "$@"', '_']  # 100 KiB
   # (The limit would also refuse jax's compilation-cache files, a warning that is not tested.)
-  run = subprocess.run(limited + _cmd(work, cfg.data.path, steps=20), cwd=repo,
+  run = subprocess.run(limited + _cmd(work, cfg.data.path, steps=20) +
+                       ['--config.model.d_model=128'], cwd=repo,
                        capture_output=True, text=True, timeout=300,
                        env={**ENV, 'JAX_ENABLE_COMPILATION_CACHE': 'false'})
   assert run.returncode == 4, run.stderr[-3000:]

@@ -57,8 +57,9 @@ def test_eval_micro_batches_give_the_same_loss_in_less_memory():
   assert temp(micro) < temp(whole) / 2  # 4 slices of 2 rows, one at a time
 
 
-def test_cpu_steps_leave_only_dots_to_ynnpack():
-  """On CPU the train and eval steps compile with YNNPACK for dots only (step_compiler_options)."""
+def test_cpu_steps_leave_only_dots_to_ynnpack_and_sum_without_tree_reductions():
+  """On CPU the train and eval steps compile with YNNPACK for dots only, and without XLA's
+  TreeReductionRewriter (no reduce-window partial sums; step_compiler_options)."""
   import re  # noqa: PLC0415
   setup = _setup(grad_accum=1, eval_batch_size=8, devices=1)
   spec = {k: jax.ShapeDtypeStruct((8, 256), np.float32 if k == 'loss_mask' else np.int32,
@@ -71,3 +72,5 @@ def test_cpu_steps_leave_only_dots_to_ynnpack():
     assert ynn  # the dots still go to YNNPACK
     reductions = [line for line in ynn if re.search(r'op_name="[^"]*/reduce_\w+"', line)]
     assert not reductions, reductions[:3]
+    windows = [line for line in hlo.splitlines() if ' reduce-window(' in line]
+    assert not windows, windows[:3]

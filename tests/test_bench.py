@@ -1,7 +1,9 @@
 """The benchmark scripts measure what they say (tiny configs, a few steps)."""
 
 import math
+import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -69,9 +71,13 @@ def test_side_by_side_reads_the_real_nanogpt_and_scores_both_models_on_the_same_
   assert abs(nanogpt_val - r['final_val']) < 0.03 and nanogpt_val < math.log(65)
   # jaxlm's eval reads the same split (data.val_fraction 0.1 of this ASCII text) from its
   # first window: on those 240 windows the final model must give its own eval's loss.
-  monkeypatch.setenv('XLA_FLAGS', '')  # one CPU device, as a user's run
+  monkeypatch.setenv('XLA_FLAGS', '')  # one CPU device, as a user's run (not this process's 8)
   j = sbs.run_jaxlm(3, 100.0, ['--config.data.path=' + str(SHAKESPEARE)], str(tmp_path / 'jaxlm'))
-  assert abs(sbs.jaxlm_full_val(str(tmp_path / 'jaxlm'), windows[:240]) - j['final_val']) < 1e-4
+  score = (f'import nanogpt_side_by_side as s; w = s.val_windows(open({str(SHAKESPEARE)!r}).read()); '
+           f"print(s.jaxlm_full_val({str(tmp_path / 'jaxlm')!r}, w[:240]))")
+  out = subprocess.run([sys.executable, '-c', score], cwd=REPO / 'bench', check=True, text=True,
+                       capture_output=True, env={**os.environ, 'PYTHONPATH': str(REPO)}).stdout
+  assert abs(float(out.split()[-1]) - j['final_val']) < 1e-4
   # Iterations 0, 2, 4 evaluate (val loss ~ln 65 near init) and are left out of the speed.
   assert [round(v) for _, v in r['evals']] == [4, 4, 4]
   assert 0 < r['wall_to_target'] == r['evals'][0][0] < wall

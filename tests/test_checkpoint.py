@@ -436,7 +436,13 @@ def test_a_failed_save_is_one_line_exit_4_and_the_rerun_resumes(repo, tiny_cfg, 
                        capture_output=True, text=True, timeout=300,
                        env={**ENV, 'JAX_ENABLE_COMPILATION_CACHE': 'false'})
   assert run.returncode == 4, run.stderr[-3000:]
-  lines = run.stderr.splitlines()
+  # Known leftover, seen once in a clean-clone CI run (2026-11-29): at interpreter exit Python
+  # may warn that Orbax's aborted write coroutine ('...write_fragment') was never awaited, two
+  # lines after the error line. A warnings filter set at the fault did not silence it (the
+  # coroutine is finalized during module teardown); those two lines are not counted here.
+  exit_warning = re.compile(r"(sys:1: )?RuntimeWarning: (coroutine '.*write_fragment' was never "
+                            r'awaited|Enable tracemalloc to get the object allocation traceback)$')
+  lines = [l for l in run.stderr.splitlines() if not exit_warning.match(l)]
   errors = [l for l in lines if l.startswith('jaxlm: error:')]
   assert len(lines) < 10 and len(errors) == 1, run.stderr[-3000:]
   assert re.search(r'saving checkpoint step 10 to .*checkpoints/10 failed: EFBIG \(File too large\)'

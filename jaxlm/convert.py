@@ -19,7 +19,6 @@ meshes and checkpoints. Loading either kind of directory for inference is
 ``jaxlm.engine.load``.
 """
 
-import ctypes
 import json
 import logging
 
@@ -203,7 +202,7 @@ def _hf_tensors(step_dir: str, m, vocab: int, shapes: dict):
   # Embedding and head first, while the writer holds nothing: at the end they would
   # meet a nearly full file.
   yield from hf.top_to_hf(lambda p: array(p).read().result() if p in shapes else None, m, vocab)
-  _trim_heap()
+  runtime.trim_host_memory()
   stacked = [p for p in shapes if p[0] == 'layers']
   for i in range(m.n_layers):
     layer = {}
@@ -215,7 +214,7 @@ def _hf_tensors(step_dir: str, m, vocab: int, shapes: dict):
       node[path[-1]] = (a[i] if stacked else a).read().result()
     yield from hf.layer_to_hf(layer, i, m).items()
     del layer
-    _trim_heap()
+    runtime.trim_host_memory()
 
 
 def _write_config(cfg, out_dir: str, vocab: int) -> None:
@@ -235,15 +234,3 @@ def _write_config(cfg, out_dir: str, vocab: int) -> None:
     src = src / 'tokenizer.json' if src.is_dir() else src
     if src.is_file():
       storage.copy(src, storage.join(out_dir, 'tokenizer.json'))
-
-
-def _trim_heap() -> None:
-  """Hands freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
-
-  Reading a layer frees a few dozen buffers of 4-64 MiB; glibc keeps such freed
-  buffers in its arenas, so without this the process grows by about a layer per
-  layer exported (1B model: 1.5 -> 3.2 GiB by the last layer)."""
-  try:
-    ctypes.CDLL('libc.so.6').malloc_trim(0)
-  except (OSError, AttributeError):
-    pass

@@ -130,6 +130,18 @@ def reuse_host_memory() -> bool:
   return all(r == 1 for r in ok)
 
 
+def trim_host_memory() -> None:
+  """Hands freed heap memory back to the OS now (glibc's malloc_trim; a no-op elsewhere).
+
+  For code that frees large buffers in turn and must not grow by each (the HF
+  export reads a layer's arrays, writes them and drops them: without a trim
+  the process grew by about a layer per layer, 1.5 -> 3.2 GiB for a 1B model).
+  """
+  trim = getattr(ctypes.CDLL(None), 'malloc_trim', None)  # glibc only, as mallopt
+  if trim is not None:
+    trim(0)
+
+
 def _slurm_tasks() -> int:
   if not os.environ.get('SLURM_JOB_ID'):
     return 0

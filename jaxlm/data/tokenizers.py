@@ -79,7 +79,8 @@ class CharTokenizer:
 
   def __init__(self, path: Path):
     if not path.is_file():
-      raise DataError(f"data.tokenizer 'char' needs a text file for its alphabet; '{path}' is not one")
+      raise DataError(f"data.tokenizer 'char' needs a text file for its alphabet; "
+                      f"'{path}' is not one")
     alphabet = set()
     with open(path, encoding='utf-8', errors='strict') as f:
       try:
@@ -183,14 +184,14 @@ def get_tokenizer(data_cfg) -> Tokenizer:
     return ByteTokenizer()
   if kind not in ('char', 'sentencepiece', 'hf'):
     raise DataError(f"data.tokenizer '{kind}' is not one of 'byte', 'char', 'sentencepiece', 'hf'")
-  where = data_cfg.tokenizer_path
+  key, where = 'data.tokenizer_path', data_cfg.tokenizer_path
   if kind == 'char' and not where:
-    where = getattr(data_cfg, 'path', '')
+    key, where = 'data.path', getattr(data_cfg, 'path', '')
   if not where:
     raise DataError(f"data.tokenizer '{kind}' needs data.tokenizer_path")
   path = Path(where).expanduser()
   if not path.exists():
-    raise DataError(f"data.tokenizer_path '{path}' does not exist")
+    raise DataError(f"{key} '{path}' does not exist")
   if kind == 'char':
     return CharTokenizer(path)
   return SentencePieceTokenizer(path) if kind == 'sentencepiece' else HFTokenizer(path)

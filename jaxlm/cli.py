@@ -17,7 +17,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from jaxlm import configs, lock
+from jaxlm import configs, lock, preflight
 from jaxlm.errors import EXIT_BAD_INPUT, EXIT_CODES_HELP, ConfigError, JaxlmError
 
 COMMANDS = ('train', 'eval', 'generate', 'plan')
@@ -27,6 +27,7 @@ PLUGINS = {
     'convert': 'jaxlm.convert',  # Hugging Face import/export
     'finetune': 'jaxlm.finetune',  # supervised fine-tuning from a checkpoint or HF model
 }
+WRITERS = ('train', 'finetune', 'convert')  # commands that may create their --workdir
 USAGE = f"""usage: jaxlm {{{','.join(COMMANDS + tuple(PLUGINS))}}} [--flags]
 
   jaxlm train    --config=demo --workdir=runs/demo [--config.train.steps=100 ...]
@@ -191,11 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     print(TRAIN_HELP if command == 'train' else USAGE)
     return 0
   try:
-    if command in PLUGINS:
-      return _run_plugin(command, rest)
-    fv = parse(command, rest)
-    from jaxlm import commands  # noqa: PLC0415  (imports jax; keep --help fast)
-    return getattr(commands, command)(fv) or 0
+    # A refused train / finetune / import leaves no new workdir behind (jaxlm.preflight).
+    with preflight.WorkdirGuard(preflight.workdir_arg(rest) if command in WRITERS else None):
+      if command in PLUGINS:
+        return _run_plugin(command, rest)
+      fv = parse(command, rest)
+      from jaxlm import commands  # noqa: PLC0415  (imports jax; keep --help fast)
+      return getattr(commands, command)(fv) or 0
   except JaxlmError as e:
     print(f'jaxlm: error: {e}', file=sys.stderr)
     return e.exit_code

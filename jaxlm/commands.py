@@ -8,7 +8,7 @@ import jax
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm import plan as plan_lib
-from jaxlm import runtime, storage
+from jaxlm import preflight, runtime, storage
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import make_pipeline
 from jaxlm.data.tokenizers import get_tokenizer
@@ -94,6 +94,9 @@ def lm_eval_tasks(fv) -> int:
 
 
 def generate(fv) -> int:
+  preflight.check_sampling(fv.temperature, fv.top_k, fv.top_p)  # before loading anything
+  if fv.max_new_tokens < 1:
+    raise ConfigError(f'--max_new_tokens={fv.max_new_tokens} must be >= 1')
   cfg, setup, params, _ = _saved_run(fv)
   tokenizer = get_tokenizer(cfg.data)
   text = setup.generate_text(params, tokenizer, [fv.prompt],

@@ -87,7 +87,8 @@ def import_hf(hf_dir: str, workdir: str, data_path: str = '', param_dtype: str =
   Host memory stays near one block of one tensor: Orbax first writes the
   checkpoint with every parameter empty (jaxlm.param_store.save_empty), then
   each parameter is read from the memory-mapped safetensors, cast to
-  ``model.param_dtype`` and written into its array a block of rows at a time.
+  ``model.param_dtype`` and written into its array a block of rows at a time;
+  then every parameter is read back from storage and compared with its source.
   The step is built under ``<workdir>/checkpoints.importing`` and renamed to
   ``checkpoints/0`` when complete, so an interrupted import leaves no step.
   No optimizer state is written: training from the workdir creates it.
@@ -108,21 +109,42 @@ def import_hf(hf_dir: str, workdir: str, data_path: str = '', param_dtype: str =
   want = {leaf_name(p): a for p, a in jax.tree_util.tree_flatten_with_path(
       setup.abstract_state.params)[0]}
   leaves = _checked_leaves(tensors, cfg.model, want)
-  config_lib.save(cfg, workdir)
   # Absolute: Orbax refuses a relative destination.
   building = storage.join(storage.absolute(workdir), 'checkpoints.importing')
   if storage.path(building).exists():  # what an interrupted import left
     storage.path(building).rmtree()
-  param_store.save_empty(building, {path: leaf.shape for path, leaf in leaves},
-                         jnp.dtype(cfg.model.param_dtype))
-  context, layout = ts.Context(), param_store.read_layout(building)
-  for path, leaf in leaves:
-    # release(): the file pages just copied stop counting toward this process's memory.
-    param_store.fill(param_store.open_param(building, path, context, layout), leaf,
-                     after_block=tensors.release)
+  try:
+    param_store.save_empty(building, {path: leaf.shape for path, leaf in leaves},
+                           jnp.dtype(cfg.model.param_dtype))
+    context, layout = ts.Context(), param_store.read_layout(building)
+    for path, leaf in leaves:
+      # release(): the file pages just copied stop counting toward this process's memory.
+      param_store.fill(param_store.open_param(building, path, context, layout, write=True),
+                       leaf, after_block=tensors.release)
+    _verify_written(building, leaves, tensors.release)
+  except BaseException:
+    if storage.path(building).exists():  # a failed import leaves no half-written step
+      storage.path(building).rmtree()
+    raise
+  # config.json last: a workdir with a config always holds the step it describes.
+  config_lib.save(cfg, workdir)
   (storage.path(workdir) / 'checkpoints').mkdir(parents=True, exist_ok=True)
   storage.path(building).rename(storage.path(storage.join(workdir, 'checkpoints', '0')))
   return cfg
+
+
+def _verify_written(step_dir: str, leaves, release) -> None:
+  """Reads every parameter back as Orbax's restore will (a fresh cache, missing chunks an
+  error) and compares it with its source; CheckpointError naming the first that differs.
+  The step is still under checkpoints.importing, so a failed import leaves no step."""
+  import tensorstore as ts  # noqa: PLC0415
+  context, layout = ts.Context(), param_store.read_layout(step_dir)
+  for path, leaf in leaves:
+    problem = param_store.verify(
+        param_store.open_param(step_dir, path, context, layout, strict=True), leaf, release)
+    if problem:
+      raise CheckpointError(f"import wrote parameter {'/'.join(path)} {leaf.shape} but its "
+                            f'{problem}; nothing was imported (check the disk and retry)')
 
 
 def _checked_leaves(tensors, m, want: dict) -> list:

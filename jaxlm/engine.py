@@ -176,8 +176,6 @@ class Setup:
     if tokenizer.bos_id is not None and self.cfg.data.add_bos:
       ids = [[tokenizer.bos_id] + i for i in ids]
     stops = tuple(t for t in (tokenizer.eos_id,) if t is not None)
-    limit = self.cfg.model.max_seq_len - max(len(i) for i in ids)
-    kw['max_new_tokens'] = max(1, min(kw.get('max_new_tokens', 64), limit))
     with sharding.activate(self.mesh, self.rules):
       out = generate(self.model, params, ids, stop_ids=stops, **kw)
     return [tokenizer.decode(o) for o in out]

@@ -2,6 +2,14 @@
 
 Prompts of different lengths are left-padded into one batch; padding has
 segment id 0 so no real token attends to it. Temperature 0 is greedy.
+
+The model sees at most ``context`` tokens (``model.max_seq_len``): a longer
+prompt keeps its last ``context`` tokens, and once prompt and output fill the
+cache, each further token is computed from the most recent ``context`` tokens
+re-run from position 0 (a fresh prefill per token, as nanoGPT crops to
+``block_size``), so ``max_new_tokens`` are always produced unless a stop token
+ends a row. Learned position tables and RoPE both see positions they were
+trained on.
 """
 
 import functools
@@ -11,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.model.transformer import Transformer, init_cache
+from jaxlm.errors import ConfigError
+from jaxlm.preflight import check_sampling
 
 
 def _filter_logits(logits, top_k: int, top_p: float):
@@ -65,9 +75,9 @@ def _decode(model, params, tokens, segment, rng, temperature, stop_ids, *, max_n
   return out
 
 
-def left_pad(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens, segment_ids) [batch, max_prompt_len], left-padded with segment 0."""
-  width = max(1, max(len(p) for p in prompts))
+def left_pad(prompts: list[list[int]], width: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens, segment_ids) [batch, width or max_prompt_len], left-padded with segment 0."""
+  width = width or max(1, max(len(p) for p in prompts))
   tokens = np.zeros((len(prompts), width), np.int32)
   segment = np.zeros((len(prompts), width), np.int32)
   for i, p in enumerate(prompts):
@@ -77,20 +87,57 @@ def left_pad(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
   return tokens, segment
 
 
+@functools.partial(jax.jit, static_argnames=('model', 'top_k', 'top_p'))
+def _next_token(model, params, tokens, segment, rng, temperature, *, top_k, top_p):
+  """One token per row from a full forward pass over ``tokens`` [batch, context]."""
+  positions = jnp.maximum(jnp.cumsum(segment, axis=1) - 1, 0).astype(jnp.int32)
+  logits = model.apply({'params': params}, tokens, positions, segment)
+  return sample_token(rng, logits[:, -1], temperature, top_k, top_p)
+
+
 def generate(model: Transformer, params, prompts: list[list[int]], max_new_tokens: int = 64,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             stop_ids: tuple[int, ...] = ()) -> list[list[int]]:
-  """Continues each prompt (token ids); returns only the new tokens, cut at a stop token."""
-  tokens, segment = left_pad(prompts)
-  stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
-  out = _decode(model, params, jnp.asarray(tokens), jnp.asarray(segment),
-                jax.random.key(seed), jnp.float32(temperature), stops,
-                max_new_tokens=max_new_tokens, top_k=int(top_k), top_p=float(top_p))
-  result = []
-  for row in np.asarray(out).tolist():
-    for j, t in enumerate(row):
-      if t in stop_ids:
-        row = row[:j]
-        break
-    result.append(row)
-  return result
+             stop_ids: tuple[int, ...] = (), context: int = 0) -> list[list[int]]:
+  """Continues each prompt (token ids); returns only the new tokens, cut at a stop token.
+
+  ``context``: the most tokens the model sees at once (0 = ``model.cfg.max_seq_len``);
+  see the module docstring for what happens past it. ConfigError for invalid
+  sampling options (temperature < 0, top_k < 0, top_p outside (0, 1]).
+  """
+  check_sampling(temperature, top_k, top_p)
+  if max_new_tokens < 0:
+    raise ConfigError(f'max_new_tokens={max_new_tokens} must be >= 0')
+  context = context or model.cfg.max_seq_len
+  rows = [[int(t) for t in p][-context:] for p in prompts]
+  new: list[list[int]] = [[] for _ in rows]
+  done = [False] * len(rows)
+  stops = set(stop_ids)
+  key = jax.random.key(seed)
+  temp = jnp.float32(temperature)
+  tokens, segment = left_pad(rows)
+  cached = min(max_new_tokens, context - tokens.shape[1])
+  if cached > 0:  # the cache holds prompt + output: one compiled decode loop
+    out = _decode(model, params, jnp.asarray(tokens), jnp.asarray(segment), key, temp,
+                  jnp.asarray(list(stop_ids) or [-1], jnp.int32), max_new_tokens=cached,
+                  top_k=int(top_k), top_p=float(top_p))
+    for i, row in enumerate(np.asarray(out).tolist()):
+      _extend(new[i], row, stops, done, i)
+  for step in range(max(cached, 0), max_new_tokens):  # past the context: crop and re-run
+    if all(done):
+      break
+    tokens, segment = left_pad([(r + n)[-context:] for r, n in zip(rows, new)], width=context)
+    tok = _next_token(model, params, jnp.asarray(tokens), jnp.asarray(segment),
+                      jax.random.fold_in(key, step), temp, top_k=int(top_k), top_p=float(top_p))
+    for i, t in enumerate(np.asarray(tok).tolist()):
+      if not done[i]:
+        _extend(new[i], [t], stops, done, i)
+  return new
+
+
+def _extend(row: list[int], tokens: list[int], stops: set, done: list[bool], i: int) -> None:
+  """Appends ``tokens`` to ``row`` up to (not including) the first stop token."""
+  for t in tokens:
+    if t in stops:
+      done[i] = True
+      return
+    row.append(t)

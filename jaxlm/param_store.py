@@ -8,10 +8,18 @@ extra copy of a tensor:
 
   * ``save_empty``: Orbax saves every parameter as zeros backed by untouched
     anonymous pages (no memory), which writes a normal checkpoint's metadata,
-    shapes, dtypes and chunking and no data (zarr does not store chunks equal
-    to the fill value). Orbax's own save of a real array would hold another
+    shapes, dtypes and chunking (and zero chunks, which ``fill`` replaces).
+    Orbax's own save of a real array would hold another
     whole copy of it while writing (bench/RESULTS.md, issue 17).
   * ``fill``: writes a parameter's values into its array, block by block.
+  * ``verify``: reads every block back from storage and compares it with what was
+    meant to be written, so an import never reports a step it cannot read.
+
+Orbax records ``store_array_data_equal_to_fill_value`` in each save and restores
+with missing chunks being an error: every chunk must be stored, including one
+whose values all equal the array's fill value (an all-zero bias). tensorstore
+skips such chunks unless the array is opened with ``store_data_equal_to_fill_value``,
+so ``open_param(..., write=True)`` sets it and ``strict=True`` reads as Orbax does.
   * ``open_param``: a parameter's array (in a training save too), to read whole or
     one layer at a time.
 """
@@ -34,10 +42,14 @@ def read_layout(step_dir: str) -> dict:
   return {'use_ocdbt': meta.get('use_ocdbt', True), 'use_zarr3': meta.get('use_zarr3', False)}
 
 
-def open_param(step_dir: str, path: tuple[str, ...], context=None, layout: dict | None = None):
+def open_param(step_dir: str, path: tuple[str, ...], context=None, layout: dict | None = None,
+               write: bool = False, strict: bool = False):
   """The tensorstore array of parameter ``path`` (e.g. ('embed', 'embedding')) in a
   finalized step directory; ``[i]`` / ``.read()`` read what is indexed only.
-  ``layout``: ``read_layout(step_dir)``, read here if not given."""
+  ``layout``: ``read_layout(step_dir)``, read here if not given. ``write``: every
+  written chunk is stored, fill-valued or not (Orbax's restore needs each one).
+  ``strict``: a chunk missing from storage is an error, not the fill value (as
+  Orbax reads), and nothing is served from a cache."""
   import tensorstore as ts  # noqa: PLC0415
   layout = layout or read_layout(step_dir)
   base = step_dir.rstrip('/') + '/state/'
@@ -49,6 +61,10 @@ def open_param(step_dir: str, path: tuple[str, ...], context=None, layout: dict 
   else:
     spec = {'kvstore': base + key}
   spec['driver'] = 'zarr3' if layout['use_zarr3'] else 'zarr'
+  if write:
+    spec['store_data_equal_to_fill_value'] = True
+  if strict:
+    spec.update(fill_missing_data_reads=False, recheck_cached_data=True)
   return ts.open(spec, open=True, context=context or ts.Context()).result()
 
 
@@ -90,14 +106,45 @@ def fill(array, leaf, after_block=None) -> None:
   Each block covers whole chunks: a write to part of a chunk would make
   tensorstore read, merge and rewrite it (and hold it) once per block.
   """
-  shape = tuple(array.shape)
-  if not shape:
+  if not array.shape:
     array.write(leaf[()]).result()
     return
-  chunk = array.chunk_layout.write_chunk.shape
-  for start in itertools.product(*(range(0, n, c) for n, c in zip(shape, chunk))):
-    idx = tuple(slice(lo, min(lo + c, n)) for lo, c, n in zip(start, chunk, shape))
+  for idx in _blocks(array):
     # The block is new and never changed, so tensorstore may keep it instead of copying.
     array[idx].write(leaf[idx], can_reference_source_data_indefinitely=True).result()
     if after_block is not None:
       after_block()
+
+
+def _blocks(array):
+  """Index tuples covering ``array`` in whole write chunks (one storage chunk each)."""
+  shape = tuple(array.shape)
+  if not shape:
+    yield ()
+    return
+  chunk = array.chunk_layout.write_chunk.shape
+  for start in itertools.product(*(range(0, n, c) for n, c in zip(shape, chunk))):
+    yield tuple(slice(lo, min(lo + c, n)) for lo, c, n in zip(start, chunk, shape))
+
+
+def verify(array, leaf, after_block=None):
+  """None if ``array`` (opened with ``strict=True``) holds exactly ``leaf``'s values,
+  else a short description of the first block that differs or cannot be read.
+
+  Bitwise per block (NaNs compare equal to themselves); host memory stays near two blocks.
+  """
+  for idx in _blocks(array):
+    want = np.asarray(leaf[idx] if idx else leaf[()])
+    try:
+      got = np.asarray(array[idx].read().result() if idx else array.read().result())
+    except ValueError as e:  # tensorstore: a chunk is missing or unreadable
+      return f'block {_show(idx)} cannot be read back ({str(e).splitlines()[0][:160]})'
+    if got.shape != want.shape or got.tobytes() != want.astype(got.dtype).tobytes():
+      return f'block {_show(idx)} reads back different values'
+    if after_block is not None:
+      after_block()
+  return None
+
+
+def _show(idx) -> str:
+  return '[' + ', '.join(f'{s.start}:{s.stop}' for s in idx) + ']'

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from jaxlm import config as config_lib
 from jaxlm import hooks as hooks_lib
 from jaxlm import mesh as mesh_lib
-from jaxlm import runtime, storage
+from jaxlm import preflight, runtime, storage
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import make_pipeline
 from jaxlm.engine import Setup
@@ -117,9 +117,8 @@ class Trainer:
     mesh = mesh_lib.make_mesh(cfg.mesh, self.devices)
     log.info('data: loading %s', cfg.data.source)
     data = make_pipeline(cfg, jax.process_index(), jax.process_count())
-    if data.tokenizer.vocab_size > cfg.model.vocab_size:
-      raise ConfigError(f'model.vocab_size={cfg.model.vocab_size} is smaller than the '
-                        f'tokenizer vocabulary ({data.tokenizer.vocab_size})')
+    preflight.check_vocab(cfg, data.tokenizer)
+    preflight.check_model_fits(cfg, mesh)  # before the first byte goes to the workdir
     with contextlib.ExitStack() as cleanup:
       it = data.train_iterator()
       if hasattr(it, 'close'):

@@ -1,0 +1,81 @@
+"""Checks a command makes before it writes anything, and undoing what a refusal left.
+
+A refused command (bad config, mesh, data or tokenizer: exit 2) must leave its
+workdir as it was, so that the corrected command then runs. The checks here
+run before the first byte is written; ``WorkdirGuard`` removes the empty
+directories a refused command created on its way (the lock takes its file in
+a new workdir, and the file goes on release).
+"""
+
+import contextlib
+import os
+
+from jaxlm import storage
+from jaxlm.errors import EXIT_BAD_INPUT, ConfigError, JaxlmError
+
+
+def check_vocab(cfg, tokenizer) -> None:
+  """ConfigError naming the flag to pass when the tokenizer has more ids than the model rows.
+
+  An id past ``model.vocab_size`` reads no embedding row: its loss is NaN, not an error.
+  """
+  from jaxlm.hf import VOCAB_MULTIPLE  # noqa: PLC0415  (the CLI imports this module early)
+  need = tokenizer.vocab_size
+  if need > cfg.model.vocab_size:
+    fix = -(-need // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    raise ConfigError(f'model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer '
+                      f'vocabulary ({need}): pass --config.model.vocab_size={fix}')
+
+
+def check_model_fits(cfg, mesh) -> None:
+  """Batch, length and every parameter's shape divide over ``mesh``: ConfigError naming
+  the field, or the parameter, its shape and the mesh axis (nothing is compiled or written)."""
+  from jaxlm.engine import Setup, check_placeable  # noqa: PLC0415  (engine imports jax, flax)
+  check_placeable(Setup(cfg, mesh))
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+  """ConfigError for sampling options outside their meaning (before a model is loaded)."""
+  if not temperature >= 0:  # also NaN
+    raise ConfigError(f'--temperature={temperature} must be >= 0 (0 = greedy)')
+  if int(top_k) != top_k or top_k < 0:
+    raise ConfigError(f'--top_k={top_k} must be an integer >= 0 (0 = off)')
+  if not 0 < top_p <= 1:
+    raise ConfigError(f'--top_p={top_p} must be in (0, 1] (1 = off)')
+
+
+def _only_empty_dirs(path: str) -> bool:
+  for _, _, files in os.walk(path):
+    if files:
+      return False
+  return True
+
+
+class WorkdirGuard(contextlib.AbstractContextManager):
+  """``with WorkdirGuard(workdir):`` a command that creates ``workdir`` and is then refused
+  (a JaxlmError with exit 2) leaves no directory behind, as long as it wrote no file.
+  A workdir that existed, or holds a file, is never touched: the checks come first."""
+
+  def __init__(self, workdir: str | None):
+    self.workdir = workdir if workdir and not storage.is_remote(workdir) else None
+    self.existed = self.workdir is None or os.path.lexists(self.workdir)
+
+  def __exit__(self, exc_type, exc, tb):
+    refused = isinstance(exc, JaxlmError) and exc.exit_code == EXIT_BAD_INPUT
+    if refused and not self.existed and os.path.isdir(self.workdir) and \
+        _only_empty_dirs(self.workdir):
+      for root, dirs, _ in os.walk(self.workdir, topdown=False):
+        for d in dirs:
+          os.rmdir(os.path.join(root, d))
+      os.rmdir(self.workdir)
+    return False
+
+
+def workdir_arg(argv: list[str]) -> str | None:
+  """The --workdir value in a command line, if any."""
+  for i, a in enumerate(argv):
+    if a.startswith('--workdir='):
+      return a.split('=', 1)[1]
+    if a == '--workdir' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None

@@ -61,6 +61,7 @@ def eval(fv) -> int:  # noqa: A001  (the command's name)
     return lm_eval_tasks(fv)
   cfg, setup, params, step = _saved_run(fv)
   data = make_pipeline(cfg, jax.process_index(), jax.process_count())
+  preflight.check_vocab(cfg, data.tokenizer)  # an id past the embedding rows is a NaN loss
   loss = setup.eval_loss(params, data.eval_batches())
   if runtime.is_main():
     storage.append_text(storage.join(fv.workdir, 'metrics.jsonl'),
@@ -99,6 +100,7 @@ def generate(fv) -> int:
     raise ConfigError(f'--max_new_tokens={fv.max_new_tokens} must be >= 1')
   cfg, setup, params, _ = _saved_run(fv)
   tokenizer = get_tokenizer(cfg.data)
+  preflight.check_vocab(cfg, tokenizer)
   text = setup.generate_text(params, tokenizer, [fv.prompt],
                              max_new_tokens=fv.max_new_tokens, temperature=fv.temperature,
                              top_k=fv.top_k, top_p=fv.top_p, seed=fv.seed)[0]

@@ -14,6 +14,23 @@ from jaxlm import storage
 from jaxlm.errors import EXIT_BAD_INPUT, ConfigError, JaxlmError
 
 
+def _absolute(p: str) -> str:
+  return p if not p or storage.is_remote(p) else os.path.abspath(os.path.expanduser(p))
+
+
+def absolute_paths(cfg):
+  """A copy of ``cfg`` with its local data paths absolute (gs:// and s3:// as given), so
+  the config.json it is saved as works from any directory."""
+  cfg = cfg.copy_and_resolve_references()
+  d = cfg.data
+  with cfg.unlocked():
+    d.path, d.tokenizer_path = _absolute(d.path), _absolute(d.tokenizer_path)
+    if d.mixture:
+      from jaxlm.data import mixture  # noqa: PLC0415
+      d.mixture = ','.join(f'{_absolute(p)}:{w!r}' for p, w in mixture.parse(d.mixture))
+  return cfg
+
+
 def check_vocab(cfg, tokenizer) -> None:
   """ConfigError naming the flag to pass when the tokenizer has more ids than the model rows.
 

@@ -68,6 +68,10 @@ def get_config() -> ml_collections.ConfigDict:
   d.tokenizer = 'byte'  # 'byte', 'char', 'sentencepiece' (.model file) or 'hf' (tokenizer.json)
   d.tokenizer_path = ''  # sentencepiece/hf file; for 'char' the text whose characters are the
   # vocabulary ('' = data.path, as nanoGPT's shakespeare_char builds its 65 ids)
+  # Set by `jaxlm train` (never by hand): the run's own copy of its tokenizer is
+  # <workdir>/tokenizer/ (data.tokenizer_path points there); its content hash and size.
+  d.tokenizer_sha256 = ''  # sha256 of the copy ('' = none recorded: 'byte', or an older run)
+  d.tokenizer_vocab = 0  # its vocabulary size (0 = not recorded)
   d.seq_len = 128  # tokens per training sequence
   d.add_bos = False  # prepend BOS to every document
   d.add_eos = True  # append EOS to every document

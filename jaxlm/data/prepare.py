@@ -80,6 +80,10 @@ def run(fv: flags.FlagValues, args: List[str]) -> int:
               docs_per_shard=fv.docs_per_shard, workers=fv.workers, add_bos=fv.add_bos,
               add_eos=fv.add_eos, progress=fv.progress)
   bad = ', '.join(f'{k} {v}' for k, v in m['bad_records'].items()) or 'none'
+  if not m['docs'] or not m['tokens']:  # an empty store would only fail later, at train
+    raise DataError(f"--input '{fv.input}' gave no usable document ({m['docs']} docs, "
+                    f"{m['tokens']} tokens; bad records: {bad}); check --format, --field and "
+                    f"--text_unit (the store at '{fv.output}' is empty)")
   print(f"prepared {fv.output}: {len(m['shards'])} shards ({m['skipped_shards']} already done), "
         f"{m['docs']:,} docs, {m['tokens']:,} tokens ({m['dtype']}); bad records: {bad}")
   return 0

@@ -26,6 +26,7 @@ from typing import Iterable, Iterator, List, Sequence
 
 import numpy as np
 
+from jaxlm import workdir_tokenizer
 from jaxlm.data import store as store_lib
 from jaxlm.errors import DataError
 
@@ -77,6 +78,7 @@ def _open_store(folder: Path, manifest: dict, data_cfg, tokenizer) -> store_lib.
   if not manifest.get('complete'):
     raise DataError(f"data.path '{folder}' is a partly written store; finish it by running "
                     'the same `jaxlm prepare` command again')
+  _check_store_tokenizer(folder, manifest.get('tokenizer') or {}, data_cfg)
   # Specials the store does not hold already are inserted while reading.
   bos = _special(tokenizer, 'bos')[0] if data_cfg.add_bos and not manifest['add_bos'] else None
   eos = _special(tokenizer, 'eos')[0] if data_cfg.add_eos and not manifest['add_eos'] else None
@@ -88,6 +90,25 @@ def _open_store(folder: Path, manifest: dict, data_cfg, tokenizer) -> store_lib.
   if not len(store):
     raise DataError(f"data.path '{folder}' yielded zero tokens")
   return store
+
+
+def _check_store_tokenizer(folder: Path, made_with: dict, data_cfg) -> None:
+  """DataError unless the run's tokenizer is the one the store was prepared with (kind, and
+  for file tokenizers the file's sha256): another tokenizer of the same size would train
+  on ids that mean other text."""
+  kind = made_with.get('kind')
+  if kind and kind != data_cfg.tokenizer:
+    raise DataError(f"data.path '{folder}' was prepared with tokenizer '{kind}', not "
+                    f"data.tokenizer='{data_cfg.tokenizer}'")
+  want = made_with.get('sha256')
+  src = workdir_tokenizer.source_file(data_cfg)
+  # A 'char' run keeps only its alphabet, whose hash is not the text's the store recorded.
+  if want and kind != 'char' and src is not None and src.is_file() and \
+      workdir_tokenizer.sha256_of(src) != want:
+    raise DataError(f"data.path '{folder}' was prepared with a different tokenizer file "
+                    f"(sha256 {want[:12]}..., from {made_with.get('path')}) than "
+                    f"data.tokenizer_path '{data_cfg.tokenizer_path}'; prepare the store again "
+                    'with this tokenizer or train with the original one')
 
 
 def _check_size(files: Sequence[Path], where: str, source: str) -> None:

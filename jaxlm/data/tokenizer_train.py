@@ -46,6 +46,9 @@ def define_flags(fv: flags.FlagValues) -> None:
                      'their own piece (the rest fall back to bytes)', flag_values=fv)
   flags.DEFINE_string('output', None, 'tokenizer.json (bpe), .model (sentencepiece) or a '
                       'directory to put tokenizer.json / tokenizer.model in', flag_values=fv)
+  flags.DEFINE_bool('overwrite', False, 'replace an existing --output file (runs trained with '
+                    'it keep their own copy, but anything else reading it changes)',
+                    flag_values=fv)
 
 
 def run(fv: flags.FlagValues, args: List[str]) -> int:
@@ -55,6 +58,9 @@ def run(fv: flags.FlagValues, args: List[str]) -> int:
   for name in ('input', 'output'):
     if not fv[name].value:
       raise ConfigError(f'jaxlm tokenizer train needs --{name}')
+  target = output_file(fv.output, fv.kind)
+  if target.exists() and not fv.overwrite:  # refused before the (long) sampling and training
+    raise ConfigError(f"--output '{target}' exists; pass --overwrite to replace it")
   train_docs, held_out = sample(fv.input, fv.format, fv.field, fv.text_unit, fv.max_bytes,
                                 fv.holdout_fraction)
   path = train(train_docs, fv.kind, fv.vocab_size, fv.output, fv.character_coverage)
@@ -109,12 +115,17 @@ def _split_bytes(docs, limit: int, rest: bool = True) -> Tuple[List[str], List[s
   return [d for d in head if d], [d for d in tail if d] if rest else []
 
 
+def output_file(output, kind: str) -> Path:
+  """The file --output names: itself, or <dir>/tokenizer.json / tokenizer.model."""
+  out = Path(output).expanduser()
+  if out.is_dir() or out.suffix != Path(_KINDS[kind][1]).suffix:
+    out = out / _KINDS[kind][1]
+  return out
+
+
 def train(docs: List[str], kind: str, vocab_size: int, output, coverage: float = 0.9995) -> str:
   """Trains a tokenizer of `kind` ('bpe' or 'sentencepiece') on `docs`; returns the file path."""
-  out = Path(output).expanduser()
-  suffix = Path(_KINDS[kind][1]).suffix
-  if out.is_dir() or out.suffix != suffix:
-    out = out / _KINDS[kind][1]
+  out = output_file(output, kind)
   out.parent.mkdir(parents=True, exist_ok=True)
   if vocab_size < 256 + len(SPECIALS) + 4:  # the byte alphabet and specials, and a few merges
     raise ConfigError(f'--vocab_size {vocab_size} is too small: the 256 bytes and '

@@ -11,6 +11,7 @@ from typing import Optional, Protocol, Sequence, Union
 
 import numpy as np
 
+from jaxlm import workdir_tokenizer
 from jaxlm.errors import DataError
 
 Ids = Union[np.ndarray, Sequence[int]]
@@ -192,6 +193,8 @@ def get_tokenizer(data_cfg) -> Tokenizer:
   path = Path(where).expanduser()
   if not path.exists():
     raise DataError(f"{key} '{path}' does not exist")
+  # A run's recorded copy must still be the file it trained with.
+  workdir_tokenizer.check(data_cfg, path / 'tokenizer.json' if path.is_dir() else path)
   if kind == 'char':
     return CharTokenizer(path)
   return SentencePieceTokenizer(path) if kind == 'sentencepiece' else HFTokenizer(path)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from jaxlm import config as config_lib
 from jaxlm import hooks as hooks_lib
 from jaxlm import mesh as mesh_lib
-from jaxlm import preflight, runtime, storage
+from jaxlm import preflight, runtime, storage, workdir_tokenizer
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import make_pipeline
 from jaxlm.engine import Setup
@@ -105,9 +105,14 @@ class Trainer:
     DataError / CheckpointError (bad input). Whatever happens, everything the
     run opened is closed on the way out of the ``with cleanup`` block below.
     """
-    cfg, workdir = self.cfg, self.workdir
+    workdir = self.workdir
     runtime.initialize()
-    config_lib.validate(cfg)
+    config_lib.validate(self.cfg)
+    cfg = self.cfg = preflight.absolute_paths(self.cfg)
+    has_run = storage.path(workdir).joinpath('config.json').exists()
+    saved = config_lib.load_saved(workdir) if has_run else None
+    if saved is not None:  # resuming: the run keeps the tokenizer copy it recorded
+      workdir_tokenizer.adopt_saved(cfg, saved)
     changed = config_lib.conflicts(cfg, workdir)
     if changed:
       raise ConfigError(f"workdir '{workdir}' holds a run with a different config: "
@@ -119,12 +124,15 @@ class Trainer:
     data = make_pipeline(cfg, jax.process_index(), jax.process_count())
     preflight.check_vocab(cfg, data.tokenizer)
     preflight.check_model_fits(cfg, mesh)  # before the first byte goes to the workdir
+    tokenizer_copy = None if saved is not None else workdir_tokenizer.plan(cfg, workdir,
+                                                                           data.tokenizer)
     with contextlib.ExitStack() as cleanup:
       it = data.train_iterator()
       if hasattr(it, 'close'):
         cleanup.callback(it.close)
       ckpt = cleanup.enter_context(Checkpointer(workdir, cfg.checkpoint))
       cfg = self.cfg = self._with_horizon(ckpt)
+      cfg = self.cfg = workdir_tokenizer.install(cfg, workdir, tokenizer_copy, runtime.is_main())
       if runtime.is_main():  # only once the config has proved loadable
         config_lib.save(cfg, workdir)
       setup = Setup(cfg, mesh)

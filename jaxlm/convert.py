@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from absl import flags
 
 from jaxlm import config as config_lib
-from jaxlm import hf, hf_writer, lock, param_store, runtime, storage
+from jaxlm import hf, hf_writer, lock, param_store, preflight, runtime, storage
+from jaxlm import workdir_tokenizer
 from jaxlm import mesh as mesh_lib
 from jaxlm.checkpoint import Checkpointer, leaf_name
 from jaxlm.data.tokenizers import get_tokenizer
@@ -101,6 +102,7 @@ def import_hf(hf_dir: str, workdir: str, data_path: str = '', param_dtype: str =
   cfg = config_from_hf(hf_dir, hf_cfg)
   if data_path:
     cfg.data.path = data_path
+  cfg = preflight.absolute_paths(cfg)
   if param_dtype:
     cfg.model.param_dtype = param_dtype
   config_lib.validate(cfg, need_data=False)
@@ -109,6 +111,8 @@ def import_hf(hf_dir: str, workdir: str, data_path: str = '', param_dtype: str =
   want = {leaf_name(p): a for p, a in jax.tree_util.tree_flatten_with_path(
       setup.abstract_state.params)[0]}
   leaves = _checked_leaves(tensors, cfg.model, want)
+  tokenizer_copy = workdir_tokenizer.plan(cfg, workdir, get_tokenizer(cfg.data)) \
+      if cfg.data.tokenizer != 'byte' else None
   # Absolute: Orbax refuses a relative destination.
   building = storage.join(storage.absolute(workdir), 'checkpoints.importing')
   if storage.path(building).exists():  # what an interrupted import left
@@ -127,6 +131,7 @@ def import_hf(hf_dir: str, workdir: str, data_path: str = '', param_dtype: str =
       storage.path(building).rmtree()
     raise
   # config.json last: a workdir with a config always holds the step it describes.
+  cfg = workdir_tokenizer.install(cfg, workdir, tokenizer_copy)
   config_lib.save(cfg, workdir)
   (storage.path(workdir) / 'checkpoints').mkdir(parents=True, exist_ok=True)
   storage.path(building).rename(storage.path(storage.join(workdir, 'checkpoints', '0')))

@@ -38,7 +38,8 @@ RESUMABLE_KEYS = ('name', 'train.steps', 'train.log_every', 'train.peak_flops', 
                   'train.progress', 'train.max_bad_steps', 'eval.', 'checkpoint.', 'mesh.',
                   'data.worker_count', 'data.prefetch', 'data.path', 'data.tokenizer_path',
                   'optim.decay_steps',
-                  'model.loss_chunk', 'model.loss_vocab_chunk')  # the same loss, summed in another order
+                  'model.loss_chunk', 'model.loss_vocab_chunk',  # the same loss, summed in another order
+                  'model.pipeline_')  # the same model, scheduled over stages differently
 
 
 def _get(cfg, dotted: str):

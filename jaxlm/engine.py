@@ -26,6 +26,7 @@ from jaxlm.data.packing import BATCH_KEYS
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.generate import generate
+from jaxlm.model import pipeline
 from jaxlm.model.transformer import build_model, param_count
 from jaxlm.train.optimizer import horizon, make_optimizer, schedule
 from jaxlm.train.step import TrainState, make_eval_step, make_train_step, new_state
@@ -51,6 +52,9 @@ def check_divisibility(cfg, mesh) -> None:
   for key in ('n_heads', 'mlp_dim', 'moe_mlp_dim'):
     if cfg.model[key] % tensor:
       raise ConfigError(f'model.{key}={cfg.model[key]} does not divide over mesh.tensor={tensor}')
+  stages = mesh_lib.pipeline_stages(mesh)
+  pipeline.check(cfg.model, stages, micro, dp)
+  pipeline.check(cfg.model, stages, eval_bs // eval_micro_batches(cfg, mesh), dp)
   expert = mesh.shape.get('expert', 1)
   if expert > 1 and cfg.model.moe_experts % expert:
     raise ConfigError(f'model.moe_experts={cfg.model.moe_experts} does not divide over '

@@ -80,6 +80,14 @@ def schedule(stages: int, micro: int, repeats: int) -> np.ndarray:
   return np.where((w >= 0) & (w < micro * repeats), w, -1)
 
 
+def rotate(h: jax.Array) -> jax.Array:
+  """[stages, ...] -> stage s holds what stage s - 1 held (the last wraps to stage 0).
+
+  Over the stage axis split on 'pipeline' this is XLA's collective-permute.
+  """
+  return jnp.roll(h, 1, axis=0)
+
+
 def _stage_axes():
   """Mesh axes of the logical 'stage' axis under the active rules (None outside a mesh)."""
   axes = nn.logical_to_mesh_axes(('stage',))[0]
@@ -128,7 +136,7 @@ def run(unit_fn, params, x, aux, *, stages: int, micro: int, repeats: int):
     valid = w >= 0
     mb, rep = jnp.where(valid, w % micro, 0), jnp.clip(w // micro, 0, repeats - 1)
     # Stage s takes stage s-1's last output; stage 0 the buffered micro-batch.
-    h = jnp.roll(prev, 1, axis=0)
+    h = rotate(prev)
     h = jnp.where(first[:, None, None, None], buf[mb[0]][None], h)
     h = pin(h, (axes,))
     a = jax.tree.map(lambda v: v[mb], aux)

@@ -112,6 +112,19 @@ def _gib(n: float) -> str:
   return f'{n / 2**10:.1f} KiB'
 
 
+def _print_traffic(e) -> None:
+  """Collective bytes per device and step, and the pipeline's bubble, of a compiled step."""
+  sent = e.get('collectives', {})
+  print('collectives ' + ', '.join(f'{k} {_gib(v)}' for k, v in sent.items() if v)
+        + ' per device per step (XLA, loops counted per trip)' if any(sent.values()) else
+        'collectives none (one device, or nothing sharded)')
+  p = e.get('pipeline')
+  if p:
+    print(f"pipeline    {p['stages']} stages x {p['repeats']} repeats, {p['microbatches']} "
+          f"micro-batches: bubble {p['bubble']:.1%} = (stages - 1) / (microbatches x repeats"
+          ' + stages - 1)')
+
+
 def plan(fv) -> int:
   """Compiles the train step for the configured mesh (any size) and says whether it fits."""
   cfg = fv.config
@@ -145,6 +158,8 @@ def plan(fv) -> int:
             f"({e['per_device_batch']} x {cfg.data.seq_len} tokens per device): "
             f"args {_gib(e['args'])} + temp {_gib(e['temp'])} + outputs {_gib(e['outputs'])}"
             f" = {_gib(e['total'])} per device (XLA){verdict}", flush=True)
+      if e['event'] == 'first':
+        _print_traffic(e)
     elif e['event'] == 'choice':
       print(f"fits        with --config.train.grad_accum={e['grad_accum']}"
             + (f" --config.model.remat={e['remat']}" if e['remat'] != cfg.model.remat else ''))

@@ -145,14 +145,18 @@ class Setup:
     return new_state(params, opt_state,
                      jax.device_put(jnp.asarray(step, jnp.int32), self.state_shardings.step))
 
-  def train_step_memory(self):
-    """XLA's memory analysis of the compiled train step, per device (None if unavailable)."""
+  def compile_train_step(self):
+    """The train step compiled for abstract inputs (nothing allocated): for its analyses."""
     shape = (self.cfg.train.batch_size, self.cfg.data.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, np.float32 if k == 'loss_mask' else np.int32,
                                      sharding=self.batch_sharding)
              for k in BATCH_KEYS}
     with sharding.activate(self.mesh, self.rules):
-      return self._train_step.lower(self.abstract_state, batch).compile().memory_analysis()
+      return self._train_step.lower(self.abstract_state, batch).compile()
+
+  def train_step_memory(self):
+    """XLA's memory analysis of the compiled train step, per device (None if unavailable)."""
+    return self.compile_train_step().memory_analysis()
 
   def device_batch(self, local: dict) -> dict:
     """Per-process numpy rows -> global arrays sharded over the batch axes."""

@@ -114,10 +114,8 @@ def _gib(n: float) -> str:
 
 def _print_traffic(e) -> None:
   """Collective bytes per device and step, and the pipeline's bubble, of a compiled step."""
-  sent = e.get('collectives', {})
-  print('collectives ' + ', '.join(f'{k} {_gib(v)}' for k, v in sent.items() if v)
-        + ' per device per step (XLA, loops counted per trip)' if any(sent.values()) else
-        'collectives none (one device, or nothing sharded)')
+  traffic = ', '.join(f'{k} {_gib(v)}' for k, v in e.get('collectives', {}).items() if v)
+  print(f"collectives per device per step: {traffic or 'none'}")
   p = e.get('pipeline')
   if p:
     print(f"pipeline    {p['stages']} stages x {p['repeats']} repeats, {p['microbatches']} "

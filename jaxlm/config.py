@@ -73,7 +73,10 @@ def validate(cfg, need_data: bool = True) -> None:
   for key in positive:
     if _get(cfg, key) <= 0:
       raise ConfigError(f'{key}={_get(cfg, key)} must be positive')
-  for key in ('model.sliding_window', 'checkpoint.keep_period', 'checkpoint.keep_best',
+  if m.pipeline_repeats < 1:
+    raise ConfigError(f'model.pipeline_repeats={m.pipeline_repeats} must be positive')
+  for key in ('model.pipeline_microbatches', 'model.sliding_window', 'checkpoint.keep_period',
+              'checkpoint.keep_best',
               'checkpoint.every', 'data.prefetch', 'data.worker_count', 'optim.decay_steps'):
     if _get(cfg, key) < 0:
       raise ConfigError(f'{key}={_get(cfg, key)} must be >= 0')

@@ -149,7 +149,7 @@ class Transformer(nn.Module):
     if c.position == 'learned':
       x = x + self.pos_embed(positions)
     aux = (positions, m, cache_index)
-    if self.group and cache is None and _stages() > 1 and not self.is_initializing():
+    if c.scan_layers and cache is None and self._pipelines(b):
       x, new_layer_cache = self._pipelined(x, positions, m), None
     elif self.group:  # [layers, ...] cache <-> [groups, moe_every, ...]
       split = lambda a: a.reshape(a.shape[0] // c.moe_every, c.moe_every, *a.shape[1:])
@@ -157,8 +157,6 @@ class Transformer(nn.Module):
       x, new_layer_cache = self.layers(x, aux, grouped)
       if new_layer_cache is not None:
         new_layer_cache = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), new_layer_cache)
-    elif c.scan_layers and cache is None and _stages() > 1 and not self.is_initializing():
-      x, new_layer_cache = self._pipelined(x, positions, m), None
     elif c.scan_layers:
       x, new_layer_cache = self.layers(x, aux, layer_cache)
     else:
@@ -173,6 +171,14 @@ class Transformer(nn.Module):
     if cache is None:
       return x, None
     return x, {**new_layer_cache, 'segment': kv_segment}
+
+  def _pipelines(self, rows: int) -> bool:
+    """Whether the stack runs pipelined: on a mesh with stages, for a batch of ``rows``
+    that splits into the micro-batches (others, e.g. a scoring batch, scan the stack as
+    one device would: the same result, unpipelined)."""
+    stages = _stages()
+    return (stages > 1 and not self.is_initializing()
+            and rows % pipeline.microbatches(self.cfg, stages) == 0)
 
   def _pipelined(self, x, positions, m):
     """The scanned stack over pipeline stages (jaxlm.model.pipeline); same params, same result."""

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Pinned versions (see the file's header): a free resolve of the cloud extras runs pip out of depth.
 PIP_INSTALL := $(BIN)/pip install -q -c .ci/constraints.txt
 
-.PHONY: install demo test test-cloud test-slurm test-package test-demo clean
+.PHONY: install demo test test-cloud test-slurm test-package test-demo test-slow clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ test-package: $(VENV)/.installed-test
 # `make demo`'s own commands (read from this file) with 40 of its 500 steps (about a minute).
 test-demo: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -x --timeout=900 -m demo tests/demo
+
+# Tests whose behaviour a cheaper make-test test covers too (e.g. more pipeline layouts; a few minutes).
+test-slow: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -x --timeout=1800 -m slow tests
 
 clean:
 	rm -rf runs

@@ -117,6 +117,17 @@ def _gib(n: float) -> str:
   return f'{n / 2**10:.1f} KiB'
 
 
+def _print_traffic(e) -> None:
+  """Collective bytes per device and step, and the pipeline's bubble, of a compiled step."""
+  traffic = ', '.join(f'{k} {_gib(v)}' for k, v in e.get('collectives', {}).items() if v)
+  print(f"collectives per device per step: {traffic or 'none'}")
+  p = e.get('pipeline')
+  if p:
+    print(f"pipeline    {p['stages']} stages x {p['repeats']} repeats, {p['microbatches']} "
+          f"micro-batches: bubble {p['bubble']:.1%} = (stages - 1) / (microbatches x repeats"
+          ' + stages - 1)')
+
+
 def plan(fv) -> int:
   """Compiles the train step for the configured mesh (any size) and says whether it fits."""
   cfg = fv.config
@@ -150,6 +161,8 @@ def plan(fv) -> int:
             f"({e['per_device_batch']} x {cfg.data.seq_len} tokens per device): "
             f"args {_gib(e['args'])} + temp {_gib(e['temp'])} + outputs {_gib(e['outputs'])}"
             f" = {_gib(e['total'])} per device (XLA){verdict}", flush=True)
+      if e['event'] == 'first':
+        _print_traffic(e)
     elif e['event'] == 'choice':
       print(f"fits        with --config.train.grad_accum={e['grad_accum']}"
             + (f" --config.model.remat={e['remat']}" if e['remat'] != cfg.model.remat else ''))

@@ -38,7 +38,8 @@ RESUMABLE_KEYS = ('name', 'train.steps', 'train.log_every', 'train.peak_flops', 
                   'train.progress', 'train.max_bad_steps', 'eval.', 'checkpoint.', 'mesh.',
                   'data.worker_count', 'data.prefetch', 'data.path', 'data.tokenizer_path',
                   'optim.decay_steps',
-                  'model.loss_chunk', 'model.loss_vocab_chunk')  # the same loss, summed in another order
+                  'model.loss_chunk', 'model.loss_vocab_chunk',  # the same loss, summed in another order
+                  'model.pipeline_')  # the same model, scheduled over stages differently
 
 
 def _get(cfg, dotted: str):
@@ -72,7 +73,10 @@ def validate(cfg, need_data: bool = True) -> None:
   for key in positive:
     if _get(cfg, key) <= 0:
       raise ConfigError(f'{key}={_get(cfg, key)} must be positive')
-  for key in ('model.sliding_window', 'checkpoint.keep_period', 'checkpoint.keep_best',
+  if m.pipeline_repeats < 1:
+    raise ConfigError(f'model.pipeline_repeats={m.pipeline_repeats} must be positive')
+  for key in ('model.pipeline_microbatches', 'model.sliding_window', 'checkpoint.keep_period',
+              'checkpoint.keep_best',
               'checkpoint.every', 'data.prefetch', 'data.worker_count', 'optim.decay_steps'):
     if _get(cfg, key) < 0:
       raise ConfigError(f'{key}={_get(cfg, key)} must be >= 0')

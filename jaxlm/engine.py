@@ -26,6 +26,7 @@ from jaxlm.data.packing import BATCH_KEYS
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.generate import generate
+from jaxlm.model import pipeline
 from jaxlm.model.transformer import build_model, param_count
 from jaxlm.train.optimizer import horizon, make_optimizer, schedule
 from jaxlm.train.step import TrainState, make_eval_step, make_train_step, new_state
@@ -51,6 +52,9 @@ def check_divisibility(cfg, mesh) -> None:
   for key in ('n_heads', 'mlp_dim', 'moe_mlp_dim'):
     if cfg.model[key] % tensor:
       raise ConfigError(f'model.{key}={cfg.model[key]} does not divide over mesh.tensor={tensor}')
+  stages = mesh_lib.pipeline_stages(mesh)
+  pipeline.check(cfg.model, stages, micro, dp)
+  pipeline.check(cfg.model, stages, eval_bs // eval_micro_batches(cfg, mesh), dp)
   expert = mesh.shape.get('expert', 1)
   if expert > 1 and cfg.model.moe_experts % expert:
     raise ConfigError(f'model.moe_experts={cfg.model.moe_experts} does not divide over '
@@ -141,14 +145,18 @@ class Setup:
     return new_state(params, opt_state,
                      jax.device_put(jnp.asarray(step, jnp.int32), self.state_shardings.step))
 
-  def train_step_memory(self):
-    """XLA's memory analysis of the compiled train step, per device (None if unavailable)."""
+  def compile_train_step(self):
+    """The train step compiled for abstract inputs (nothing allocated): for its analyses."""
     shape = (self.cfg.train.batch_size, self.cfg.data.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, np.float32 if k == 'loss_mask' else np.int32,
                                      sharding=self.batch_sharding)
              for k in BATCH_KEYS}
     with sharding.activate(self.mesh, self.rules):
-      return self._train_step.lower(self.abstract_state, batch).compile().memory_analysis()
+      return self._train_step.lower(self.abstract_state, batch).compile()
+
+  def train_step_memory(self):
+    """XLA's memory analysis of the compiled train step, per device (None if unavailable)."""
+    return self.compile_train_step().memory_analysis()
 
   def device_batch(self, local: dict) -> dict:
     """Per-process numpy rows -> global arrays sharded over the batch axes."""

@@ -1,9 +1,10 @@
 """Builds the device mesh from the config's ``mesh`` section.
 
-A single CPU is a 1x1x1x1x1 mesh: every code path is the same on 1 device and
-on a pod. ICI axes (``data, fsdp, expert, tensor, sequence``) lay out devices inside a
-slice; DCN axes (``dcn_data, dcn_fsdp``) repeat that layout across slices or
-hosts, and are folded into ``data`` and ``fsdp`` of the final mesh.
+A single CPU is a 1x1x1x1x1x1 mesh: every code path is the same on 1 device and
+on a pod. ICI axes (``pipeline, data, fsdp, expert, tensor, sequence``) lay out devices
+inside a slice; DCN axes (``dcn_pipeline, dcn_data, dcn_fsdp``) repeat that layout
+across slices or hosts, and are folded into ``pipeline``, ``data`` and ``fsdp`` of the
+final mesh.
 """
 
 import math
@@ -15,6 +16,9 @@ from jax.sharding import Mesh
 
 from jaxlm.errors import ConfigError
 from jaxlm.sharding import MESH_AXES
+
+# Each DCN axis and the ICI axis it multiplies in the final mesh.
+DCN_AXES = {'dcn_pipeline': 'pipeline', 'dcn_data': 'data', 'dcn_fsdp': 'fsdp'}
 
 
 def _resolve(sizes: dict[str, int], total: int, what: str) -> list[int]:
@@ -45,8 +49,9 @@ def _fmt(sizes: dict[str, int]) -> str:
 
 def mesh_shape(mesh_cfg, num_devices: int, num_slices: int = 1):
   """Returns (ici_shape, dcn_shape), each over MESH_AXES."""
-  dcn = {'dcn_data': int(mesh_cfg.dcn_data), 'dcn_fsdp': int(mesh_cfg.dcn_fsdp)}
-  dcn_shape = _resolve(dcn, num_slices, 'DCN') + [1] * (len(MESH_AXES) - 2)
+  dcn = dict(zip(DCN_AXES, _resolve({k: int(mesh_cfg[k]) for k in DCN_AXES}, num_slices, 'DCN')))
+  over = {v: dcn[k] for k, v in DCN_AXES.items()}
+  dcn_shape = [over.get(a, 1) for a in MESH_AXES]
   per_slice = num_devices // num_slices
   ici = {k: int(mesh_cfg[k]) for k in MESH_AXES}
   return _resolve(ici, per_slice, 'mesh'), dcn_shape
@@ -60,7 +65,7 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   """A ``Mesh`` with axes MESH_AXES, respecting the physical topology."""
   devices = list(devices if devices is not None else jax.devices())
   slices = _num_slices(devices)
-  dcn_requested = int(mesh_cfg.dcn_data) * int(mesh_cfg.dcn_fsdp)
+  dcn_requested = math.prod(int(mesh_cfg[k]) for k in DCN_AXES)
   if slices == 1 and dcn_requested not in (1, -1):
     # No slice boundaries (CPU, one GPU host): DCN axes are ordinary axes
     # over processes, so fold them into the ICI shape.
@@ -89,19 +94,24 @@ class _Folded(dict):
 
 def _fold_dcn(mesh_cfg):
   out = _Folded({k: int(mesh_cfg[k]) for k in MESH_AXES})
-  for dcn_key, ici_key in (('dcn_data', 'data'), ('dcn_fsdp', 'fsdp')):
+  for dcn_key, ici_key in DCN_AXES.items():
     n = int(mesh_cfg[dcn_key])
     if n > 1:
       if out[ici_key] == -1:
         continue  # -1 already absorbs whatever is left
       out[ici_key] *= n
-  out['dcn_data'] = out['dcn_fsdp'] = 1
+  out.update(dict.fromkeys(DCN_AXES, 1))
   return out
 
 
 def data_parallel_size(mesh: Mesh) -> int:
   """Number of ways the batch is split (data x fsdp x expert)."""
   return mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape.get('expert', 1)
+
+
+def pipeline_stages(mesh: Mesh) -> int:
+  """Pipeline stages the layer stack is split into (mesh.pipeline x mesh.dcn_pipeline)."""
+  return mesh.shape.get('pipeline', 1)
 
 
 def fit_to_host(cfg) -> Mesh:
@@ -114,7 +124,7 @@ def fit_to_host(cfg) -> Mesh:
     return make_mesh(cfg.mesh)
   except ConfigError:
     with cfg.unlocked():
-      for k in ('fsdp', 'expert', 'tensor', 'sequence', 'dcn_data', 'dcn_fsdp'):
+      for k in ('pipeline', 'fsdp', 'expert', 'tensor', 'sequence', *DCN_AXES):
         cfg.mesh[k] = 1
       cfg.mesh.data = -1
     return make_mesh(cfg.mesh)

@@ -24,8 +24,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxlm import collectives
 from jaxlm import mesh as mesh_lib
 from jaxlm.errors import ConfigError, JaxlmError
+from jaxlm.model import pipeline
 
 GiB = 2**30
 MiB = 2**20
@@ -77,7 +79,7 @@ def mesh_devices(cfg, requested: int = 0) -> int:
   """Devices the mesh is planned for: ``requested``, else this host's count when
   the config's mesh fits it, else the smallest mesh the config describes (each
   -1 axis taken as 1)."""
-  sizes = [int(cfg.mesh[k]) for k in mesh_lib.MESH_AXES + ('dcn_data', 'dcn_fsdp')]
+  sizes = [int(cfg.mesh[k]) for k in mesh_lib.MESH_AXES + tuple(mesh_lib.DCN_AXES)]
   fixed = math.prod(s for s in sizes if s != -1)
   if requested:
     return requested
@@ -97,7 +99,14 @@ def figures(cfg, mesh, with_sizes: bool = False) -> dict:
          // mesh_lib.data_parallel_size(mesh)}
   if with_sizes:
     out.update(_sizes(setup.abstract_state))
-  mem = setup.train_step_memory()
+  compiled = setup.compile_train_step()
+  mem = compiled.memory_analysis()
+  out['collectives'] = collectives.collective_bytes(compiled.as_text())
+  stages = mesh_lib.pipeline_stages(mesh)
+  if stages > 1:
+    out['pipeline'] = {'stages': stages, 'microbatches': pipeline.microbatches(cfg.model, stages),
+                       'repeats': int(cfg.model.pipeline_repeats)}
+    out['pipeline']['bubble'] = pipeline.bubble_fraction(*out['pipeline'].values())
   if mem is not None:
     out.update(args=mem.argument_size_in_bytes, temp=mem.temp_size_in_bytes,
                outputs=mem.output_size_in_bytes - mem.alias_size_in_bytes)

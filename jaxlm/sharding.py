@@ -16,14 +16,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxlm.errors import ConfigError
 
 # Mesh axes, outermost first. DCN (across slices/hosts) axes are folded into
-# 'data' and 'fsdp' by jaxlm.mesh, so rules only ever name these five.
-# 'expert' splits MoE experts (and, like data parallelism, the batch); it sits
-# inside fsdp so its all-to-alls stay on the fastest links after 'tensor'.
-MESH_AXES = ('data', 'fsdp', 'expert', 'tensor', 'sequence')
+# 'pipeline', 'data' and 'fsdp' by jaxlm.mesh, so rules only ever name these six.
+# 'pipeline' splits the scanned layer stack into stages (jaxlm.model.pipeline); it is
+# outermost because stages exchange one micro-batch of activations per iteration,
+# the least traffic of any axis. 'expert' splits MoE experts (and, like data
+# parallelism, the batch); it sits inside fsdp so its all-to-alls stay on the
+# fastest links after 'tensor'.
+MESH_AXES = ('pipeline', 'data', 'fsdp', 'expert', 'tensor', 'sequence')
 
 # Every logical axis a layer may name.
 LOGICAL_AXES = ('batch', 'length', 'embed', 'mlp', 'heads', 'kv_heads',
-                'head_dim', 'vocab', 'layers', 'norm', 'expert')
+                'head_dim', 'vocab', 'layers', 'norm', 'expert', 'stage')
 
 # Default rules. A logical axis maps to a mesh axis, a tuple of them, or None
 # (replicated). Flax uses the first rule whose mesh axes are still free in the
@@ -37,7 +40,8 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ('kv_heads', 'tensor'),        # see rules_for(): dropped if kv_heads < tensor
     ('head_dim', None),
     ('vocab', 'tensor'),
-    ('layers', None),              # scanned layer axis stays whole
+    ('layers', 'pipeline'),        # scanned layer stack: contiguous blocks per pipeline stage
+    ('stage', 'pipeline'),         # the [stages] axis of the pipeline's staged view
     ('norm', None),
     ('expert', 'expert'),          # MoE: each expert shard holds experts / mesh.expert
 )

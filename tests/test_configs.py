@@ -26,6 +26,7 @@ PUBLISHED = {
     'llama_1b.py': (1_235_814_400, 0.05),  # meta-llama/Llama-3.2-1B
     'llama_8b.py': (8_030_261_248, 0.03),  # meta-llama/Meta-Llama-3-8B
     'llama_70b.py': (70_553_706_496, 0.03),  # meta-llama/Meta-Llama-3-70B
+    'llama_405b.py': (405_853_388_800, 0.03),  # meta-llama/Llama-3.1-405B
     'mixtral_8x7b.py': (46_702_792_704, 0.0),  # mistralai/Mixtral-8x7B-v0.1
 }
 

@@ -58,6 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
   m.moe_renormalize = True  # top-k weights renormalized to sum to 1 (Mixtral); False = raw softmax
   m.moe_aux_loss_weight = 0.01  # weight of the load-balancing loss in the training loss
   m.moe_z_loss_weight = 0.001  # weight of the router z-loss (keeps router logits small)
+  # Pipeline (jaxlm/model/pipeline.py; README "Pipeline parallelism"), used when
+  # mesh.pipeline x mesh.dcn_pipeline > 1: the layer stack is split into that many stages.
+  m.pipeline_microbatches = 0  # micro-batches in flight through the stages (>= stages; 0 = stages)
+  m.pipeline_repeats = 1  # circular schedule: layer groups per stage (bubble / repeats)
 
   # ---- data: where tokens come from and how they are packed.
   d = c.data = ml_collections.ConfigDict()
@@ -145,6 +149,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- device mesh: product of all axes must equal the device count; -1 = the rest.
   mesh = c.mesh = ml_collections.ConfigDict()
+  mesh.pipeline = 1  # pipeline stages inside a slice (layer stack split; see model.pipeline_*)
   mesh.data = -1  # pure data parallel (replicated params)
   mesh.fsdp = 1  # fully sharded data parallel (params/grads/opt state sharded)
   mesh.expert = 1  # expert parallel: MoE experts split, tokens sent all-to-all (batch split too)
@@ -152,6 +157,7 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.sequence = 1  # sequence/context parallel (length split)
   mesh.dcn_data = 1  # data-parallel replicas across slices/hosts (DCN)
   mesh.dcn_fsdp = 1  # FSDP across slices/hosts (DCN)
+  mesh.dcn_pipeline = 1  # pipeline stages across slices/hosts (DCN): the least traffic of any axis
   mesh.rules = ''  # overrides of logical-axis rules, e.g. 'mlp=tensor;embed=fsdp'
   c.lock()  # a mistyped key in a size file or override raises
   return c

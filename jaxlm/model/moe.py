@@ -234,6 +234,9 @@ class MoeMlp(nn.Module):
     self.sow('intermediates', 'moe_aux_loss', balance)
     self.sow('intermediates', 'moe_router_z_loss', z)
     self.sow('intermediates', 'moe_load', load)
+    # Mean router probabilities [experts]: with moe_load, the pipeline rebuilds the exact
+    # whole-batch balance loss from its micro-batches' means (jaxlm.model.pipeline).
+    self.sow('intermediates', 'moe_prob', jnp.mean(jax.nn.softmax(logits.reshape(b * t, n), -1), 0))
     r = Routing(r.experts.reshape(b, t, k), r.weights.reshape(b, t, k))
     y = _sharded_experts(x.astype(cdt), r, gate.astype(cdt), up.astype(cdt), down.astype(cdt),
                          c.moe_capacity_factor)

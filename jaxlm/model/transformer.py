@@ -13,6 +13,7 @@ from flax import linen as nn
 
 from jaxlm.model.attention import REMAT_NAMES, Attention, MaskInfo
 from jaxlm.model.layers import Dense, Mlp, Norm, dtype_of, param_init
+from jaxlm.model import pipeline
 from jaxlm.model.moe import MoeMlp
 from jaxlm.sharding import constrain
 
@@ -148,7 +149,9 @@ class Transformer(nn.Module):
     if c.position == 'learned':
       x = x + self.pos_embed(positions)
     aux = (positions, m, cache_index)
-    if self.group:  # [layers, ...] cache <-> [groups, moe_every, ...]
+    if c.scan_layers and cache is None and self._pipelines(b):
+      x, new_layer_cache = self._pipelined(x, positions, m), None
+    elif self.group:  # [layers, ...] cache <-> [groups, moe_every, ...]
       split = lambda a: a.reshape(a.shape[0] // c.moe_every, c.moe_every, *a.shape[1:])
       grouped = None if layer_cache is None else jax.tree.map(split, layer_cache)
       x, new_layer_cache = self.layers(x, aux, grouped)
@@ -169,6 +172,47 @@ class Transformer(nn.Module):
       return x, None
     return x, {**new_layer_cache, 'segment': kv_segment}
 
+  def _pipelines(self, rows: int) -> bool:
+    """Whether the stack runs pipelined: on a mesh with stages, for a batch of ``rows``
+    that splits into the micro-batches (others, e.g. a scoring batch, scan the stack as
+    one device would: the same result, unpipelined)."""
+    stages = _stages()
+    return (stages > 1 and not self.is_initializing()
+            and rows % pipeline.microbatches(self.cfg, stages) == 0)
+
+  def _pipelined(self, x, positions, m):
+    """The scanned stack over pipeline stages (jaxlm.model.pipeline); same params, same result."""
+    c = self.cfg
+    stages = _stages()
+    unit = (BlockGroup(c, parent=None) if self.group
+            else Block(c, moe=c.moe_experts > 0, parent=None))
+    mutable = ['intermediates'] if c.moe_experts else False
+
+    def unit_fn(p, h, a):
+      pos, mask = a
+      out = unit.apply({'params': p}, h, (pos, mask, None), None, mutable=mutable)
+      (h, _), sown = out if mutable else (out, {})
+      return h, sown.get('intermediates', {})
+    if c.remat != 'none':
+      unit_fn = jax.checkpoint(unit_fn, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
+    x, sown = pipeline.run(unit_fn, self.variables['params']['layers'], x, (positions, m),
+                           stages=stages, micro=pipeline.microbatches(c, stages),
+                           repeats=c.pipeline_repeats)
+    self._sow_moe(sown)
+    return x
+
+  def _sow_moe(self, sown):
+    """Re-sows the pipeline's per-unit MoE means as the unpipelined stack would have."""
+    if isinstance(sown, dict) and 'moe_load' in sown:
+      load, prob = sown['moe_load'][0], sown['moe_prob'][0]
+      # Balance loss E * sum_e f_e * P_e of the whole batch, from the micro-batch means.
+      self.sow('intermediates', 'moe_aux_loss', jnp.sum(load * prob, axis=-1))
+      self.sow('intermediates', 'moe_router_z_loss', sown['moe_router_z_loss'][0])
+      self.sow('intermediates', 'moe_load', load)
+    elif isinstance(sown, dict):
+      for v in sown.values():
+        self._sow_moe(v)
+
   def logits(self, x):
     """Hidden states [batch, length, embed] -> fp32 logits [batch, length, vocab]."""
     c = self.cfg
@@ -177,6 +221,12 @@ class Transformer(nn.Module):
     if 0 < c.vocab_used < c.vocab_size:  # padding rows: never predicted, sampled or scored
       logits = jnp.where(jnp.arange(c.vocab_size) < c.vocab_used, logits, _PAD_LOGIT)
     return logits
+
+
+def _stages() -> int:
+  """Pipeline stages of the active mesh (1 outside one): traced code follows the mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else dict(mesh.shape).get('pipeline', 1)
 
 
 def init_cache(cfg, batch: int, max_len: int, dtype=None):

@@ -44,13 +44,6 @@ def check_vocab(cfg, tokenizer) -> None:
                       f'vocabulary ({need}): pass --config.model.vocab_size={fix}')
 
 
-def check_model_fits(cfg, mesh) -> None:
-  """Batch, length and every parameter's shape divide over ``mesh``: ConfigError naming
-  the field, or the parameter, its shape and the mesh axis (nothing is compiled or written)."""
-  from jaxlm.engine import Setup, check_placeable  # noqa: PLC0415  (engine imports jax, flax)
-  check_placeable(Setup(cfg, mesh))
-
-
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
   """ConfigError for sampling options outside their meaning (before a model is loaded)."""
   if not temperature >= 0:  # also NaN

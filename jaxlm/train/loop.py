@@ -22,7 +22,7 @@ from jaxlm import mesh as mesh_lib
 from jaxlm import preflight, runtime, storage, workdir_tokenizer
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import make_pipeline
-from jaxlm.engine import Setup
+from jaxlm.engine import Setup, check_placeable
 from jaxlm import evals
 from jaxlm.errors import ConfigError, DivergedError
 from jaxlm.evals.multiple_choice import multiple_choice_hook
@@ -123,7 +123,8 @@ class Trainer:
     log.info('data: loading %s', cfg.data.source)
     data = make_pipeline(cfg, jax.process_index(), jax.process_count())
     preflight.check_vocab(cfg, data.tokenizer)
-    preflight.check_model_fits(cfg, mesh)  # before the first byte goes to the workdir
+    # Batch, length and every parameter's shape over the mesh, before the first byte is written.
+    check_placeable(Setup(cfg, mesh))
     tokenizer_copy = None if saved is not None else workdir_tokenizer.plan(cfg, workdir,
                                                                            data.tokenizer)
     with contextlib.ExitStack() as cleanup:

@@ -230,7 +230,8 @@ def test_plan_prints_the_bubble_and_collective_permute_bytes(capsys):
   from jaxlm import cli  # noqa: PLC0415
   assert cli.main(['plan', '--config=tiny', '--config.model.n_layers=4', '--config.mesh.pipeline=2',
                    '--config.mesh.fsdp=2', '--config.model.pipeline_repeats=2',
-                   '--config.model.pipeline_microbatches=4', '--target=1']) == 0
+                   '--config.model.pipeline_microbatches=4', '--config.train.batch_size=16',
+                   '--target=1']) == 0
   out = capsys.readouterr().out
   assert 'pipeline    2 stages x 2 repeats, 4 micro-batches: bubble 11.1%' in out, out
   traffic = next(l for l in out.splitlines() if l.startswith('collectives'))

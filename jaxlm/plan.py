@@ -132,6 +132,9 @@ def _sizes(state) -> dict:
 def grad_accum_options(cfg, mesh) -> list[int]:
   """train.grad_accum values above the config's that split the batch evenly over the mesh."""
   bs, dp = int(cfg.train.batch_size), mesh_lib.data_parallel_size(mesh)
+  stages = mesh_lib.pipeline_stages(mesh)
+  if stages > 1:  # each pipeline micro-batch must split over the data-parallel devices
+    dp *= pipeline.microbatches(cfg.model, stages)
   return [g for g in range(int(cfg.train.grad_accum) + 1, bs + 1)
           if bs % g == 0 and (bs // g) % dp == 0]
 

@@ -154,8 +154,8 @@ def test_mesh_errors_name_the_fields():
 def test_minus_one_takes_the_rest():
   cfg = load_config('tiny')
   cfg.mesh.data, cfg.mesh.tensor = -1, 2
-  assert dict(mesh_lib.make_mesh(cfg.mesh).shape) == dict(data=4, fsdp=1, expert=1, tensor=2,
-                                                         sequence=1)
+  assert dict(mesh_lib.make_mesh(cfg.mesh).shape) == dict(pipeline=1, data=4, fsdp=1, expert=1,
+                                                         tensor=2, sequence=1)
 
 
 # ---- Mixture of Experts: expert parallelism (jaxlm/model/moe.py) ----------------------
@@ -237,16 +237,23 @@ def test_dcn_axes_repeat_the_slice_layout_and_fold_on_one_slice():
   shape = dict(mesh_lib.make_mesh(cfg.mesh).shape)
   assert (shape['data'], shape['fsdp']) == (2, 4)
   cfg.mesh.dcn_data = -1  # -1: the slices left over
-  assert mesh_lib.mesh_shape(cfg.mesh, 8, num_slices=4)[1][:2] == [2, 2]
+  dcn = dict(zip(MESH_AXES, mesh_lib.mesh_shape(cfg.mesh, 8, num_slices=4)[1]))
+  assert (dcn['data'], dcn['fsdp']) == (2, 2)
   with pytest.raises(ConfigError, match='DCN'):
     mesh_lib.mesh_shape(cfg.mesh, 8, num_slices=3)
+  # dcn_pipeline repeats the slice along 'pipeline' (and folds into it on one slice).
+  cfg.mesh.data, cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp, cfg.mesh.dcn_pipeline = -1, 1, 1, 2
+  dcn = dict(zip(MESH_AXES, mesh_lib.mesh_shape(cfg.mesh, 8, num_slices=2)[1]))
+  assert dcn == {**dict.fromkeys(MESH_AXES, 1), 'pipeline': 2}
+  shape = dict(mesh_lib.make_mesh(cfg.mesh).shape)
+  assert (shape['pipeline'], shape['data'], shape['fsdp']) == (2, 2, 2)
 
 
 def test_expert_axis_combines_with_dcn():
   cfg = load_config('tiny_moe')
   cfg.mesh.data, cfg.mesh.expert, cfg.mesh.dcn_data = 1, 4, 2  # 2 hosts/slices x 4 experts
   mesh = mesh_lib.make_mesh(cfg.mesh)
-  assert dict(mesh.shape) == dict(data=2, fsdp=1, expert=4, tensor=1, sequence=1)
+  assert dict(mesh.shape) == dict(pipeline=1, data=2, fsdp=1, expert=4, tensor=1, sequence=1)
   assert mesh_lib.data_parallel_size(mesh) == 8  # the batch splits over dcn_data and expert
   ici, dcn = mesh_lib.mesh_shape(cfg.mesh, 8, num_slices=2)  # the multi-slice layout
-  assert (ici, dcn) == ([1, 1, 4, 1, 1], [2, 1, 1, 1, 1])
+  assert (ici, dcn) == ([1, 1, 1, 4, 1, 1], [1, 2, 1, 1, 1, 1])

@@ -123,11 +123,7 @@ def run(unit_fn, params, x, aux, *, stages: int, micro: int, repeats: int):
 
   def stage(p, h, a, r):  # one stage: its units of pass r over micro-batch h
     p = jax.tree.map(lambda w: w[r], p)
-
-    def body(h, pu):
-      h, sown = unit_fn(pu, h, a)
-      return h, sown
-    return jax.lax.scan(body, h, p)
+    return jax.lax.scan(lambda h, pu: unit_fn(pu, h, a), h, p)
 
   staged_fn = jax.vmap(stage, spmd_axis_name=axes or None)
 

@@ -8,7 +8,7 @@ import pytest
 from flax import linen as nn
 
 from conftest import SHAKESPEARE, load_config
-from jaxlm import engine, sharding
+from jaxlm import collectives, engine, sharding
 from jaxlm import mesh as mesh_lib
 from jaxlm.errors import ConfigError
 from jaxlm.model import pipeline
@@ -139,15 +139,16 @@ def test_resume_across_pipeline_degrees(corpus, reference, tmp_path):
   _assert_same_run(got, reference[False])
 
 
-def _features(cfg, devices, batch):
-  """Final hidden states [batch, length, embed] of a freshly initialised model."""
+def _features(cfg, devices, batch, compiled=False):
+  """Final hidden states [batch, length, embed] of a freshly initialised model (or, with
+  ``compiled``, the compiled computation's HLO text)."""
   mesh = mesh_lib.make_mesh(cfg.mesh, devices)
   model = build_model(cfg.model)
   params = nn.unbox(model.init(jax.random.key(0), batch['inputs'][:1])['params'])
+  fn = jax.jit(lambda p: model.apply({'params': p}, batch['inputs'], batch['positions'],
+                                     batch['segment_ids'], method='features')[0])
   with sharding.activate(mesh, sharding.rules_for(cfg.model, cfg.mesh, mesh)):
-    return np.asarray(jax.jit(lambda p: model.apply(
-        {'params': p}, batch['inputs'], batch['positions'], batch['segment_ids'],
-        method='features')[0])(params))
+    return fn.lower(params).compile().as_text() if compiled else np.asarray(fn(params))
 
 
 def _packed_batch(rows=8, length=32):
@@ -198,6 +199,19 @@ def test_a_broken_schedule_changes_the_result(fault, circular, monkeypatch):
   assert np.max(np.abs(_features(cfg, jax.devices(), batch) - want)) > 1e-2
 
 
+def test_stages_exchange_activations_by_collective_permute():
+  """The rotation is a collective-permute, counted once per iteration of the schedule."""
+  cfg = _cfg('')
+  cfg.model.n_layers = 4
+  batch = _packed_batch()
+  assert collectives.collective_bytes(_features(cfg, jax.devices(), batch, True))[
+      'collective-permute'] == 0  # data=8: nothing to permute
+  cfg.mesh.pipeline = 2
+  sent = collectives.collective_bytes(_features(cfg, jax.devices(), batch, True))
+  # Each of the 3 iterations moves one micro-batch's [2 rows / 4 devices, 32, 32] fp32 state.
+  assert sent['collective-permute'] >= 3 * (8 // 2 // 4) * 32 * cfg.model.d_model * 4
+
+
 def test_bad_pipeline_configs_are_one_line(corpus):
   cases = {
       'model.n_layers=6 is not divisible by 4 pipeline stages': dict(n_layers=6),
@@ -210,3 +224,15 @@ def test_bad_pipeline_configs_are_one_line(corpus):
     cfg = _cfg(corpus, mesh=dict(pipeline=4), model=model)
     with pytest.raises(ConfigError, match=msg.replace('.', r'\.')):
       engine.Setup(cfg)
+
+
+def test_plan_prints_the_bubble_and_collective_permute_bytes(capsys):
+  from jaxlm import cli  # noqa: PLC0415
+  assert cli.main(['plan', '--config=tiny', '--config.model.n_layers=4', '--config.mesh.pipeline=2',
+                   '--config.mesh.fsdp=2', '--config.model.pipeline_repeats=2',
+                   '--config.model.pipeline_microbatches=4', '--config.train.batch_size=16',
+                   '--target=1']) == 0
+  out = capsys.readouterr().out
+  assert 'pipeline    2 stages x 2 repeats, 4 micro-batches: bubble 11.1%' in out, out
+  traffic = next(l for l in out.splitlines() if l.startswith('collectives'))
+  assert 'collective-permute' in traffic and 'all-gather' in traffic, out

@@ -81,6 +81,10 @@ def get_config() -> ml_collections.ConfigDict:
   # is cheapest for in-memory or local data: threads cost ~0.5 ms CPU per batch; raise it
   # for remote storage).
   d.prefetch = 0
+  # Stores on gs:// / s3:// (one ranged GET per window, tens of ms each): windows read at once
+  # per process, and batches read ahead of the step; 0 threads = read like a local store.
+  d.read_threads = 64  # remote stores: window reads in flight per process
+  d.read_ahead = 2  # remote stores: batches read ahead of the one asked for
 
   # ---- training.
   t = c.train = ml_collections.ConfigDict()

@@ -243,6 +243,21 @@ def read_range(p, start: int, end: int) -> bytes:
   return fs.cat_file(fs_path, start=start, end=end)
 
 
+def read_ranges(paths: list, starts: list, ends: list, concurrency: int = 64) -> list[bytes]:
+  """Bytes ``[start, end)`` of each object, fetched concurrently (one fsspec batch).
+
+  All paths share one filesystem (one store); at most ``concurrency`` requests in
+  flight; locally, positioned reads in turn.
+  """
+  if not paths:
+    return []
+  if not is_remote(paths[0]):
+    return [read_range(p, a, b) for p, a, b in zip(paths, starts, ends)]
+  fs, _ = _fs(paths[0])
+  return fs.cat_ranges([fs._strip_protocol(p) for p in paths], starts, ends,  # noqa: SLF001
+                       on_error='raise', batch_size=concurrency)
+
+
 def list_sizes(folder) -> dict[str, int]:
   """``{file name: size in bytes}`` of the files directly in ``folder`` (one listing)."""
   if not is_remote(folder):

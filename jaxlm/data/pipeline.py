@@ -51,6 +51,10 @@ class _ProcessRows(grain.MapDataset):
     step, row = divmod(index, self._local)
     return self._parent[step * self._global + self._offset + row]
 
+  def _getitems(self, indices):
+    at = [divmod(i, self._local) for i in indices]
+    return self._parent._getitems([s * self._global + self._offset + r for s, r in at])  # noqa: SLF001
+
 
 def _allow_unparsed_absl_flags():
   # Grain 0.2.x reads an absl flag when starting workers and raises in programs that never
@@ -134,10 +138,8 @@ class DataPipeline:
 
   def _batch(self, ds: grain.MapDataset, size: int) -> grain.MapDataset:
     """Rows -> batches; from object storage read concurrently and ahead (`readahead`)."""
-    data = self.cfg.data
-    if int(data.read_threads) > 0 and any(getattr(s.store, 'remote', False)
-                                          for s in self.sources):
-      return readahead.ReadAheadBatches(ds, size, int(data.read_threads), int(data.read_ahead))
+    if any(getattr(s.store, 'remote', False) for s in self.sources):
+      return readahead.ReadAheadBatches(ds, size, int(self.cfg.data.read_ahead))
     return ds.batch(size, drop_remainder=True)
 
   def train_dataset(self) -> grain.IterDataset:

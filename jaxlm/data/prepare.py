@@ -37,7 +37,6 @@ loader adds specials per data.add_bos / data.add_eos at load time.
 import collections
 import concurrent.futures as futures
 import hashlib
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -74,13 +73,6 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_bool('add_bos', False, 'store BOS before every document', flag_values=fv)
   flags.DEFINE_bool('add_eos', False, 'store EOS after every document', flag_values=fv)
   flags.DEFINE_bool('progress', True, 'show a progress bar', flag_values=fv)
-  flags.DEFINE_enum('runner', 'local', ('local', 'beam'),
-                    "'local': this machine's --workers processes; 'beam': an Apache Beam "
-                    'pipeline (jaxlm[beam]), the same store', flag_values=fv)
-  flags.DEFINE_string('beam_options', '', "--runner=beam: Beam's own options, passed as they "
-                      "are (e.g. '--runner=DataflowRunner --project=P --region=R'); default "
-                      'the DirectRunner in multi-processing mode with --workers processes',
-                      flag_values=fv)
 
 
 def run(fv: flags.FlagValues, args: List[str]) -> int:
@@ -89,22 +81,19 @@ def run(fv: flags.FlagValues, args: List[str]) -> int:
   for name in ('input', 'output'):
     if not fv[name].value:
       raise ConfigError(f'jaxlm prepare needs --{name}')
-  common = dict(fmt=fv.format, field=fv.field, text_unit=fv.text_unit, tokenizer=fv.tokenizer,
-                tokenizer_path=fv.tokenizer_path, docs_per_shard=fv.docs_per_shard,
-                workers=fv.workers, add_bos=fv.add_bos, add_eos=fv.add_eos)
-  if fv.runner == 'beam':
-    if importlib.util.find_spec('apache_beam') is None:
-      raise ConfigError("--runner=beam needs Apache Beam: pip install 'jaxlm[beam]'")
-    from jaxlm.data import beam_prepare  # noqa: PLC0415  (imports apache_beam)
-    m = beam_prepare.run(fv.input, fv.output, beam_options=fv.beam_options, **common)
-  else:
-    if fv.beam_options:
-      raise ConfigError('--beam_options is for --runner=beam')
-    m = prepare(fv.input, fv.output, progress=fv.progress, **common)
-  bad = ', '.join(f'{k} {v}' for k, v in m['bad_records'].items()) or 'none'
-  print(f"prepared {fv.output}: {len(m['shards'])} shards ({m['skipped_shards']} already done), "
-        f"{m['docs']:,} docs, {m['tokens']:,} tokens ({m['dtype']}); bad records: {bad}")
+  m = prepare(fv.input, fv.output, fmt=fv.format, field=fv.field, text_unit=fv.text_unit,
+              tokenizer=fv.tokenizer, tokenizer_path=fv.tokenizer_path,
+              docs_per_shard=fv.docs_per_shard, workers=fv.workers, add_bos=fv.add_bos,
+              add_eos=fv.add_eos, progress=fv.progress)
+  report(fv.output, m)
   return 0
+
+
+def report(output, m: Dict) -> None:
+  """The one-line summary both runners print."""
+  bad = ', '.join(f'{k} {v}' for k, v in m['bad_records'].items()) or 'none'
+  print(f"prepared {output}: {len(m['shards'])} shards ({m['skipped_shards']} already done), "
+        f"{m['docs']:,} docs, {m['tokens']:,} tokens ({m['dtype']}); bad records: {bad}")
 
 
 def prepare(inputs: str, output, fmt: str = 'text', field: str = 'text', text_unit: str = 'file',

@@ -6,7 +6,7 @@ wrote a local folder `./gs:/b/s` and reported success).
   * JSONL and Parquet inputs with bad records, prepared from the bucket into the
     bucket: the same shards, byte for byte, and the same counts as a local prepare;
   * the pipeline reading the bucket store gives the local store's batches, also
-    after restoring its iterator state; `jaxlm train` on it, killed mid-epoch
+    after restoring its iterator state, and in a mixture with a local store; `jaxlm train` on it, killed mid-epoch
     and rerun, gives the losses of a run on the local store;
   * a prepare into the bucket killed mid-run (50 ms added per request by
     delay_proxy.py) lists only complete shards; the rerun skips them and ends
@@ -160,11 +160,29 @@ def test_pipeline_on_bucket_store_equals_local_over_a_resume(stores):
     np.testing.assert_array_equal(w['inputs'], g['inputs'])
 
 
-def _train(env, cwd, store, workdir, steps, **kw):
+def test_mixture_of_bucket_and_local_stores_equals_all_local(stores, corpus, env, tmp_path):
+  from jaxlm.data.pipeline import make_pipeline  # noqa: PLC0415
+  local, remote = stores
+  other = tmp_path / 'other'
+  done = _prepare(env, tmp_path, f'{corpus[0]}/parquet', other, '--format=parquet')
+  assert done.returncode == 0, done.stderr
+  batches = []
+  for first in (local, remote):
+    cfg = _cfg(local)
+    cfg.data.mixture = f'{first}:0.7,{other}:0.3'
+    it = make_pipeline(cfg).train_iterator()
+    batches.append([next(it) for _ in range(4)])
+  for w, g in zip(*batches, strict=True):
+    for k in w:
+      np.testing.assert_array_equal(w[k], g[k])
+
+
+def _train(env, cwd, store, workdir, steps, *extra, **kw):
   argv = [sys.executable, '-m', 'jaxlm', 'train', '--config=tiny', f'--workdir={workdir}',
           '--config.data.source=arrayrecord', f'--config.data.path={store}',
           f'--config.train.steps={steps}', '--config.checkpoint.every=10',
-          '--config.train.log_every=1', '--config.eval.every=100', '--config.data.val_tokens=2000']
+          '--config.train.log_every=1', '--config.eval.every=5', '--config.data.val_tokens=2000',
+          *extra]
   return subprocess.Popen(argv, env=env, cwd=cwd, text=True, **kw)
 
 
@@ -181,16 +199,18 @@ def test_train_on_bucket_store_killed_and_resumed_matches_local(env, stores, tmp
                 stderr=subprocess.PIPE)
   assert lone.wait(600) == 0, lone.stderr.read()
   work = tmp_path / 'bucket'
-  victim = _train(env, cwd, remote, work, 24, stdout=subprocess.DEVNULL,
-                  stderr=subprocess.DEVNULL)
+  gate = tmp_path / 'gate'  # gate_hook.py parks the run at step 15, checkpoint 10 committed
+  victim = _train(dict(env, JAXLM_TEST_GATE=str(gate),
+                       PYTHONPATH=f"{env['PYTHONPATH']}:{Path(__file__).parent}"),
+                  cwd, remote, work, 24, '--config.eval.hooks=gate_hook:wait_at_gate',
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 600
-  while not (work / 'checkpoints' / '10' / 'commit_success.txt').exists() and \
-      not (work / 'checkpoints' / '10' / '_CHECKPOINT_METADATA').exists():
+  while not Path(f'{gate}.reached').exists():
     assert victim.poll() is None and time.time() < deadline
     time.sleep(0.2)
-  time.sleep(1.0)
   victim.send_signal(signal.SIGKILL)
-  victim.wait()
+  assert victim.wait() == -signal.SIGKILL  # killed mid-epoch, not finished
+  assert 15 <= max(_losses(work)) < 24
   rerun = _train(env, cwd, remote, work, 24, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   assert rerun.wait(600) == 0, rerun.stderr.read()
   want, got = _losses(tmp_path / 'lone'), _losses(work)

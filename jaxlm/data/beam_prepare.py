@@ -10,9 +10,10 @@ processes). The store is the single-machine `jaxlm prepare`'s, shard for shard
 and byte for byte, for the same inputs and settings:
 
   1. each input file is read and tokenized on a worker (the tokenizer is built
-     once per worker, in `DoFn.setup`), emitting every good record's tokens keyed
-     by (file, its number among the file's good records), every bad record keyed by
-     the good records before it, and the file's good-record count;
+     once per worker, in `DoFn.setup`), emitting its good records' tokens in chunks
+     of `_CHUNK_DOCS` keyed by (file, number of the chunk's first good record in the
+     file), every bad record keyed by the good records before it, and the file's
+     good-record count;
   2. the counts give each file's first global document number (a side input), so a
      document's shard is `global number // docs_per_shard`, as in the input-order
      single-machine run, and a bad record lands in the shard it would there;
@@ -22,7 +23,7 @@ and byte for byte, for the same inputs and settings:
      are Beam metrics (`jaxlm/bad_<kind>`), and the manifest's totals are the
      metrics' committed values.
 
-Memory per worker: one input file's tokens in flight, or one shard's in the write.
+Memory per worker: a chunk of documents in flight, or one shard's in the write.
 """
 
 import json
@@ -43,6 +44,9 @@ from jaxlm.errors import DataError
 
 _NAMESPACE = 'jaxlm'
 _ENTRIES = '.beam-entries'  # shard entries written by workers, read by the launcher
+# Documents per element between the steps: Beam's cost is per element, and a chunk bounds a
+# worker's memory however large an input file is.
+_CHUNK_DOCS = 1024
 
 
 def options(beam_options: str, workers: int) -> PipelineOptions:
@@ -74,8 +78,7 @@ def run(inputs: str, output, beam_options: str = '', fmt: str = 'text', field: s
              .with_outputs('bad', 'count', main='docs'))
     firsts = beam.pvalue.AsSingleton(parts.count | 'counts' >> beam.combiners.ToList()
                                      | 'firsts' >> beam.Map(_first_docs))
-    docs = parts.docs | 'number' >> beam.Map(
-        lambda d, f: ((f[d[0]] + d[1]) // per, (f[d[0]] + d[1], d[2])), firsts)
+    docs = parts.docs | 'number' >> beam.FlatMap(_by_shard, firsts, per)
     bad = parts.bad | 'place' >> beam.Map(lambda b, f: ((f[b[0]] + b[1]) // per, b[2]), firsts)
     _ = ({'docs': docs, 'bad': bad} | 'group' >> beam.CoGroupByKey()
          | 'write' >> beam.ParDo(_WriteShard(out, manifest['dtype'], specials)))
@@ -101,12 +104,23 @@ def _first_docs(counts: List) -> Dict[int, int]:
   return firsts
 
 
+def _by_shard(chunk, firsts: Dict[int, int], per: int):
+  """(file, first good record, [tokens]) -> (shard, (first global number, [tokens])) pieces."""
+  index, first, docs = chunk
+  at, i = firsts[index] + first, 0
+  while i < len(docs):
+    shard = (at + i) // per
+    n = min(len(docs) - i, (shard + 1) * per - (at + i))
+    yield shard, (at + i, docs[i:i + n])
+    i += n
+
+
 class _ReadTokenize(beam.DoFn):
   """One input file -> its documents' tokens, bad records and good-record count."""
 
   def __init__(self, fmt, field, text_unit, kind, path, dtype):
-    self.args = (fmt, field, text_unit)
     super().__init__()
+    self.args = (fmt, field, text_unit)
     self.kind, self.path, self.dtype = kind, path, dtype
     self._tok = None
 
@@ -117,16 +131,20 @@ class _ReadTokenize(beam.DoFn):
   def process(self, item):
     index, uri = item
     path = uri if storage.is_remote(uri) else Path(uri)
-    good = 0
+    good, chunk = 0, []
     for record in corpus.read_records([path], *self.args):
       if isinstance(record, corpus.Bad):
         beam.metrics.Metrics.counter(_NAMESPACE, f'bad_{record.kind}').inc()
         yield beam.pvalue.TaggedOutput('bad', (index, good, record.kind))
         continue
       pieces = [self._tok.encode(t).astype(self.dtype) for t in corpus.texts(record)]
-      ids = np.concatenate(pieces) if pieces else np.zeros(0, self.dtype)
-      yield (index, good, ids)
+      chunk.append(np.concatenate(pieces) if pieces else np.zeros(0, self.dtype))
       good += 1
+      if len(chunk) == _CHUNK_DOCS:
+        yield (index, good - len(chunk), chunk)
+        chunk = []
+    if chunk:
+      yield (index, good - len(chunk), chunk)
     yield beam.pvalue.TaggedOutput('count', (index, good))
 
 
@@ -139,7 +157,7 @@ class _WriteShard(beam.DoFn):
 
   def process(self, item):
     shard, groups = item
-    docs = sorted(groups['docs'], key=lambda d: d[0])
+    docs = [ids for _, chunk in sorted(groups['docs'], key=lambda d: d[0]) for ids in chunk]
     bad: Dict[str, int] = {}
     for kind in groups['bad']:
       bad[kind] = bad.get(kind, 0) + 1
@@ -150,7 +168,7 @@ class _WriteShard(beam.DoFn):
     folder = self.out if storage.is_remote(self.out) else Path(self.out)
     writer = store_lib.ShardWriter(folder, name, self.dtype, *self.specials)
     no_tokens = 0
-    for _, ids in docs:
+    for ids in docs:
       writer.add(ids)
       no_tokens += not writer.end_doc()
     if no_tokens:

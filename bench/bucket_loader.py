@@ -85,10 +85,10 @@ def main() -> None:
     return
   from delay_proxy import DelayProxy  # noqa: PLC0415
   from gcs_emulator import Emulator  # noqa: PLC0415
-  root = Path(tempfile.mkdtemp(prefix='bucket_loader_'))
-  corpus = root / 'corpus.txt'
-  corpus.write_text(SHAKESPEARE.read_text() * args.repeats)
-  with Emulator() as emu:
+  with tempfile.TemporaryDirectory(prefix='bucket_loader_') as tmp, Emulator() as emu:
+    root = Path(tmp)
+    corpus = root / 'corpus.txt'
+    corpus.write_text(SHAKESPEARE.read_text() * args.repeats)
     env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO), **emu.env)
     local, remote = str(root / 'store'), f'gs://{emu.bucket}/store'
     prep_local, prep_remote = _prepare(corpus, local, env), _prepare(corpus, remote, env)

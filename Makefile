@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Pinned versions (see the file's header): a free resolve of the cloud extras runs pip out of depth.
 PIP_INSTALL := $(BIN)/pip install -q -c .ci/constraints.txt
 
-.PHONY: install demo test test-cloud test-slurm test-package test-demo test-slow clean
+.PHONY: install demo test test-cloud test-beam test-slurm test-package test-demo test-slow clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,18 @@ $(VENV)/.installed-test-cloud: $(VENV)/.installed-test
 
 test-cloud: $(VENV)/.installed-test-cloud
 	$(BIN)/python -m pytest -q -x --timeout=2400 -m cloud tests/cloud
+
+# `jaxlm prepare --runner=beam` on Beam's DirectRunner (multi-processing, 2 workers), local
+# and on the GCS emulator. Its own venv: apache-beam needs protobuf<7 and pyarrow<26.
+BEAM_VENV := .venv-beam
+$(BEAM_VENV)/.installed-test-beam: pyproject.toml .ci/constraints-beam.txt
+	$(PYTHON) -m venv $(BEAM_VENV)
+	$(BEAM_VENV)/bin/pip install -q --upgrade pip
+	$(BEAM_VENV)/bin/pip install -q -c .ci/constraints-beam.txt -e '.[test-cloud,beam]'
+	touch $@
+
+test-beam: $(BEAM_VENV)/.installed-test-beam
+	$(BEAM_VENV)/bin/python -m pytest -q -x --timeout=1800 -m beam tests/beam
 
 # launch/slurm_gpu.sbatch on a one-node SLURM cluster started by the test (root; Debian's
 # slurm-wlm and munge, installed here when missing).

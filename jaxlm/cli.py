@@ -22,7 +22,7 @@ from jaxlm.errors import EXIT_BAD_INPUT, EXIT_CODES_HELP, ConfigError, JaxlmErro
 
 COMMANDS = ('train', 'eval', 'generate', 'plan')
 PLUGINS = {
-    'prepare': 'jaxlm.data.prepare',  # corpus -> sharded ArrayRecord token store
+    'prepare': 'jaxlm.data.prepare_cli',  # corpus -> token store (local or Apache Beam)
     'tokenizer': 'jaxlm.data.tokenizer_train',  # `jaxlm tokenizer train ...`
     'convert': 'jaxlm.convert',  # Hugging Face import/export
     'finetune': 'jaxlm.finetune',  # supervised fine-tuning from a checkpoint or HF model

@@ -205,3 +205,94 @@ class TextLog:
     elif self._file is not None:
       self._file.close()
       self._file = None
+
+
+# ---- Object reads and writes for token stores and corpora (`jaxlm prepare`, the loader).
+
+
+def open_write(p):
+  """A binary file for writing ``p`` whole, committed on ``close()``.
+
+  Remotely an fsspec upload: the object appears only when the upload completes, so a
+  killed writer leaves nothing listed (GCS resumable / S3 multipart uploads are
+  never finalized). Call ``discard(f)`` instead of ``close()`` to abandon it.
+  """
+  if not is_remote(p):
+    return open(os.fspath(p), 'wb')  # noqa: SIM115
+  check(p)
+  fs, fs_path = _fs(p)
+  return fs.open(fs_path, 'wb')
+
+
+def discard(f) -> None:
+  """Abandons a file from ``open_write`` without committing it (remote: no object)."""
+  drop = getattr(f, 'discard', None)
+  if drop is not None and getattr(f, 'fs', None) is not None:
+    drop()
+    f.closed = True
+    return
+  f.close()
+
+
+def read_range(p, start: int, end: int) -> bytes:
+  """Bytes ``[start, end)`` of a file or object: one positioned read / ranged GET."""
+  if not is_remote(p):
+    with open(os.fspath(p), 'rb') as f:
+      return os.pread(f.fileno(), end - start, start)
+  fs, fs_path = _fs(p)
+  return fs.cat_file(fs_path, start=start, end=end)
+
+
+def read_ranges(paths: list, starts: list, ends: list, concurrency: int = 64) -> list[bytes]:
+  """Bytes ``[start, end)`` of each object, fetched concurrently (one fsspec batch).
+
+  All paths share one filesystem (one store); at most ``concurrency`` requests in
+  flight; locally, positioned reads in turn.
+  """
+  if not paths:
+    return []
+  if not is_remote(paths[0]):
+    return [read_range(p, a, b) for p, a, b in zip(paths, starts, ends)]
+  fs, _ = _fs(paths[0])
+  return fs.cat_ranges([fs._strip_protocol(p) for p in paths], starts, ends,  # noqa: SLF001
+                       on_error='raise', batch_size=concurrency)
+
+
+def list_sizes(folder) -> dict[str, int]:
+  """``{file name: size in bytes}`` of the files directly in ``folder`` (one listing)."""
+  if not is_remote(folder):
+    with os.scandir(os.fspath(folder)) as it:
+      return {e.name: e.stat().st_size for e in it if e.is_file()}
+  check(folder)
+  fs, fs_path = _fs(folder)
+  try:
+    entries = fs.ls(fs_path, detail=True, refresh=True)
+  except FileNotFoundError:
+    return {}
+  return {e['name'].rstrip('/').rsplit('/', 1)[-1]: int(e.get('size') or 0) for e in entries
+          if e.get('type') == 'file'}
+
+
+def glob_files(pattern: str) -> list[str]:
+  """URIs of the objects a ``gs://``/``s3://`` glob (or a prefix standing for a folder) names.
+
+  Sorted; a pattern without wildcards that names a folder stands for every object under it.
+  """
+  check(pattern)
+  fs, fs_path = _fs(pattern)
+  proto = scheme(pattern)
+  if any(c in fs_path for c in '*?['):
+    found = fs.glob(fs_path)
+  elif fs.isfile(fs_path):
+    found = [fs_path]
+  else:
+    found = fs.find(fs_path)
+  return sorted(f'{proto}://{f}' for f in found if fs.isfile(f))
+
+
+def size(p) -> int:
+  """A file's or object's size in bytes."""
+  if not is_remote(p):
+    return os.path.getsize(os.fspath(p))
+  fs, fs_path = _fs(p)
+  return int(fs.size(fs_path))

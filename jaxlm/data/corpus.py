@@ -11,6 +11,10 @@ naming why a record was dropped:
   malformed_json  a JSONL line that is not JSON
   missing_field   a JSON value / Parquet row without a string in the text field
   no_tokens       text the tokenizer turned into no tokens (counted by `jaxlm prepare`)
+
+Inputs may be on object storage (`gs://bucket/raw/*.parquet`, `s3://...`): they are
+listed and streamed through `jaxlm.storage` (fsspec), never copied whole to disk.
+A local file is a `Path`, a remote one its URI string.
 """
 
 import codecs
@@ -21,6 +25,7 @@ import json
 from pathlib import Path
 from typing import Dict, Iterator, List, Union
 
+from jaxlm import storage
 from jaxlm.errors import DataError
 
 FORMATS = ('text', 'jsonl', 'parquet')
@@ -39,7 +44,7 @@ class Bad:
 @dataclasses.dataclass(frozen=True)
 class Long:
   """One document too large to hold whole: a text file read back in pieces (`pieces()`)."""
-  path: Path
+  path: Union[Path, str]
 
   def pieces(self) -> Iterator[str]:
     """The file's text in order, in pieces of about `PIECE_BYTES`, each cut after a newline.
@@ -49,7 +54,7 @@ class Long:
     """
     decoder = codecs.getincrementaldecoder('utf-8')()
     carry = ''
-    with open(self.path, 'rb') as f:
+    with open_input(self.path) as f:
       while True:
         raw = f.read(PIECE_BYTES)
         text = carry + decoder.decode(raw, final=not raw)
@@ -85,15 +90,37 @@ def define_input_flags(fv) -> None:
                     "--format=text: one document per 'file' or per 'line'", flag_values=fv)
 
 
-def match_inputs(spec: str, flag: str = '--input') -> List[Path]:
+def open_input(path: Union[Path, str]):
+  """A binary file object for a local input file or a gs:// / s3:// object (streamed)."""
+  return storage.path(path).open('rb') if storage.is_remote(path) else open(path, 'rb')
+
+
+def input_size(path: Union[Path, str]) -> int:
+  return storage.size(path)
+
+
+def describe(path: Union[Path, str]) -> List:
+  """[where, size in bytes] of an input file, as a store manifest records it."""
+  return [str(path) if storage.is_remote(path) else str(Path(path).resolve()), input_size(path)]
+
+
+def match_inputs(spec: str, flag: str = '--input') -> List[Union[Path, str]]:
   """'GLOB[,GLOB...]' (files, directories or globs) -> the files, each glob's sorted in turn.
 
-  A directory stands for every file under it. A file matched by two globs is read once.
+  A directory (or a bucket prefix) stands for every file under it. A file matched
+  by two globs is read once. Local files are `Path`s, gs:// / s3:// objects URIs.
   """
-  files: List[Path] = []
+  files: List[Union[Path, str]] = []
   for part in [p.strip() for p in spec.split(',') if p.strip()]:
     p = Path(part).expanduser()
-    if glob.has_magic(part):
+    if storage.is_remote(part):
+      try:
+        found = storage.glob_files(part)
+      except (OSError, ValueError) as e:
+        raise DataError(f"{flag} '{part}' cannot be listed: {e}") from None
+      if not found:
+        raise DataError(f"{flag} '{part}' matched no files")
+    elif glob.has_magic(part):
       found = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
     elif p.is_dir():
       found = sorted(f for f in p.rglob('*') if f.is_file())
@@ -133,14 +160,15 @@ def _decode(raw: bytes) -> Record:
     return Bad('invalid_utf8')
 
 
-def _text(path: Path, unit: str) -> Iterator[Record]:
-  if unit == 'file' and path.stat().st_size > PIECE_BYTES:
+def _text(path, unit: str) -> Iterator[Record]:
+  if unit == 'file' and input_size(path) > PIECE_BYTES:
     yield _check_long(path)
     return
   if unit == 'file':
-    yield _decode(path.read_bytes())
+    with open_input(path) as f:
+      yield _decode(f.read())
     return
-  with open(path, 'rb') as lines:
+  with open_input(path) as lines:
     for line in lines:
       yield _decode(line.rstrip(b'\r\n'))
 
@@ -149,7 +177,7 @@ def _check_long(path: Path) -> Record:
   """A `Long` record for `path`, or the `Bad` the whole file would be (one streaming pass)."""
   decoder = codecs.getincrementaldecoder('utf-8')()
   blank = True
-  with open(path, 'rb') as f:
+  with open_input(path) as f:
     while True:
       raw = f.read(PIECE_BYTES)
       try:
@@ -161,8 +189,8 @@ def _check_long(path: Path) -> Record:
         return Bad('empty') if blank else Long(path)
 
 
-def _jsonl(path: Path, field: str) -> Iterator[Record]:
-  with open(path, 'rb') as lines:
+def _jsonl(path, field: str) -> Iterator[Record]:
+  with open_input(path) as lines:
     for raw in lines:
       line = _decode(raw)
       if isinstance(line, Bad):
@@ -177,13 +205,21 @@ def _jsonl(path: Path, field: str) -> Iterator[Record]:
       yield _checked(text) if isinstance(text, str) else Bad('missing_field')
 
 
-def _parquet(path: Path, field: str) -> Iterator[Record]:
+def _parquet(path, field: str) -> Iterator[Record]:
+  if not storage.is_remote(path):
+    yield from _parquet_rows(path, path, field)
+    return
+  with open_input(path) as f:  # row groups are read by ranged reads of the object
+    yield from _parquet_rows(f, path, field)
+
+
+def _parquet_rows(source, path, field: str) -> Iterator[Record]:
   try:
     import pyarrow.parquet as pq  # noqa: PLC0415  (only Parquet users pay the import)
   except ImportError:
     raise DataError('--format=parquet needs pyarrow: pip install pyarrow') from None
   try:
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(source)
   except Exception as e:  # pyarrow raises ArrowInvalid/OSError variants on non-Parquet files
     raise DataError(f"'{path}' is not a Parquet file: {str(e).splitlines()[0]}") from None
   if field not in pf.schema_arrow.names:

@@ -14,7 +14,7 @@ rather than dropped, so every next-token pair of a split is trained or evaluated
 exactly once per epoch and a tiny validation split still yields a window.
 """
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -134,6 +134,18 @@ class Windows:
     lo = self.lo + i * self.seq_len
     tokens, starts = self.stream.read(lo, min(lo + self.seq_len + 1, self.hi))
     return pack_window(tokens, starts, self.seq_len)
+
+  def _getitems(self, indices) -> List[Dict[str, np.ndarray]]:
+    """Windows `indices` at once (Grain's batched read; a remote store fetches them together)."""
+    spans = []
+    for i in indices:
+      if not 0 <= i < self._len:
+        raise IndexError(f'window {i} out of range [0, {self._len})')
+      lo = self.lo + i * self.seq_len
+      spans.append((lo, min(lo + self.seq_len + 1, self.hi)))
+    many = getattr(self.stream, 'read_many', None)
+    reads = many(spans) if many is not None else [self.stream.read(*s) for s in spans]
+    return [pack_window(t, d, self.seq_len) for t, d in reads]
 
   def __repr__(self) -> str:
     return f'Windows(n={self._len}, seq_len={self.seq_len}, tokens=[{self.lo}, {self.hi}))'

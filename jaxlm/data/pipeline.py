@@ -23,7 +23,7 @@ import grain
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm.data import mixture, packing, sources
+from jaxlm.data import mixture, packing, readahead, sources
 from jaxlm.errors import DataError
 
 Batch = Dict[str, np.ndarray]  # packing.BATCH_KEYS -> [batch, length]
@@ -50,6 +50,10 @@ class _ProcessRows(grain.MapDataset):
       return self.slice(index)
     step, row = divmod(index, self._local)
     return self._parent[step * self._global + self._offset + row]
+
+  def _getitems(self, indices):
+    at = [divmod(i, self._local) for i in indices]
+    return self._parent._getitems([s * self._global + self._offset + r for s, r in at])  # noqa: SLF001
 
 
 def _allow_unparsed_absl_flags():
@@ -132,6 +136,12 @@ class DataPipeline:
       return mixture.epoch_windows(self.sources) // self.global_batch
     return len(self.train_windows) // self.global_batch
 
+  def _batch(self, ds: grain.MapDataset, size: int) -> grain.MapDataset:
+    """Rows -> batches; from object storage read concurrently and ahead (`readahead`)."""
+    if any(getattr(s.store, 'remote', False) for s in self.sources):
+      return readahead.ReadAheadBatches(ds, size, int(self.cfg.data.read_ahead))
+    return ds.batch(size, drop_remainder=True)
+
   def train_dataset(self) -> grain.IterDataset:
     """The infinite per-process train batches, `[batch // processes, seq_len]` per key."""
     data = self.cfg.data
@@ -144,7 +154,7 @@ class DataPipeline:
         ds = ds.shuffle(seed=seed)
       ds = ds.repeat()
     ds = _ProcessRows(ds, self.global_batch, self.process_index, self.process_count)
-    ds = ds.batch(self.local_batch, drop_remainder=True)
+    ds = self._batch(ds, self.local_batch)
     # A small read-ahead: Grain's default buffer (hundreds of batches) costs memory, not speed,
     # since packing a window is a few numpy ops. data.prefetch=0 reads in the calling thread.
     ahead = int(data.prefetch)
@@ -184,7 +194,7 @@ class DataPipeline:
       ds = (mixture.val_dataset(self.sources) if len(self.sources) > 1 else
             grain.MapDataset.source(self.val_windows).repeat())
       ds = _ProcessRows(ds, size, self.process_index, self.process_count)
-      ds = ds.batch(local, drop_remainder=True)
+      ds = self._batch(ds, local)
       self._eval = [ds[k] for k in range(int(self.cfg.eval.batches))]
     return self._eval
 

@@ -4,6 +4,11 @@
         --tokenizer=hf --tokenizer_path=tok/tokenizer.json --workers=8
     jaxlm train --config=configs/gpt2_small.py --config.data.path=data/web ...
 
+`--input` and `--output` may be on object storage (gs://, s3://): inputs are
+streamed, the store is written object by object (a shard's tokens object is
+committed last, after its document index; the manifest lists only committed
+shards), so a killed run leaves nothing listed that is incomplete.
+
 `--output` is a `jaxlm.data.store` directory (token shards, document index and
 manifest.json with dtype, tokenizer, settings, per-shard document, token and
 bad-record counts), which data.source='arrayrecord' reads as it is, window by
@@ -43,6 +48,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from absl import flags
 
+from jaxlm import storage
 from jaxlm.data import corpus
 from jaxlm.data import store as store_lib
 from jaxlm.data.tokenizers import get_tokenizer
@@ -79,14 +85,19 @@ def run(fv: flags.FlagValues, args: List[str]) -> int:
               tokenizer=fv.tokenizer, tokenizer_path=fv.tokenizer_path,
               docs_per_shard=fv.docs_per_shard, workers=fv.workers, add_bos=fv.add_bos,
               add_eos=fv.add_eos, progress=fv.progress)
+  report(fv.input, fv.output, m)
+  return 0
+
+
+def report(inputs: str, output, m: Dict) -> None:
+  """The one-line summary both runners print; a store with no document is a DataError."""
   bad = ', '.join(f'{k} {v}' for k, v in m['bad_records'].items()) or 'none'
   if not m['docs'] or not m['tokens']:  # an empty store would only fail later, at train
-    raise DataError(f"--input '{fv.input}' gave no usable document ({m['docs']} docs, "
+    raise DataError(f"--input '{inputs}' gave no usable document ({m['docs']} docs, "
                     f"{m['tokens']} tokens; bad records: {bad}); check --format, --field and "
-                    f"--text_unit (the store at '{fv.output}' is empty)")
-  print(f"prepared {fv.output}: {len(m['shards'])} shards ({m['skipped_shards']} already done), "
+                    f"--text_unit (the store at '{output}' is empty)")
+  print(f"prepared {output}: {len(m['shards'])} shards ({m['skipped_shards']} already done), "
         f"{m['docs']:,} docs, {m['tokens']:,} tokens ({m['dtype']}); bad records: {bad}")
-  return 0
 
 
 def prepare(inputs: str, output, fmt: str = 'text', field: str = 'text', text_unit: str = 'file',
@@ -97,28 +108,8 @@ def prepare(inputs: str, output, fmt: str = 'text', field: str = 'text', text_un
 
   Adds `skipped_shards` (shards found finished by an earlier run) to the returned dict only.
   """
-  out = Path(output).expanduser()
-  files = corpus.match_inputs(inputs)
-  tok_info = _tokenizer_info(tokenizer, tokenizer_path)
-  tok = _build_tokenizer(tokenizer, tokenizer_path)
-  for which, wanted in (('bos', add_bos), ('eos', add_eos)):
-    if wanted and getattr(tok, f'{which}_id') is None:
-      raise ConfigError(f"--add_{which} is set but tokenizer '{tok.name}' has no "
-                        f'{which.upper()} token')
-  manifest = {
-      'format': store_lib.FORMAT,
-      'dtype': 'uint16' if tok.vocab_size <= 2**16 else 'uint32',
-      'add_bos': add_bos, 'add_eos': add_eos, 'complete': False,
-      'tokenizer': tok_info,
-      'settings': {'format': fmt, 'field': field if fmt != 'text' else None,
-                   'text_unit': text_unit if fmt == 'text' else None,
-                   'docs_per_shard': docs_per_shard,
-                   'inputs': [[str(f.resolve()), f.stat().st_size] for f in files]},
-      'shards': [], 'docs': 0, 'tokens': 0, 'bad_records': {},
-  }
-  done = _finished_shards(out, manifest)
-  out.mkdir(parents=True, exist_ok=True)
-  _write_manifest(out, manifest, {}, {})
+  out, files, tok, manifest, done = begin(inputs, output, fmt, field, text_unit, tokenizer,
+                                          tokenizer_path, docs_per_shard, add_bos, add_eos)
   specials = (tok.bos_id if add_bos else None, tok.eos_id if add_eos else None)
   shards = _Shards(out, manifest, done, docs_per_shard, specials, _progress_bar(progress))
   pool = _pool(workers, tokenizer, tokenizer_path)
@@ -166,6 +157,42 @@ def prepare(inputs: str, output, fmt: str = 'text', field: str = 'text', text_un
   return dict(manifest, skipped_shards=shards.skipped)
 
 
+def begin(inputs: str, output, fmt: str, field: str, text_unit: str, tokenizer: str,
+          tokenizer_path: str, docs_per_shard: int, add_bos: bool, add_eos: bool):
+  """Checks the settings, lists the inputs, writes the incomplete manifest (both runners).
+
+  Returns (output folder or URI, input files, tokenizer, manifest, shards an earlier run
+  with the same settings finished).
+  """
+  remote = storage.is_remote(output)
+  if remote:
+    storage.check(output)
+  out = str(output).rstrip('/') if remote else Path(output).expanduser()
+  files = corpus.match_inputs(inputs)
+  tok_info = _tokenizer_info(tokenizer, tokenizer_path)
+  tok = _build_tokenizer(tokenizer, tokenizer_path)
+  for which, wanted in (('bos', add_bos), ('eos', add_eos)):
+    if wanted and getattr(tok, f'{which}_id') is None:
+      raise ConfigError(f"--add_{which} is set but tokenizer '{tok.name}' has no "
+                        f'{which.upper()} token')
+  manifest = {
+      'format': store_lib.FORMAT,
+      'dtype': 'uint16' if tok.vocab_size <= 2**16 else 'uint32',
+      'add_bos': add_bos, 'add_eos': add_eos, 'complete': False,
+      'tokenizer': tok_info,
+      'settings': {'format': fmt, 'field': field if fmt != 'text' else None,
+                   'text_unit': text_unit if fmt == 'text' else None,
+                   'docs_per_shard': docs_per_shard,
+                   'inputs': [corpus.describe(f) for f in files]},
+      'shards': [], 'docs': 0, 'tokens': 0, 'bad_records': {},
+  }
+  done = _finished_shards(out, manifest)
+  if not remote:
+    out.mkdir(parents=True, exist_ok=True)
+  _write_manifest(out, manifest, {}, {})
+  return out, files, tok, manifest, done
+
+
 def _write(shards: '_Shards', result, docs: List[int]) -> None:
   pieces = result.result() if isinstance(result, futures.Future) else result
   for doc, ids in zip(docs, pieces):
@@ -180,7 +207,7 @@ class _Shards:
   order, and rolls over to the next shard every `docs_per_shard` input documents.
   """
 
-  def __init__(self, out: Path, manifest: Dict, done: Dict[str, Dict], docs_per_shard: int,
+  def __init__(self, out, manifest: Dict, done: Dict[str, Dict], docs_per_shard: int,
                specials: Tuple[Optional[int], Optional[int]], bar):
     self.out, self.manifest, self.done, self.per = out, manifest, done, docs_per_shard
     self.specials, self.bar = specials, bar
@@ -264,27 +291,33 @@ class _Shards:
         else {}
 
 
-def _write_manifest(out: Path, manifest: Dict, shards: Dict[str, Dict], trailing) -> None:
+def _write_manifest(out, manifest: Dict, shards: Dict[str, Dict], trailing) -> None:
   """Rewrites manifest.json atomically from the finished `shards` so far."""
   manifest['shards'] = [shards[k] for k in sorted(shards)]
   manifest['docs'] = sum(s['docs'] for s in manifest['shards'])
   manifest['tokens'] = sum(s['tokens'] for s in manifest['shards'])
   manifest['bad_records'] = corpus.merge_counts(trailing, *(s['bad'] for s in manifest['shards']))
+  text = json.dumps(manifest, indent=1, ensure_ascii=False)
+  if storage.is_remote(out):
+    storage.write_atomic(storage.join(out, MANIFEST), text)  # one PUT: whole or absent
+    return
   tmp = out / (MANIFEST + '.partial')
-  tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+  tmp.write_text(text)
   os.replace(tmp, out / MANIFEST)
 
 
-def _finished_shards(out: Path, manifest: Dict) -> Dict[str, Dict]:
+def _finished_shards(out, manifest: Dict) -> Dict[str, Dict]:
   """Shards an earlier run with the same settings finished; raises if the settings differ."""
-  path = out / MANIFEST
-  if not path.is_file():
-    if out.is_dir() and (any(out.glob('*.array_record')) or any(out.glob('*.tokens'))):
+  # One listing (remote: one request) tells which shard files exist.
+  present = storage.list_sizes(out) if storage.is_remote(out) or out.is_dir() else {}
+  path = storage.join(out, MANIFEST) if storage.is_remote(out) else out / MANIFEST
+  if MANIFEST not in present:
+    if any(n.endswith(('.array_record', store_lib.TOKENS_SUFFIX)) for n in present):
       raise DataError(f"--output '{out}' holds shard files but no {MANIFEST}; "
                       'use a new --output')
     return {}
   try:
-    old = json.loads(path.read_text())
+    old = json.loads(storage.read_text(path) if storage.is_remote(out) else path.read_text())
   except (OSError, ValueError) as e:
     raise DataError(f"'{path}' is not readable JSON: {e}") from None
   keys = ('format', 'dtype', 'add_bos', 'add_eos', 'tokenizer', 'settings')
@@ -293,7 +326,7 @@ def _finished_shards(out: Path, manifest: Dict) -> Dict[str, Dict]:
     raise DataError(f"--output '{out}' holds a store prepared with different "
                     f"{', '.join(changed)}; use a new --output")
   return {s['file']: s for s in old.get('shards', [])
-          if (out / s['file']).is_file() and (out / store_lib.docs_file(s['file'])).is_file()}
+          if s['file'] in present and store_lib.docs_file(s['file']) in present}
 
 
 def _tokenizer_info(kind: str, path: str) -> Dict:

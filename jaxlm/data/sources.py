@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, List, Sequence
 
 import numpy as np
 
-from jaxlm import workdir_tokenizer
+from jaxlm import storage, workdir_tokenizer
 from jaxlm.data import store as store_lib
 from jaxlm.errors import DataError
 
@@ -66,6 +66,8 @@ class TokenStore:
 
 def open_tokens(data_cfg, tokenizer):
   """The stream of `data_cfg` (module doc): a MappedStore if data.path is a prepared store."""
+  if storage.is_remote(data_cfg.path):
+    return _open_remote(data_cfg, tokenizer)
   if data_cfg.source == 'arrayrecord' and data_cfg.path and not glob.has_magic(data_cfg.path):
     folder = Path(data_cfg.path).expanduser()
     manifest = store_lib.read_manifest(folder) if folder.is_dir() else None
@@ -74,7 +76,22 @@ def open_tokens(data_cfg, tokenizer):
   return load_tokens(data_cfg, tokenizer)
 
 
-def _open_store(folder: Path, manifest: dict, data_cfg, tokenizer) -> store_lib.MappedStore:
+def _open_remote(data_cfg, tokenizer) -> store_lib.MappedStore:
+  """A `jaxlm prepare` store on object storage, read in place (the one remote data.path kind)."""
+  where = data_cfg.path.rstrip('/')
+  storage.check(where)
+  if data_cfg.source != 'arrayrecord':
+    raise DataError(f"data.path '{where}' is on object storage, which data.source "
+                    f"'{data_cfg.source}' cannot read; run `jaxlm prepare --input=... "
+                    f"--output={where}` and set data.source=arrayrecord")
+  manifest = store_lib.read_manifest(where)
+  if manifest is None:
+    raise DataError(f"data.path '{where}' holds no {store_lib.MANIFEST} of a `jaxlm prepare` "
+                    'store (remote data is read only as such a store)')
+  return _open_store(where, manifest, data_cfg, tokenizer)
+
+
+def _open_store(folder, manifest: dict, data_cfg, tokenizer) -> store_lib.MappedStore:
   if not manifest.get('complete'):
     raise DataError(f"data.path '{folder}' is a partly written store; finish it by running "
                     'the same `jaxlm prepare` command again')
@@ -86,7 +103,8 @@ def _open_store(folder: Path, manifest: dict, data_cfg, tokenizer) -> store_lib.
   if largest >= tokenizer.vocab_size:
     raise DataError(f"data.path '{folder}' has token id {largest} >= vocab size "
                     f"{tokenizer.vocab_size} of tokenizer '{tokenizer.name}'")
-  store = store_lib.MappedStore(folder, manifest, bos, eos, int(data_cfg.max_docs))
+  store = store_lib.MappedStore(folder, manifest, bos, eos, int(data_cfg.max_docs),
+                                int(data_cfg.read_requests))
   if not len(store):
     raise DataError(f"data.path '{folder}' yielded zero tokens")
   return store

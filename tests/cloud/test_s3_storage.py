@@ -1,7 +1,8 @@
 """jaxlm.storage and the workdir lock on s3:// against moto's S3 server on localhost.
 
 Part of make test-cloud. Covers the path layer (config.json, metrics.jsonl, the
-lock's create-if-absent, heartbeat, release) on S3; full training runs on an
+lock's create-if-absent, heartbeat, release) on S3, and a token store prepared into S3
+(batches equal to the same store on disk); full training runs on an
 object store are tested on gs:// (test_workdir_e2e.py). s3fs and botocore find
 the server through AWS_ENDPOINT_URL, their documented variable.
 """
@@ -84,3 +85,30 @@ def test_config_metrics_and_lock_on_s3(s3, tmp_path, monkeypatch):
   held.release()
   assert storage.read_bytes_or_none(storage.join(work, lock_lib.NAME)) is None
   assert os.listdir(tmp_path) == []  # nothing under a local s3: folder
+
+
+def test_token_store_prepared_into_s3_reads_like_the_local_one(s3, tmp_path, monkeypatch):
+  import numpy as np  # noqa: PLC0415
+  from jaxlm.configs import base  # noqa: PLC0415
+  from jaxlm.data import prepare  # noqa: PLC0415
+  from jaxlm.data.pipeline import make_pipeline  # noqa: PLC0415
+  text = tmp_path / 'corpus.txt'
+  text.write_text((Path(__file__).resolve().parents[3] / 'shared' / 'data' /
+                   'tinyshakespeare.txt').read_text()[:200_000])
+  cwd = tmp_path / 'cwd'
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  for out in (tmp_path / 'local', f'{s3}/store'):
+    prepare.prepare(str(text), out, text_unit='line', docs_per_shard=1000)
+  assert os.listdir(cwd) == []  # nothing under a local s3: folder
+  batches = []
+  for path in (tmp_path / 'local', f'{s3}/store'):
+    cfg = base.get_config()
+    cfg.data.source, cfg.data.path, cfg.data.seq_len = 'arrayrecord', str(path), 64
+    pipe = make_pipeline(cfg)
+    it = pipe.train_iterator()
+    batches.append([next(it) for _ in range(5)] + pipe.eval_batches())
+  assert make_pipeline(cfg).store.remote
+  for w, g in zip(*batches, strict=True):
+    for k in w:
+      np.testing.assert_array_equal(w[k], g[k])

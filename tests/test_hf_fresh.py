@@ -182,3 +182,22 @@ def test_import_refuses_when_a_parameter_does_not_read_back(tmp_path, monkeypatc
   monkeypatch.setattr(param_store, 'fill', fill)
   assert cli.main(['convert', f'--from_hf={tmp_path / "hf"}', f'--workdir={tmp_path / "w"}']) == 0
   assert convert.load(str(tmp_path / 'w')).step == 0
+
+
+def test_import_copies_the_models_tokenizer_into_the_workdir(tmp_path, tiny_cfg):
+  """The HF directory's tokenizer.json becomes the workdir's own (sha256 recorded), so
+  generate still works once the HF directory is gone."""
+  import hashlib  # noqa: PLC0415
+  import json  # noqa: PLC0415
+  import shutil  # noqa: PLC0415
+  from jaxlm.data import tokenizer_train  # noqa: PLC0415
+  _fresh('gpt2', tmp_path / 'hf')
+  tokenizer_train.train([open(tiny_cfg.data.path).read()[:20_000]], 'bpe', 300, tmp_path / 'hf')
+  _import(tmp_path / 'hf', tmp_path / 'w')
+  shutil.rmtree(tmp_path / 'hf')
+  d = json.loads((tmp_path / 'w' / 'config.json').read_text())['data']
+  copy = tmp_path / 'w' / 'tokenizer' / 'tokenizer.json'
+  assert (d['tokenizer'], d['tokenizer_path'], d['tokenizer_vocab']) == ('hf', str(copy), 300)
+  assert d['tokenizer_sha256'] == hashlib.sha256(copy.read_bytes()).hexdigest()
+  assert cli.main(['generate', f'--workdir={tmp_path / "w"}', '--prompt=The',
+                   '--max_new_tokens=3']) == 0

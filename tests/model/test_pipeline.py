@@ -14,6 +14,7 @@ from jaxlm.errors import ConfigError
 from jaxlm.model import pipeline
 from jaxlm.model.transformer import build_model
 from jaxlm.train.loop import Trainer
+from jaxlm.train.step import objective_sums
 
 STEPS = 4
 # name: (mesh fields, model fields)
@@ -197,6 +198,27 @@ def test_a_broken_schedule_changes_the_result(fault, circular, monkeypatch):
   else:
     monkeypatch.setattr(pipeline, 'schedule', {'skip': _skip, 'repeat': _repeat}[fault])
   assert np.max(np.abs(_features(cfg, jax.devices(), batch) - want)) > 1e-2
+
+
+def _router_losses(cfg, devices, batch):
+  mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+  model = build_model(cfg.model)
+  params = nn.unbox(model.init(jax.random.key(0), batch['inputs'][:1])['params'])
+  with sharding.activate(mesh, sharding.rules_for(cfg.model, cfg.mesh, mesh)):
+    extras = jax.jit(lambda p: objective_sums(model, p, batch)[1][1])(params)
+  return {k: float(extras[k]) for k in
+          ('moe_aux_loss', 'moe_router_z_loss', 'moe_load_max', 'moe_load_min')}
+
+
+def test_moe_router_losses_are_the_whole_batch_values():
+  """Micro-batch means of the balance loss differ from the whole batch's: not used."""
+  cfg = _cfg('', moe=True)
+  batch = _packed_batch()
+  want = _router_losses(cfg, jax.devices()[:1], batch)
+  cfg.mesh.pipeline = 2
+  got = _router_losses(cfg, jax.devices(), batch)
+  for k in want:
+    assert got[k] == pytest.approx(want[k], rel=1e-6), k
 
 
 def test_stages_exchange_activations_by_collective_permute():

@@ -13,23 +13,18 @@ Off their platform the Pallas kernels run in Pallas interpret mode when
 """
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 
+from jaxlm import platform
 from jaxlm.config import LIBRARY_KERNELS as PLATFORM  # kernel -> the platform it compiles for
-
-INTERPRET_ENV = 'JAXLM_PALLAS_INTERPRET'
+from jaxlm.platform import INTERPRET_ENV  # noqa: F401  (tests and bench set it through here)
 
 
 def mode(impl: str) -> str | None:
-  """'native', 'interpret' (Pallas interpreter, off-platform) or None (cannot run here)."""
-  if jax.default_backend() == PLATFORM[impl]:
-    return 'native'
-  if impl != 'cudnn' and os.environ.get(INTERPRET_ENV) == '1':
-    return 'interpret'
-  return None
+  """'native', 'interpret' (Pallas interpreter, off-platform) or None (cannot run in this step)."""
+  return platform.kernel_mode(impl)
 
 
 def _pad_len(x, n: int):

@@ -1,6 +1,7 @@
 """GPT-2 medium, 350M (Radford et al. 2019); lr from GPT-3's 350M row (Brown et al. 2020).
 
 Same family and recipe as gpt2_small.py; only the size and learning rate differ.
+Target: `--target=h100-80g --devices=8` (one 8-GPU host).
 """
 
 from jaxlm.configs import gpt2_small

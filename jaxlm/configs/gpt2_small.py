@@ -1,4 +1,7 @@
-"""GPT-2 small, 124M (Radford et al. 2019); recipe of Karpathy's llm.c GPT-2 reproduction."""
+"""GPT-2 small, 124M (Radford et al. 2019); recipe of Karpathy's llm.c GPT-2 reproduction.
+
+Target: `--target=h100-80g --devices=8` (one 8-GPU host).
+"""
 
 from jaxlm.configs import base
 

@@ -1,6 +1,7 @@
 """Llama 3.2 1B (Meta, 2024; meta-llama/Llama-3.2-1B config.json), 1.24B params.
 
 Llama 3 family recipe from llama_8b.py; only what differs is set here.
+Target: `--target=h100-80g --devices=8` (one 8-GPU host).
 """
 
 from jaxlm.configs import llama_8b

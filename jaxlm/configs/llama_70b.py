@@ -1,6 +1,7 @@
 """Llama 3 70B (Meta, 2024, "The Llama 3 Herd of Models"; Meta-Llama-3-70B config.json).
 
 Llama 3 family recipe from llama_8b.py; only what differs is set here.
+Target: `--target=v5p-512` (256 TPU v5p chips, one slice).
 """
 
 from jaxlm.configs import llama_8b

@@ -1,6 +1,7 @@
 """Llama 3 8B (Meta, 2024, "The Llama 3 Herd of Models"; Meta-Llama-3-8B config.json).
 
 Also the Llama 3 family recipe that llama_1b.py and llama_70b.py start from.
+Target: `--target=h100-80g --devices=8` (one 8-GPU host; more hosts add data parallelism).
 """
 
 from jaxlm.configs import base

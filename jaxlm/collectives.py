@@ -3,8 +3,9 @@
 For each kind (all-gather, reduce-scatter, all-reduce, all-to-all,
 collective-permute): the bytes of the results one device's collectives produce
 in one run of the step. Collectives inside loops count once per iteration
-(XLA's ``known_trip_count`` on each ``while``: scanned layers, gradient
-accumulation), so two meshes of the same step compare by what they move. Of a
+(XLA's ``known_trip_count`` on each ``while``, or where a compiler writes none,
+as libtpu does, the bound its condition compares the counter with: scanned
+layers, gradient accumulation), so two meshes of the same step compare by what they move. Of a
 conditional's branches the largest counts. Asynchronous pairs count once, by
 the ``-done`` half's result.
 """
@@ -23,6 +24,7 @@ _COMPUTATION = re.compile(r'^(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*\))?\s*->.*\{\s*$')
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\(')
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _CALLEE = re.compile(r'\b(?:body|calls|to_apply)=%?([\w.\-]+)')
+_BOUND = re.compile(r'\bs32\[\]\S*\s+constant\((\d+)\)')
 _BRANCHES = re.compile(r'branch_computations=\{([^}]*)\}|(?:true|false)_computation=%?([\w.\-]+)')
 
 
@@ -50,12 +52,14 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
   for line in hlo_text.splitlines():
     head = _COMPUTATION.match(line)
     if head:
-      cur = comps.setdefault(head.group(2), {'own': dict.fromkeys(KINDS, 0), 'calls': []})
+      cur = comps.setdefault(head.group(2), {'own': dict.fromkeys(KINDS, 0), 'calls': [],
+                                             'bounds': []})
       if head.group(1):
         entry = head.group(2)
       continue
     if cur is None:
       continue
+    cur['bounds'] += [int(n) for n in _BOUND.findall(line)]
     m = _INSTR.match(line)
     if not m:
       continue
@@ -66,8 +70,10 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     if op == 'while':
       trip = _TRIP.search(line)
       body = re.search(r'\bbody=%?([\w.\-]+)', line)
+      cond = re.search(r'\bcondition=%?([\w.\-]+)', line)
       if body:
-        cur['calls'].append(('one', int(trip.group(1)) if trip else 1, [body.group(1)]))
+        times = int(trip.group(1)) if trip else ('cond', cond.group(1) if cond else '')
+        cur['calls'].append(('one', times, [body.group(1)]))
     elif op == 'conditional':
       names = []
       for group, single in _BRANCHES.findall(line):
@@ -89,6 +95,9 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     for k, v in comp['own'].items():
       out[k] += v
     for how, times, names in comp['calls']:
+      if isinstance(times, tuple):  # the loop bound of its condition: `i < N` with one constant N
+        bounds = comps.get(times[1], {}).get('bounds', [])
+        times = bounds[0] if len(bounds) == 1 else 1
       subs = [total(n, depth + 1) for n in names]
       if not subs:
         continue

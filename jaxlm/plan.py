@@ -192,6 +192,8 @@ def run(cfg, devices: int, budget: float | None, report, target=None) -> None:
   count = 1 if native else devices
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
          'XLA_FLAGS': ' '.join(flags + [f'--xla_force_host_platform_device_count={count}'])}
+  if native:  # compile only, no chip: libtpu's one-process-per-host lock has nothing to guard
+    env.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   request = json.dumps({'config': cfg.to_dict(), 'devices': devices, 'budget': budget,
                         'target': dataclasses.asdict(target) if native else None})
   # The compilers log to stderr (libtpu at length): a file, so a full pipe never stalls them.

@@ -227,6 +227,13 @@ def _child() -> int:
     print(_EVENT + json.dumps(event), flush=True)
 
   target = targets.Target(**request['target']) if request['target'] else None
+  if target is not None and target.platform == 'gpu' and cfg.model.attention == 'cudnn':
+    # jax's cuDNN attention asks the local device for its compute capability (as of jax
+    # 0.10), so it cannot compile for compile-only GPUs.
+    stand_in = 'chunked' if cfg.model.sliding_window else 'pallas_gpu'
+    report({'event': 'note', 'message': "cuDNN attention needs a local GPU to compile: planned "
+            f"as '{stand_in}', also a flash kernel (no [length, length] scores)"})
+    cfg.model.attention = stand_in
   try:
     devices = (targets.compile_only_devices(target) if target else
                jax.devices()[:request['devices']])

@@ -108,3 +108,23 @@ def test_moe_ragged_dot_and_expert_all_to_all_compile(target, scan, remat):
   _, compiled = _compile(cfg, target)
   hlo = compiled.as_text()
   assert re.search(r'all-to-all', hlo), 'expert parallelism exchanges no tokens'
+
+
+RECIPES = ['gpt2_small', 'gpt2_medium', 'llama_1b', 'llama_8b', 'mixtral_8x7b', 'llama_70b']
+
+
+@pytest.mark.parametrize('name', RECIPES)
+def test_shipped_recipe_fits_its_documented_target_by_its_compiler(name):
+  """The recipe as shipped (mesh, batch, grad_accum, remat) on the hardware its docstring
+  names, compiled by that hardware's compiler: at most 90% of HBM per device."""
+  from test_configs import documented_target  # noqa: PLC0415
+  want = documented_target(f'{name}.py')
+  target = targets.parse(want['target'], int(want.get('devices', 0)), int(want.get('slices', 1)))
+  cfg = load_config(name)
+  cfg.data.path = '/data/train'
+  mesh = mesh_lib.make_mesh(cfg.mesh, targets.compile_only_devices(target))
+  fig = plan_lib.figures(cfg, mesh)
+  assert plan_lib.compiler_label(mesh, target).startswith(('TPU compiler', 'XLA:GPU compiler'))
+  print(f"{name} on {target.name}: {fig['total'] / 2**30:.2f} GiB per device "
+        f"({plan_lib.compiler_label(mesh, target)})")
+  assert fig['total'] <= plan_lib.USABLE * target.hbm, (name, fig['total'] / 2**30)

@@ -30,7 +30,8 @@ def get_config():
   # Training recipe unpublished: llama_8b's AdamW/cosine recipe, 2M tokens per step.
   # 2 micro-batches (4 x 4096 tokens per GPU) on 64 H100s: 57.64 GiB per device by the
   # H100's compiler (XLA:GPU, jax-cuda12-pjrt 0.10.2; `jaxlm plan --config=mixtral_8x7b
-  # --target=h100-80g --devices=64 --config.train.grad_accum=2`, 2026-12-04); 4: 38.29 GiB.
+  # --target=h100-80g --devices=64 --config.train.grad_accum=2`, 2026-12-04); 1: 88.10 GiB,
+  # 4: 38.29 GiB.
   # Dropless exchange buffers are sized for the worst case (768 GiB of all-to-all per step).
   c.train.grad_accum = 2
   # Experts split 8 ways (each expert shard holds one expert), FSDP over the rest

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Pinned versions (see the file's header): a free resolve of the cloud extras runs pip out of depth.
 PIP_INSTALL := $(BIN)/pip install -q -c .ci/constraints.txt
 
-.PHONY: install demo test test-cloud test-beam test-slurm test-package test-demo test-slow clean
+.PHONY: install demo test test-cloud test-beam test-slurm test-package test-demo test-slow test-aot clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,19 @@ test-demo: $(VENV)/.installed-test
 # Tests whose behaviour a cheaper make-test test covers too (e.g. more pipeline layouts; a few minutes).
 test-slow: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -x --timeout=1800 -m slow tests
+
+# Compiles for TPU v5p and NVIDIA H100 targets with their own compilers on this CPU host
+# (libtpu, the CUDA PJRT plugin: the aot-tpu and aot-gpu extras). They live in a venv of their
+# own, .venv-aot: in .venv they would change jax's default backend for every other test.
+AOT_VENV := .venv-aot
+$(AOT_VENV)/.installed: pyproject.toml .ci/constraints.txt
+	$(PYTHON) -m venv $(AOT_VENV)
+	$(AOT_VENV)/bin/pip install -q --upgrade pip
+	$(AOT_VENV)/bin/pip install -q -c .ci/constraints.txt -e '.[test,aot-tpu,aot-gpu]'
+	touch $@
+
+test-aot: $(AOT_VENV)/.installed
+	JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 $(AOT_VENV)/bin/python -m pytest -q -x --timeout=2400 -m aot tests/aot
 
 clean:
 	rm -rf runs

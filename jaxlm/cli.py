@@ -36,7 +36,7 @@ USAGE = f"""usage: jaxlm {{{','.join(COMMANDS + tuple(PLUGINS))}}} [--flags]
                  [--tasks=hellaswag,arc_easy --limit=N --num_fewshot=K --include_path=DIR]
   jaxlm generate --workdir=runs/demo --prompt='def ' [--max_new_tokens=200 --temperature=0.8
                  --top_k=40 --top_p=1.0 --seed=0]
-  jaxlm plan     --config=llama_8b [--target=h100-80g] [--devices=N]
+  jaxlm plan     --config=llama_8b [--target=h100-80g|v5p-512] [--devices=N] [--slices=K]
   jaxlm <plugin> --help   for prepare, tokenizer, convert, finetune
 """
 TRAIN_HELP = f"""usage: jaxlm train --config=<name or file.py> --workdir=DIR [--config.a.b=value ...]
@@ -71,10 +71,14 @@ def _define(fv: flags.FlagValues, command: str) -> None:
                          flag_values=fv)
     flags.DEFINE_integer('batch_size', 32, 'lm-eval: rows per forward pass', flag_values=fv)
   if command == 'plan':
-    flags.DEFINE_string('target', '', "accelerator to fit: a100-80g, h100-80g, h200, v5e, v5p, "
-                        "v6e, or GiB per device ('' = this host's accelerator)", flag_values=fv)
-    flags.DEFINE_integer('devices', 0, 'devices to plan for (0 = this host if the mesh fits it, '
-                         'else the mesh the config names)', flag_values=fv)
+    flags.DEFINE_string('target', '', "hardware to compile for and fit: v5e-N, v5p-N, v6e-N "
+                        "(Cloud TPU names), a100-80g, h100-80g, h200, b200 (with --devices GPUs), "
+                        "or GiB per device ('' = this host's accelerator)", flag_values=fv)
+    flags.DEFINE_integer('devices', 0, 'devices to plan for (0 = the TPU target\'s chips, else '
+                         'this host if the mesh fits it, else the mesh the config names)',
+                         flag_values=fv)
+    flags.DEFINE_integer('slices', 1, 'TPU multislice: slices of --target joined over DCN',
+                         flag_values=fv)
   if command == 'generate':
     flags.DEFINE_string('prompt', '', 'text to continue', flag_values=fv)
     flags.DEFINE_integer('max_new_tokens', 200, 'tokens to generate', flag_values=fv)

@@ -1,80 +1,109 @@
-"""Bytes each device sends through collectives in a compiled step, read from its HLO.
+"""Collective traffic of a compiled step, read from its optimized HLO text.
 
-``jaxlm plan`` prints these so that layouts can be compared before launch (e.g.
-``fsdp=N`` against ``pipeline=P, fsdp=N/P``): a collective inside a loop (the
-layer scan, the pipeline's iterations, gradient accumulation) counts once per
-trip, using the trip count XLA records on each ``while``.
+For each kind (all-gather, reduce-scatter, all-reduce, all-to-all,
+collective-permute): the bytes of the results one device's collectives produce
+in one run of the step. Collectives inside loops count once per iteration
+(XLA's ``known_trip_count`` on each ``while``, or where a compiler writes none,
+as libtpu does, the bound its condition compares the counter with: scanned
+layers, gradient accumulation), so two meshes of the same step compare by what they move. Of a
+conditional's branches the largest counts. Asynchronous pairs count once, by
+the ``-done`` half's result.
 """
 
 import re
 
 KINDS = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
 
-_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 's16': 2, 'u16': 2,
-          'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8}
-_ARRAY = re.compile(r'\b([a-z]+[0-9a-z]*)\[([0-9,]*)\]')
-_OP = re.compile(r'=\s*(.*?)\s(' + '|'.join(KINDS) + r')(-start)?\(')
-_HEAD = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$')
-_WHILE = re.compile(r'\swhile\(.*body=%?([\w.\-]+)')
-_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_CALLS = re.compile(r'(?:calls|to_apply|branch_computations)=\{?%?([\w.\-, %]+)\}?')
+_BYTES = {'pred': 1, 's4': 1, 'u4': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1,
+          'f8e4m3': 1, 'f8e4m3fnuz': 1, 'f8e5m2fnuz': 1, 'f8e3m4': 1, 'f8e8m0fnu': 1,
+          's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4,
+          's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16}
+_ARRAY = re.compile(r'\b([a-z][a-z0-9]*)\[([0-9,]*)\]')
+_COMPUTATION = re.compile(r'^(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*\))?\s*->.*\{\s*$')
+# '%name = TYPE op(' ... ; TYPE is an array or a (nested) tuple of arrays.
+_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\(')
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_CALLEE = re.compile(r'\b(?:body|calls|to_apply)=%?([\w.\-]+)')
+_BOUND = re.compile(r'\bs32\[\]\S*\s+constant\((\d+)\)')
+_BRANCHES = re.compile(r'branch_computations=\{([^}]*)\}|(?:true|false)_computation=%?([\w.\-]+)')
 
 
-def _array_bytes(text: str) -> list[int]:
-  out = []
-  for dtype, dims in _ARRAY.findall(text):
-    if dtype in _BYTES:
-      n = 1
-      for d in filter(None, dims.split(',')):
-        n *= int(d)
-      out.append(n * _BYTES[dtype])
-  return out
+def _nbytes(type_text: str) -> int:
+  total = 0
+  for dtype, dims in _ARRAY.findall(type_text):
+    n = 1
+    for d in filter(None, dims.split(',')):
+      n *= int(d)
+    total += n * _BYTES.get(dtype, 4)
+  return total
 
 
-def _computations(hlo: str):
-  """{name: (lines, is_entry)} of an HLO module's text."""
-  comps, name, entry = {}, None, None
-  for line in hlo.splitlines():
-    head = _HEAD.match(line)
-    if head and ('->' in line or line.startswith('ENTRY')):
-      name = head.group(1)
-      comps[name] = []
-      if line.startswith('ENTRY'):
-        entry = name
-    elif line.strip() == '}':
-      name = None
-    elif name is not None:
-      comps[name].append(line)
-  return comps, entry
+def _kind(op: str) -> str | None:
+  if op.endswith('-start'):
+    return None  # counted by its -done
+  base = op.removesuffix('-done')
+  return base if base in KINDS else None
 
 
-def collective_bytes(hlo: str) -> dict[str, int]:
-  """{kind: bytes} per device over one run of the compiled module ``hlo`` (its text)."""
-  comps, entry = _computations(hlo)
-  memo: dict[str, dict[str, int]] = {}
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+  """{kind: bytes per device per run} of the compiled module's collectives."""
+  comps: dict[str, dict] = {}
+  entry, cur = None, None
+  for line in hlo_text.splitlines():
+    head = _COMPUTATION.match(line)
+    if head:
+      cur = comps.setdefault(head.group(2), {'own': dict.fromkeys(KINDS, 0), 'calls': [],
+                                             'bounds': []})
+      if head.group(1):
+        entry = head.group(2)
+      continue
+    if cur is None:
+      continue
+    cur['bounds'] += [int(n) for n in _BOUND.findall(line)]
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    type_text, op = m.groups()
+    kind = _kind(op)
+    if kind:
+      cur['own'][kind] += _nbytes(type_text)
+    if op == 'while':
+      trip = _TRIP.search(line)
+      body = re.search(r'\bbody=%?([\w.\-]+)', line)
+      cond = re.search(r'\bcondition=%?([\w.\-]+)', line)
+      if body:
+        times = int(trip.group(1)) if trip else ('cond', cond.group(1) if cond else '')
+        cur['calls'].append(('one', times, [body.group(1)]))
+    elif op == 'conditional':
+      names = []
+      for group, single in _BRANCHES.findall(line):
+        names += [n.strip().lstrip('%') for n in group.split(',') if n.strip()] if group else [single]
+      cur['calls'].append(('max', 1, names))
+    else:
+      for callee in _CALLEE.findall(line):
+        cur['calls'].append(('one', 1, [callee]))
+
+  memo: dict[str, dict] = {}
 
   def total(name: str, depth: int = 0) -> dict[str, int]:
-    if name in memo or name not in comps or depth > 64:
-      return memo.get(name, {})
+    if name in memo:
+      return memo[name]
+    comp = comps.get(name)
     out = dict.fromkeys(KINDS, 0)
-    for line in comps[name]:
-      op = _OP.search(line)
-      if op:  # result shape(s) sit between '=' and the op name; '-start' tuples hold in and out
-        sizes = _array_bytes(op.group(1))
-        out[op.group(2)] += max(sizes, default=0)
+    if comp is None or depth > 64:
+      return out
+    for k, v in comp['own'].items():
+      out[k] += v
+    for how, times, names in comp['calls']:
+      if isinstance(times, tuple):  # the loop bound of its condition: `i < N` with one constant N
+        bounds = comps.get(times[1], {}).get('bounds', [])
+        times = bounds[0] if len(bounds) == 1 else 1
+      subs = [total(n, depth + 1) for n in names]
+      if not subs:
         continue
-      loop = _WHILE.search(line)
-      if loop:
-        trips = _TRIPS.search(line)
-        inner = total(loop.group(1), depth + 1)
-        for k in KINDS:
-          out[k] += inner.get(k, 0) * (int(trips.group(1)) if trips else 1)
-        continue
-      for called in _CALLS.findall(line):
-        for c in (s.strip().lstrip('%') for s in called.split(',')):
-          inner = total(c, depth + 1)
-          for k in KINDS:
-            out[k] += inner.get(k, 0)
+      pick = max(subs, key=lambda s: sum(s.values())) if how == 'max' else subs[0]
+      for k in KINDS:
+        out[k] += times * pick[k]
     memo[name] = out
     return out
 

@@ -8,7 +8,7 @@ import jax
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm import plan as plan_lib
-from jaxlm import preflight, runtime, storage
+from jaxlm import preflight, runtime, storage, targets
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import make_pipeline
 from jaxlm.data.tokenizers import get_tokenizer
@@ -132,17 +132,27 @@ def plan(fv) -> int:
   """Compiles the train step for the configured mesh (any size) and says whether it fits."""
   cfg = fv.config
   config_lib.validate(cfg, need_data=False)
-  devices = plan_lib.mesh_devices(cfg, fv.devices)
-  where, budget = plan_lib.target_budget(fv.target)
-  fake = devices > jax.device_count()
+  devices = fv.devices
+  if not targets.sized(fv.target):  # GPUs, a bare TPU kind, GiB: as many as the mesh needs
+    devices = plan_lib.mesh_devices(cfg, fv.devices)
+  where, budget, hw = plan_lib.target_budget(fv.target, devices, fv.slices)
+  devices = hw.devices if hw else plan_lib.mesh_devices(cfg, fv.devices)
+  native = plan_lib.uses_target_compiler(hw)
+  fake = not native and devices > jax.device_count()
   print(f'config      {cfg.name}')
   print(f'target      {where}' + (f', {_gib(budget)} usable by the step' if budget else ''))
-  print(f'compiling   on {devices} ' + ('fake CPU devices in a child process' if fake else
-                                        f'{jax.devices()[0].platform} devices') + ' ...',
-        flush=True)
+  if hw is not None and not native:
+    print(f'compiler    {targets.missing(hw)}')
+  print(f'compiling   on {devices} ' + (
+      f'compile-only {hw.platform.upper()} devices ({hw.topology}) in a child process' if native
+      else 'fake CPU devices in a child process' if fake else
+      f'{jax.devices()[0].platform} devices') + ' ...', flush=True)
+  compiler = ['XLA']
 
   def report(e):
     if e['event'] == 'first':
+      compiler[0] = e['compiler']
+      print(f"compiler    {e['compiler']}")
       n = e['n_params']
       print(f'parameters  {n:,} ' + (f'({n / 1e9:.2f}B)' if n >= 1e8 else f'({n / 1e6:.2f}M)'))
       if cfg.model.moe_experts:
@@ -152,6 +162,8 @@ def plan(fv) -> int:
       print(f"params      {_gib(e['params'])} total, {_gib(e['params_per_device'])} per device")
       print(f"opt state   {_gib(e['opt_state'])} total, "
             f"{_gib(e['opt_state_per_device'])} per device")
+    if e['event'] == 'note':
+      print(f"note        {e['message']}")
     if e['event'] in ('first', 'trial'):
       if 'total' not in e:
         print('compiled    no memory analysis from this backend')
@@ -160,9 +172,9 @@ def plan(fv) -> int:
       print(f"compiled    grad_accum {e['grad_accum']}, remat {e['remat']} "
             f"({e['per_device_batch']} x {cfg.data.seq_len} tokens per device): "
             f"args {_gib(e['args'])} + temp {_gib(e['temp'])} + outputs {_gib(e['outputs'])}"
-            f" = {_gib(e['total'])} per device (XLA){verdict}", flush=True)
-      if e['event'] == 'first':
-        _print_traffic(e)
+            f" = {_gib(e['total'])} per device ({compiler[0].split(',')[0]}){verdict}",
+            flush=True)
+      _print_traffic(e)
     elif e['event'] == 'choice':
       print(f"fits        with --config.train.grad_accum={e['grad_accum']}"
             + (f" --config.model.remat={e['remat']}" if e['remat'] != cfg.model.remat else ''))
@@ -170,5 +182,5 @@ def plan(fv) -> int:
       print('fits        no: not even at one sequence per device with remat full '
             '(shard more: mesh.tensor, mesh.sequence, or more devices)')
 
-  plan_lib.run(cfg, devices, budget, report)
+  plan_lib.run(cfg, devices, budget, report, hw if native else None)
   return 0

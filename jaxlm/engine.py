@@ -19,7 +19,7 @@ from flax import linen as nn
 from jaxlm import config as config_lib
 from jaxlm import hf
 from jaxlm import mesh as mesh_lib
-from jaxlm import sharding, storage
+from jaxlm import platform, sharding, storage
 from jaxlm.checkpoint import Checkpointer, leaf_name
 from jaxlm.configs import base as base_config
 from jaxlm.data.packing import BATCH_KEYS
@@ -70,29 +70,6 @@ def eval_micro_batches(cfg, mesh) -> int:
               if rows % n == 0 and (rows // n) % dp == 0)
 
 
-def step_compiler_options() -> dict:
-  """XLA options for the compiled train and eval steps on this backend ({} off CPU).
-
-  XLA:CPU hands both dots and reductions to YNNPACK by default. The small
-  reductions of a training step (norm statistics, softmax sums, bias-like
-  gradient sums over [batch * length] rows) ran slower as YNNPACK calls than
-  as XLA's own reduce kernels: at nanoGPT's CPU shape, dots-only took ~14%
-  off the step's process CPU time (bench/RESULTS.md, issue 19). Dots stay
-  in YNNPACK. Per-jit options override the same flag in XLA_FLAGS. Nothing is
-  set off CPU.
-
-  XLA:CPU's TreeReductionRewriter splits every reduction over 32 or more
-  elements into a reduce-window of 32-element partial sums and a reduce of
-  those: at nanoGPT's shape 141 extra kernels (913 -> 576 fusions), ~5% of the
-  step's CPU time. Off, XLA's reduce kernels sum straight through (in vector
-  lanes); the results differ by float rounding only.
-  """
-  if jax.default_backend() != 'cpu':
-    return {}
-  return {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT',
-          'xla_disable_hlo_passes': 'tree_reduction_rewriter'}
-
-
 class Setup:
   """Model, optimizer, shardings and compiled steps for a config on a mesh (no data)."""
 
@@ -100,13 +77,16 @@ class Setup:
     self.cfg = cfg
     self.mesh = mesh or mesh_lib.make_mesh(cfg.mesh)
     check_divisibility(cfg, self.mesh)
+    # What the steps are built for: the mesh's devices (compile-only ones included).
+    self.platform = platform.of_mesh(self.mesh)
     self.rules = sharding.rules_for(cfg.model, cfg.mesh, self.mesh)
     self.model = build_model(cfg.model)
     self.tx = make_optimizer(cfg.optim, horizon(cfg))
     self.lr = schedule(cfg.optim, horizon(cfg))
     # Init runs outside sharding.activate: DenseGeneral reshapes its kernel
     # after init, which a live rank-3 constraint on a rank-2 array rejects.
-    boxed = jax.eval_shape(self._init_boxed, jax.random.key(cfg.train.seed))
+    with platform.building(self.platform):
+      boxed = jax.eval_shape(self._init_boxed, jax.random.key(cfg.train.seed))
     self.state_shardings = nn.logical_to_mesh_sharding(
         nn.get_partition_spec(boxed), self.mesh, self.rules)
     self.abstract_state = jax.tree.map(
@@ -115,15 +95,16 @@ class Setup:
     self.n_params = param_count(self.abstract_state.params)
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
     repl = sharding.replicated(self.mesh)
+    options = platform.step_compiler_options(self.platform)
     self._train_step = jax.jit(
         make_train_step(self.model, self.tx, self.lr, cfg.train.grad_accum, cfg.train.z_loss,
                         cfg.train.spike_factor),
         in_shardings=(self.state_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, repl), donate_argnums=(0,),
-        compiler_options=step_compiler_options())
+        compiler_options=options)
     self._eval_step = jax.jit(make_eval_step(self.model, eval_micro_batches(cfg, self.mesh)),
                               in_shardings=(self.state_shardings.params, self.batch_sharding),
-                              out_shardings=repl, compiler_options=step_compiler_options())
+                              out_shardings=repl, compiler_options=options)
 
   def _init_boxed(self, rng):
     tokens = jnp.zeros((1, self.cfg.data.seq_len), jnp.int32)
@@ -133,11 +114,9 @@ class Setup:
   def init_state(self) -> TrainState:
     key = jax.random.key(self.cfg.train.seed)
     init = jax.jit(lambda r: nn.unbox(self._init_boxed(r)), out_shardings=self.state_shardings)
-    # Init runs once, yet on CPU its per-parameter RNG kernels take XLA longer to
-    # compile than the train step (3.3 s vs 2.3 s at shakespeare_char's size);
-    # without backend optimisation it compiles in half the time.
-    opts = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else {}
-    return init.lower(key).compile(opts)(key)
+    with platform.building(self.platform):
+      lowered = init.lower(key)
+    return lowered.compile(platform.init_compiler_options(self.platform))(key)
 
   def state_from_params(self, params, step: int = 0) -> TrainState:
     """A TrainState around ``params`` with a fresh optimizer state (e.g. after an HF import)."""
@@ -146,7 +125,7 @@ class Setup:
                      jax.device_put(jnp.asarray(step, jnp.int32), self.state_shardings.step))
 
   def compile_train_step(self):
-    """The train step compiled for abstract inputs (nothing allocated): for its analyses."""
+    """The train step compiled for this mesh's devices (compile-only ones too), not run."""
     shape = (self.cfg.train.batch_size, self.cfg.data.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, np.float32 if k == 'loss_mask' else np.int32,
                                      sharding=self.batch_sharding)

@@ -1,24 +1,31 @@
 """`jaxlm plan`: compile the real train step for a mesh of any size and check that it fits.
 
-The figures are XLA's memory analysis of the compiled step, per device:
-arguments (params, optimizer state, batch), temporaries (activations and
-workspace) and outputs not aliased to donated arguments. When the mesh needs
-more devices than this host has, the step compiles in a child process that sees
-that many fake CPU devices (``--xla_force_host_platform_device_count``):
-compile only, nothing is allocated. XLA:CPU's buffer assignment indicates, but
-does not equal, the GPU/TPU figure; on an accelerator host with enough devices
-the step compiles for the real backend.
+The figures are the compiler's memory analysis of the compiled step, per
+device: arguments (params, optimizer state, batch), temporaries (activations
+and workspace) and outputs not aliased to donated arguments; and the step's
+collective traffic per device (``jaxlm.collectives``).
+
+Which compiler: with ``--target`` naming hardware (``jaxlm.targets``) and that
+hardware's compiler installed (libtpu, the CUDA PJRT plugin), the step
+compiles in a child process for compile-only devices of the target, on any
+machine: the target's own buffer assignment. Without it, or with no target,
+a mesh larger than this host compiles in a child that sees that many fake CPU
+devices (``--xla_force_host_platform_device_count``): XLA:CPU's figure, which
+indicates but does not equal the accelerator's, and is labelled so. Compile
+only: nothing is allocated.
 
 When the step does not fit the target, ``search`` compiles it again with more
 gradient-accumulation micro-batches (and, if that is not enough, heavier remat)
 to find the smallest ``train.grad_accum`` that fits.
 """
 
+import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
+import tempfile
 
 import jax
 import ml_collections
@@ -26,23 +33,13 @@ import numpy as np
 
 from jaxlm import collectives
 from jaxlm import mesh as mesh_lib
+from jaxlm import platform, targets
 from jaxlm.errors import ConfigError, JaxlmError
 from jaxlm.model import pipeline
 
 GiB = 2**30
-MiB = 2**20
 
-# HBM per device, as the driver reports it (nvidia-smi, Cloud TPU docs).
-TARGETS = {
-    'a100-80g': 81920 * MiB,
-    'h100-80g': 81559 * MiB,
-    'h200': 143771 * MiB,
-    'v5e': 16 * GiB,
-    'v5p': 95 * GiB,
-    'v6e': 32 * GiB,
-}
-# Share of HBM the step may use: the rest is for the runtime, fragmentation and
-# the difference between XLA:CPU's buffer assignment and the accelerator's.
+# Share of HBM the step may use: the rest is for the runtime and fragmentation.
 # (On GPU, JAX preallocates 75% unless XLA_PYTHON_CLIENT_MEM_FRACTION says more.)
 USABLE = 0.9
 
@@ -52,27 +49,27 @@ REMAT_ORDER = ('none', 'dots', 'minimal', 'full')
 _EVENT = 'JAXLM-PLAN '  # prefix of the child's JSON lines on stdout
 
 
-def target_budget(target: str) -> tuple[str, float | None]:
-  """(description, usable bytes per device) for a --target name or a number of GiB.
+def target_budget(target: str, devices: int = 0, slices: int = 1
+                  ) -> tuple[str, float | None, targets.Target | None]:
+  """(description, usable bytes per device, hardware) for a --target value: a hardware
+  name (``jaxlm.targets``) or a number of GiB per device (no hardware).
 
   '' means the local accelerator (its allocator's limit); None bytes when
   there is none (a CPU host: figures only).
   """
-  if target in TARGETS:
-    return f'{target}: {TARGETS[target] / GiB:.1f} GiB HBM', TARGETS[target] * USABLE
   if target:
     try:
       gib = float(target)
     except ValueError:
-      raise ConfigError(f"--target='{target}' is not one of {', '.join(TARGETS)} "
-                        'or a number of GiB') from None
-    return f'{gib:g} GiB per device', gib * GiB * USABLE
+      hw = targets.parse(target, devices, slices)
+      return f'{hw.name}: {hw.hbm / GiB:.1f} GiB HBM each', hw.hbm * USABLE, hw
+    return f'{gib:g} GiB per device', gib * GiB * USABLE, None
   dev = jax.devices()[0]
   stats = dev.memory_stats() if dev.platform != 'cpu' else None
   if not stats or 'bytes_limit' not in stats:
-    return 'none (no accelerator here; pass --target)', None
+    return 'none (no accelerator here; pass --target)', None, None
   return f"local {dev.device_kind}: {stats['bytes_limit'] / GiB:.1f} GiB usable", float(
-      stats['bytes_limit'])
+      stats['bytes_limit']), None
 
 
 def mesh_devices(cfg, requested: int = 0) -> int:
@@ -90,8 +87,9 @@ def mesh_devices(cfg, requested: int = 0) -> int:
 
 
 def figures(cfg, mesh, with_sizes: bool = False) -> dict:
-  """XLA's per-device bytes for the config's train step on ``mesh`` (compiles it);
-  with ``with_sizes`` also the parameter count and params/optimizer-state bytes."""
+  """The compiler's per-device bytes and collective bytes for the config's train step on
+  ``mesh`` (compiles it); with ``with_sizes`` also the parameter count and
+  params/optimizer-state bytes."""
   from jaxlm.engine import Setup  # noqa: PLC0415  (engine imports the train step)
   setup = Setup(cfg, mesh)
   out = {'remat': cfg.model.remat, 'grad_accum': int(cfg.train.grad_accum),
@@ -145,12 +143,24 @@ def _with(cfg, remat: str, grad_accum: int):
   return c
 
 
-def search(cfg, mesh, budget: float | None, report) -> None:
+def compiler_label(mesh, target: targets.Target | None = None) -> str:
+  """The compiler a step on ``mesh`` compiles with, as plan prints it."""
+  name = platform.of_mesh(mesh)
+  if name == platform.CPU:
+    return 'XLA:CPU'
+  if target is not None and target.platform == name:
+    return targets.compiler_name(target)
+  return f'{name.upper()} compiler ({mesh.devices.flat[0].device_kind})'
+
+
+def search(cfg, mesh, budget: float | None, report, target=None) -> None:
   """Compiles the configured step, then (if it exceeds ``budget`` bytes) finds the
   smallest grad_accum that fits, trying heavier remat if needed. ``report(event)``
-  receives each result as a dict: 'first' (with sizes), 'trial's, then 'choice' or 'none'."""
+  receives each result as a dict: 'first' (with sizes and the compiler's name),
+  'trial's, then 'choice' or 'none'."""
   first = figures(cfg, mesh, with_sizes=True)
-  report({'event': 'first', 'devices': int(mesh.size), **first})
+  report({'event': 'first', 'devices': int(mesh.size),
+          'compiler': compiler_label(mesh, target), **first})
   if budget is None or 'total' not in first or first['total'] <= budget:
     return
   start = REMAT_ORDER.index(cfg.model.remat) if cfg.model.remat in REMAT_ORDER else 0
@@ -173,35 +183,51 @@ def search(cfg, mesh, budget: float | None, report) -> None:
   report({'event': 'none'})
 
 
-def run(cfg, devices: int, budget: float | None, report) -> None:
-  """``search`` on ``devices`` devices: here if this host has them, else in a child process."""
-  if devices <= jax.device_count():
+def uses_target_compiler(target: targets.Target | None) -> bool:
+  """Whether ``run`` compiles for the target's own devices (its compiler is installed)."""
+  return target is not None and targets.compiler_version(target.platform) is not None
+
+
+def run(cfg, devices: int, budget: float | None, report, target=None) -> None:
+  """``search`` on ``devices`` devices: for the target's compile-only devices when its
+  compiler is installed, else here if this host has the devices, else on fake CPU devices;
+  both of the latter in a child process."""
+  native = uses_target_compiler(target)
+  if not native and devices <= jax.device_count():
     search(cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:devices]), budget, report)
     return
   flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
            if not f.startswith('--xla_force_host_platform_device_count')]
+  count = 1 if native else devices
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': ' '.join(flags + [f'--xla_force_host_platform_device_count={devices}'])}
-  request = json.dumps({'config': cfg.to_dict(), 'devices': devices, 'budget': budget})
-  proc = subprocess.Popen([sys.executable, '-m', 'jaxlm.plan'], stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-  proc.stdin.write(request)
-  proc.stdin.close()
-  for line in proc.stdout:
-    if line.startswith(_EVENT):
-      event = json.loads(line[len(_EVENT):])
-      if event['event'] == 'error':
-        proc.wait()
-        raise ConfigError(event['message'])
-      report(event)
-  err = proc.stderr.read()
-  if proc.wait():
-    last = (err.strip().splitlines() or ['no output'])[-1]
-    raise JaxlmError(f'the compile on {devices} fake CPU devices failed: {last}')
+         'XLA_FLAGS': ' '.join(flags + [f'--xla_force_host_platform_device_count={count}'])}
+  if native:  # compile only, no chip: libtpu's one-process-per-host lock has nothing to guard
+    env.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  request = json.dumps({'config': cfg.to_dict(), 'devices': devices, 'budget': budget,
+                        'target': dataclasses.asdict(target) if native else None})
+  # The compilers log to stderr (libtpu at length): a file, so a full pipe never stalls them.
+  with tempfile.TemporaryFile('w+') as err:
+    proc = subprocess.Popen([sys.executable, '-m', 'jaxlm.plan'], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    proc.stdin.write(request)
+    proc.stdin.close()
+    for line in proc.stdout:
+      if line.startswith(_EVENT):
+        event = json.loads(line[len(_EVENT):])
+        if event['event'] == 'error':
+          proc.wait()
+          raise ConfigError(event['message'])
+        report(event)
+    if proc.wait():
+      err.seek(0)
+      last = (err.read().strip().splitlines() or ['no output'])[-1]
+      where = target.name if native else f'{devices} fake CPU devices'
+      raise JaxlmError(f'the compile for {where} failed: {last}')
 
 
 def _child() -> int:
-  """Reads a request on stdin; runs ``search`` on this process's fake CPU devices."""
+  """Reads a request on stdin; runs ``search`` on the target's compile-only devices or on
+  this process's fake CPU devices."""
   request = json.loads(sys.stdin.read())
   cfg = ml_collections.ConfigDict(request['config'])
   cfg.lock()
@@ -209,9 +235,18 @@ def _child() -> int:
   def report(event):
     print(_EVENT + json.dumps(event), flush=True)
 
+  target = targets.Target(**request['target']) if request['target'] else None
+  if target is not None and target.platform == 'gpu' and cfg.model.attention == 'cudnn':
+    # jax's cuDNN attention asks the local device for its compute capability (as of jax
+    # 0.10), so it cannot compile for compile-only GPUs.
+    stand_in = 'chunked' if cfg.model.sliding_window else 'pallas_gpu'
+    report({'event': 'note', 'message': "cuDNN attention needs a local GPU to compile: planned "
+            f"as '{stand_in}', also a flash kernel (no [length, length] scores)"})
+    cfg.model.attention = stand_in
   try:
-    search(cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:request['devices']]),
-           request['budget'], report)
+    devices = (targets.compile_only_devices(target) if target else
+               jax.devices()[:request['devices']])
+    search(cfg, mesh_lib.make_mesh(cfg.mesh, devices), request['budget'], report, target)
   except JaxlmError as e:
     report({'event': 'error', 'message': str(e)})
   return 0

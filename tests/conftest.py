@@ -35,3 +35,15 @@ def tiny_cfg(tmp_path):
 @pytest.fixture
 def repo():
   return REPO
+
+
+@pytest.fixture(params=['cpu-path', 'accelerator-path'])
+def code_path(request):
+  """Runs a test twice: as CPU steps are built, and as GPU/TPU steps are (no XLA:CPU-only
+  Dense backward or options; jaxlm.platform.accelerator_path), so both backwards are checked."""
+  from jaxlm import platform  # noqa: PLC0415
+  if request.param == 'cpu-path':
+    yield request.param
+    return
+  with platform.accelerator_path():
+    yield request.param

@@ -138,3 +138,40 @@ def test_moe_formula_counts_the_built_model(name):
   model = build_model(m)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
   assert param_count(shapes['params']) == n_params(m)
+
+
+def documented_target(name: str) -> dict:
+  """The ``Target: `--target=... --devices=N``` line of a config's docstring as flags."""
+  import ast  # noqa: PLC0415
+  import re  # noqa: PLC0415
+  doc = ast.get_docstring(ast.parse((CONFIGS / name).read_text())) or ''
+  line = re.search(r'^Target: `([^`]*)`', doc, re.M)
+  assert line, f'{name}: its docstring names no "Target: `--target=... --devices=N`"'
+  flags_ = dict(re.findall(r'--(\w+)=(\S+)', line.group(1)))
+  assert set(flags_) <= {'target', 'devices', 'slices'}, flags_
+  return flags_
+
+
+@pytest.mark.parametrize('name', SIZE_FILES)
+def test_config_builds_its_mesh_for_the_hardware_its_docstring_names(name):
+  """Mesh axes resolve for the documented device count, batch and heads divide over it, and
+  every parameter splits over it (an abstract mesh: shapes only, nothing compiled)."""
+  import jax  # noqa: PLC0415
+  from jaxlm import mesh as mesh_lib  # noqa: PLC0415
+  from jaxlm import targets  # noqa: PLC0415
+  from jaxlm.engine import Setup, check_placeable  # noqa: PLC0415
+  from jaxlm.sharding import MESH_AXES  # noqa: PLC0415
+  want = documented_target(name)
+  slices = int(want.get('slices', 1))
+  devices = int(want.get('devices', 0))
+  if 'target' in want:
+    devices = targets.parse(want['target'], devices, slices).devices
+  cfg = load(name)
+  cfg.data.path = cfg.data.path or '/data/train'
+  cfg.data.tokenizer_path = cfg.data.tokenizer_path or '/data/tokenizer.json'
+  config_lib.validate(cfg)
+  ici, dcn = mesh_lib.mesh_shape(cfg.mesh, devices, slices)
+  shape = tuple(i * d for i, d in zip(ici, dcn))
+  setup = Setup(cfg, jax.sharding.AbstractMesh(shape, MESH_AXES))
+  assert setup.mesh.size == devices
+  check_placeable(setup)

@@ -79,6 +79,19 @@ def test_mesh_matches_single_device(name, single_device_losses, tmp_path):
   _assert_same_run(got, reference)
 
 
+def test_accelerator_code_path_on_a_mesh_matches_single_device(single_device_losses, tmp_path):
+  """fsdp x tensor built as GPUs/TPUs build it (autodiff's Dense backward, no XLA:CPU
+  options) trains like the CPU-path reference on one device."""
+  from jaxlm import platform  # noqa: PLC0415
+  path, reference = single_device_losses
+  cfg = load_config('tiny')
+  cfg.data.path = path
+  _llama(cfg)
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 4, 2
+  with platform.accelerator_path():
+    _assert_same_run(_run(cfg, tmp_path / 'w'), reference)
+
+
 def test_chunked_attention_with_context_parallelism_matches_single_device(single_device_losses,
                                                                           tmp_path):
   """The flash kernel (4 key blocks per gathered sequence, remat) on a sequence-split mesh

@@ -1,4 +1,7 @@
-"""`make demo`: a small Llama-style byte model trained on this Python's stdlib in minutes on CPU."""
+"""`make demo`: a small Llama-style byte model trained on this Python's stdlib in minutes on CPU.
+
+Target: `--devices=1` (one CPU).
+"""
 
 from jaxlm.configs import base
 

@@ -1,6 +1,7 @@
 """GPT-2 medium, 350M (Radford et al. 2019); lr from GPT-3's 350M row (Brown et al. 2020).
 
 Same family and recipe as gpt2_small.py; only the size and learning rate differ.
+Target: `--target=h100-80g --devices=8` (one 8-GPU host).
 """
 
 from jaxlm.configs import gpt2_small
@@ -18,4 +19,8 @@ def get_config():
   m.mlp_dim = 4096
 
   c.optim.lr = 3e-4
+  # Twice gpt2_small's layers at 4/3 its width: remat full and no accumulation instead of
+  # gpt2_small's no remat x 2 micro-batches.
+  m.remat = 'full'
+  c.train.grad_accum = 1
   return c

@@ -7,6 +7,7 @@ of 4 windows with a higher lr and a cosine decay over 1800 steps: it gets there
 in ~0.38M tokens (more updates per token), while a token costs about the same
 on a 2-core CPU at batch 4 as at 16. ``bench/shakespeare.py`` times it;
 bench/RESULTS.md has the figures and the batch-size trials.
+Target: `--devices=1` (one CPU).
 """
 
 from jaxlm.configs import base

@@ -16,6 +16,7 @@ and 1.881 with the 65 characters in 320 rows: the unused rows, not the ids,
 make the difference (bench/RESULTS.md, issue 19; why is not established).
 Per token the 320 rows make jaxlm compute ~4% more than nanoGPT, so its
 speed ratio is, if anything, understated.
+Target: `--devices=1` (one CPU).
 """
 
 from jaxlm.configs import shakespeare_char

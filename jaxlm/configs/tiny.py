@@ -1,4 +1,7 @@
-"""Tiny GPT-2-style model for tests: trains a few steps on CPU in seconds."""
+"""Tiny GPT-2-style model for tests: trains a few steps on CPU in seconds.
+
+Target: `--devices=8` (fake CPU devices, as in the tests).
+"""
 
 from jaxlm.configs import base
 

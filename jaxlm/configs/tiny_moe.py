@@ -3,6 +3,7 @@
 Same active size as tiny.py's MLP: each token runs 2 experts of width 32, i.e.
 64 SwiGLU columns, as a dense SwiGLU MLP with mlp_dim 64 (bench/RESULTS.md
 compares the two on tinyshakespeare). 8 experts so that mesh.expert=8 works.
+Target: `--devices=8` (fake CPU devices, as in the tests).
 """
 
 from jaxlm.configs import tiny

@@ -20,6 +20,7 @@ from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
+from jaxlm import platform
 from jaxlm.model import kernels as fused
 from jaxlm.model.flash import flash_attention
 from jaxlm.model.layers import Dense, Norm, rope, rope_frequencies
@@ -90,9 +91,9 @@ def _resolve(impl: str, decode: bool) -> tuple[str, bool]:
   if how is None:
     if impl not in _warned:
       _warned.add(impl)
-      log.warning("attention '%s' runs only on %s (this is %s; %s=1 interprets Pallas kernels): "
-                  "using 'chunked' instead", impl, fused.PLATFORM[impl].upper(),
-                  jax.default_backend(), fused.INTERPRET_ENV)
+      log.warning("attention '%s' runs only on %s (this step is built for %s; %s=1 interprets "
+                  "Pallas kernels): using 'chunked' instead", impl, fused.PLATFORM[impl].upper(),
+                  platform.current(), fused.INTERPRET_ENV)
     return 'chunked', False
   return impl, how == 'interpret'
 

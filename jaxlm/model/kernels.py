@@ -12,24 +12,20 @@ Off their platform the Pallas kernels run in Pallas interpret mode when
 ``attend`` logs why and uses the chunked kernel instead.
 """
 
+import concurrent.futures
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 
+from jaxlm import platform
 from jaxlm.config import LIBRARY_KERNELS as PLATFORM  # kernel -> the platform it compiles for
-
-INTERPRET_ENV = 'JAXLM_PALLAS_INTERPRET'
+from jaxlm.platform import INTERPRET_ENV  # noqa: F401  (tests and bench set it through here)
 
 
 def mode(impl: str) -> str | None:
-  """'native', 'interpret' (Pallas interpreter, off-platform) or None (cannot run here)."""
-  if jax.default_backend() == PLATFORM[impl]:
-    return 'native'
-  if impl != 'cudnn' and os.environ.get(INTERPRET_ENV) == '1':
-    return 'interpret'
-  return None
+  """'native', 'interpret' (Pallas interpreter, off-platform) or None (cannot run in this step)."""
+  return platform.kernel_mode(impl)
 
 
 def _pad_len(x, n: int):
@@ -56,10 +52,17 @@ def splash_kernel(heads: int, length: int, window: int, interpret: bool, q_shard
   sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                         block_q_dq=block, block_kv_dq=block)
-  # Concrete mask arrays, not tracers of whichever jit first asked: the kernel is cached.
-  with jax.ensure_compile_time_eval():
-    return sk.make_splash_mha(sm.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1,
-                              q_seq_shards=q_shards, interpret=interpret)
+  # The kernel holds its mask info as arrays and is cached, so they must be concrete, not
+  # tracers of whichever trace first asked. ensure_compile_time_eval is not enough inside
+  # flax's nn.scan (its partial evaluation of the layer body, without remat, still made them
+  # tracers, which escaped: UnexpectedTracerError on the TPU compile path), so the kernel is
+  # built on a thread of its own, where jax has no trace at all (trace state is per thread).
+  def build():
+    return sk.make_splash_mha(sm.MultiHeadMask([one] * heads), block_sizes=sizes,
+                              head_shards=1, q_seq_shards=q_shards, interpret=interpret)
+
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    return pool.submit(build).result()
 
 
 def splash_attention(q, k, v, m, window: int = 0, interpret: bool = False,

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from jaxlm import platform
 from jaxlm.sharding import constrain
 
 
@@ -88,7 +89,7 @@ class Dense(nn.Module):
     shape = tuple(x.shape[-n_in:]) + tuple(self.features)
     pdt, cdt = dtype_of(self.param_dtype), dtype_of(self.dtype)
     kernel = self.param('kernel', param_init(self.std, self.in_axes + self.out_axes), shape, pdt)
-    matmul = _contract_last_cpu if jax.default_backend() == 'cpu' else _contract_last
+    matmul = _contract_last_cpu if platform.cpu_tuned() else _contract_last
     y = matmul(x.astype(cdt), kernel.astype(cdt), n_in)
     if self.use_bias:
       bias = self.param('bias', zeros_init(self.out_axes), tuple(self.features), pdt)

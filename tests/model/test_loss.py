@@ -76,7 +76,7 @@ def test_num_chunks_divides_the_length():
 @pytest.mark.parametrize('tied,chunk,vocab_chunk,used', [(True, 8, 100, 0), (False, 5, 0, 0),
                                                          (False, 8, 64, 300)],
                          ids=['gpt2-tied', 'llama-untied', 'llama-padded-vocab'])
-def test_chunked_loss_and_grads_equal_full_logits(tied, chunk, vocab_chunk, used):
+def test_chunked_loss_and_grads_equal_full_logits(tied, chunk, vocab_chunk, used, code_path):
   """Position chunks x vocab tiles (4 tiles of 80 or 5 of 64 of the 320 ids, or the
   whole vocab; ids from 300 on padding) give full-logits cross entropy and its gradients."""
   cfg = _cfg(tied, chunk, loss_vocab_chunk=vocab_chunk, vocab_used=used)
@@ -88,7 +88,7 @@ def test_chunked_loss_and_grads_equal_full_logits(tied, chunk, vocab_chunk, used
   _assert_grads_close(grads, ref_grads, 1e-5)
 
 
-def test_sharded_chunked_loss_equals_one_device():
+def test_sharded_chunked_loss_equals_one_device(code_path):
   """fsdp x tensor x sequence: logits split over vocab and length, chunks and tiles strided."""
   cfg = _cfg(False, 8, loss_vocab_chunk=80)
   for k, v in dict(data=1, fsdp=2, tensor=2, sequence=2).items():

@@ -82,19 +82,20 @@ def _grad(model, params):
 
 
 @functools.cache
-def _reference_grads():
-  """Gradients and compiled temp bytes of the scanned model without remat."""
+def _reference_grads(code_path):
+  """Gradients and compiled temp bytes of the scanned model without remat (``code_path``:
+  the cache key; the code_path fixture sets which backward is traced)."""
   return _grad(*_model('llama', remat='none'))
 
 
 @functools.cache
-def _scanned_grads(remat):
+def _scanned_grads(remat, code_path):
   """Gradients and compiled temp bytes of the scanned model with this remat policy."""
   return _grad(*_model('llama', remat=remat))
 
 
 @pytest.mark.parametrize('remat', ['none', 'full', 'dots', 'minimal'])
-def test_scan_and_remat_do_not_change_outputs(remat):
+def test_scan_and_remat_do_not_change_outputs(remat, code_path):
   model_scan, params = _model('llama', remat=remat)
   model_loop, _ = _model('llama', scan_layers=False, remat=remat)
   # Unstack the scanned [layers, ...] params into layer_i.
@@ -109,17 +110,17 @@ def test_scan_and_remat_do_not_change_outputs(remat):
   # Remat changes only the backward pass, and scan only how layers are compiled: every
   # gradient leaf must equal the scanned no-remat model's (the loop model's once, at
   # remat 'none'), and remat must buy memory.
-  want, none_temp = _reference_grads()
+  want, none_temp = _reference_grads(code_path)
   if remat == 'none':
     got_loop, _ = _grad(model_loop, loop_params)
     got = {**{k: v for k, v in got_loop.items() if not k.startswith('layer_')},
            'layers': jax.tree.map(lambda *xs: jnp.stack(xs),
                                   *[got_loop[f'layer_{i}'] for i in range(model_scan.cfg.n_layers)])}
   else:
-    got, temp = _scanned_grads(remat)
+    got, temp = _scanned_grads(remat, code_path)
     assert temp < 0.75 * none_temp, (remat, temp, none_temp)  # 8x64 tokens: 3.3 / 4.3 vs 7.5 MB
     if remat == 'minimal':  # keeps attention's q/k/v/output/out-projection that 'full' recomputes
-      assert temp > _scanned_grads('full')[1], temp
+      assert temp > _scanned_grads('full', code_path)[1], temp
   assert jax.tree.structure(got) == jax.tree.structure(want)
   for (path, w), g in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(got)):
     np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path))

@@ -2,6 +2,7 @@
 
 Llama 3 family recipe from llama_8b.py; only what differs is set here. The first
 shipped recipe that needs a pipeline: its 126 layers are split into 2 stages.
+Target: `--target=v5p-512 --slices=2` (2 slices of 256 TPU v5p chips, joined over DCN).
 """
 
 from jaxlm.configs import llama_8b

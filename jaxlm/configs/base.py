@@ -97,6 +97,10 @@ def get_config() -> ml_collections.ConfigDict:
   # in train/skipped_steps); this many skipped steps in a row stop the run with exit code 3.
   t.max_bad_steps = 8
   t.spike_factor = 0.0  # also skip a step whose loss > this x its running mean (0 = off; e.g. 3)
+  # Warm start (jaxlm/warm_start.py): a new run takes its parameters (only: optimizer, schedule
+  # and data start fresh) from this jaxlm workdir or Hugging Face model directory ('' = init).
+  t.init_from = ''
+  t.init_from_step = -1  # checkpoint step of a workdir init_from (-1 = its latest; saved resolved)
 
   # ---- optimizer (optax AdamW).
   o = c.optim = ml_collections.ConfigDict()

@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 from jaxlm import config as config_lib
 from jaxlm import hooks as hooks_lib
 from jaxlm import mesh as mesh_lib
-from jaxlm import runtime, storage
+from jaxlm import runtime, storage, warm_start
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import make_pipeline
 from jaxlm.engine import Setup
@@ -108,10 +108,12 @@ class Trainer:
     cfg, workdir = self.cfg, self.workdir
     runtime.initialize()
     config_lib.validate(cfg)
+    cfg = self.cfg = warm_start.resolve(cfg, workdir)  # checked before the workdir is written
     changed = config_lib.conflicts(cfg, workdir)
     if changed:
       raise ConfigError(f"workdir '{workdir}' holds a run with a different config: "
-                        f"{'; '.join(changed[:5])} (use a new --workdir)")
+                        f"{'; '.join(changed[:5])} (use a new --workdir; with --init_from={workdir} "
+                        "it starts from this run's parameters)")
 
     log.info('mesh: building from %s', dict(cfg.mesh))
     mesh = mesh_lib.make_mesh(cfg.mesh, self.devices)
@@ -287,6 +289,9 @@ class Trainer:
 
   def _restore_or_init(self, setup: Setup, ckpt: Checkpointer, it) -> int:
     step = self.restore_step if self.restore_step is not None else ckpt.latest_step()
+    if step is None and self.cfg.train.init_from:
+      self._state = setup.state_from_params(warm_start.params(setup, self.cfg))
+      return 0
     if step is None:
       log.info('init: fresh parameters (seed %d)', self.cfg.train.seed)
       self._state = setup.init_state()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxlm import cli, engine
-from jaxlm import finetune as ft
+from jaxlm.data import pairs as ft
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.train.loop import Trainer

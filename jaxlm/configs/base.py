@@ -61,10 +61,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- data: where tokens come from and how they are packed.
   d = c.data = ml_collections.ConfigDict()
-  d.source = 'text'  # 'text', 'jsonl', 'arrayrecord' or 'pystdlib' (this Python's stdlib .py files)
+  d.source = 'text'  # 'text', 'jsonl', 'arrayrecord', 'pystdlib' (this Python's stdlib .py files)
+  # or 'pairs' (JSONL of {"prompt", "response"}: supervised fine-tuning, loss on responses only)
   d.path = ''  # file, directory or glob for text/jsonl/arrayrecord
   d.mixture = ''  # 'path1:0.7,path2:0.3' weighted sources (same data.source/tokenizer); '' = data.path only
   d.jsonl_field = 'text'  # JSONL key holding the document text
+  d.eval_path = ''  # 'pairs': held-out pairs JSONL scored as eval/loss ('' = no eval loss)
   d.tokenizer = 'byte'  # 'byte', 'char', 'sentencepiece' (.model file) or 'hf' (tokenizer.json)
   d.tokenizer_path = ''  # sentencepiece/hf file; for 'char' the text whose characters are the
   # vocabulary ('' = data.path, as nanoGPT's shakespeare_char builds its 65 ids)

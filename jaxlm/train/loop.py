@@ -311,7 +311,8 @@ class Trainer:
   def _builtin_hooks(self, data) -> list[hooks_lib.Hook]:
     e = self.cfg.eval
     every = e.every
-    hooks = [hooks_lib.eval_loss_hook({'val': data.eval_batches()}, every)]
+    batches = data.eval_batches()  # supervised pairs without data.eval_path have none
+    hooks = [hooks_lib.eval_loss_hook({'val': batches}, every)] if batches else []
     prompts = [p for p in e.sample_prompts.split('|') if p]
     if prompts and e.sample_every:
       hooks.append(hooks_lib.sample_hook(prompts, e.sample_tokens, e.sample_every))

@@ -222,7 +222,8 @@ def _run_plugin(command: str, argv: list[str]) -> int:
   fv = flags.FlagValues()
   module.define_flags(fv)
   if '--help' in argv or '-h' in argv:
-    print(f'usage: jaxlm {command} [--flags]\n{fv.main_module_help() or fv}')
+    usage = getattr(module, 'USAGE', f'usage: jaxlm {command} [--flags]')
+    print(f'{usage}\n{fv.main_module_help() or fv}')
     return 0
   try:
     args = fv(['jaxlm'] + argv)[1:]

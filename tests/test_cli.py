@@ -135,3 +135,18 @@ def test_each_error_kind_has_its_exit_code(capsys, monkeypatch, tmp_path, error,
   monkeypatch.setattr(commands, 'train', train)
   assert main(['train', f'--config={TINY}', f'--workdir={tmp_path}']) == code
   assert capsys.readouterr().err == 'jaxlm: error: what went wrong\n'
+
+
+def test_plugin_help_names_its_subcommand(capsys):
+  assert main(['tokenizer', '--help']) == 0
+  out = capsys.readouterr().out
+  assert out.startswith('usage: jaxlm tokenizer train --input=') and '  train   ' in out, out
+
+
+def test_user_hook_that_is_not_importable_hints_at_pythonpath():
+  from jaxlm.hooks import load_user_hook  # noqa: PLC0415
+  with pytest.raises(ConfigError, match=r"No module named 'my_hooks_nowhere'.*PYTHONPATH=\."):
+    load_user_hook('my_hooks_nowhere:fn', 10)
+  with pytest.raises(ConfigError, match="has no attribute") as e:  # found, but no such function
+    load_user_hook('json:no_such_fn', 10)
+  assert 'PYTHONPATH' not in str(e.value)

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Pinned versions (see the file's header): a free resolve of the cloud extras runs pip out of depth.
 PIP_INSTALL := $(BIN)/pip install -q -c .ci/constraints.txt
 
-.PHONY: install demo test test-cloud test-slurm test-package test-demo clean
+.PHONY: install demo test test-cloud test-slurm test-package test-demo test-notebook clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,14 @@ test-package: $(VENV)/.installed-test
 # `make demo`'s own commands (read from this file) with 40 of its 500 steps (about a minute).
 test-demo: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -x --timeout=900 -m demo tests/demo
+
+# notebooks/quickstart.ipynb top to bottom on CPU with nbclient (about 2-3 minutes).
+$(VENV)/.installed-notebook: $(VENV)/.installed-test
+	$(PIP_INSTALL) -e '.[test,eval,notebook]'
+	touch $@
+
+test-notebook: $(VENV)/.installed-notebook
+	$(BIN)/python -m pytest -q -x --timeout=900 -m notebook tests/notebooks
 
 clean:
 	rm -rf runs

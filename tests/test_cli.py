@@ -150,3 +150,16 @@ def test_user_hook_that_is_not_importable_hints_at_pythonpath():
   with pytest.raises(ConfigError, match="has no attribute") as e:  # found, but no such function
     load_user_hook('json:no_such_fn', 10)
   assert 'PYTHONPATH' not in str(e.value)
+
+
+def test_readme_first_train_command_runs_outside_the_checkout(repo, tmp_path, monkeypatch):
+  import re  # noqa: PLC0415
+  import shlex  # noqa: PLC0415
+  commands = (repo / 'README.md').read_text().split('## Commands', 1)[1]
+  first = re.search(r'^jaxlm train .*$', commands, re.M).group(0)
+  assert '../' not in first and 'configs/' not in first, first  # nothing only a checkout has
+  monkeypatch.chdir(tmp_path)  # as from an installed package: no repository around
+  argv = shlex.split(first.split('#')[0])[1:]
+  assert main([*argv, '--config.train.steps=2', '--config.eval.batches=1',
+               '--config.data.max_docs=200']) == 0  # a slice of the corpus: fast
+  assert (tmp_path / 'runs' / 'demo' / 'checkpoints' / '2').is_dir()

@@ -28,6 +28,13 @@ from jaxlm.errors import EXIT_OK, EXIT_PREEMPTED, ConfigError
 from jaxlm.train.loop import Trainer
 
 log = logging.getLogger('jaxlm')
+USAGE = '''usage: jaxlm finetune --workdir=OUT --init_from=WORKDIR_OR_HF_DIR --data=pairs.jsonl
+                      [--eval_data=pairs_val.jsonl --eval_every=0] [--restore_step=N]
+                      [--steps=100 --batch_size=8 --seq_len=0 --lr=1e-5 --warmup_steps=10]
+
+Supervised fine-tuning on the train loop (loss on response tokens only); exit codes as
+`jaxlm train --help` (75: stopped by a signal with a checkpoint; rerun to resume).
+'''
 
 
 def define_flags(fv) -> None:

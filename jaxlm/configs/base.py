@@ -94,7 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.z_loss = 0.0  # weight of the z-loss (log-partition squared) term
   t.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 means look up the platform
   t.profile_steps = ''  # 'start,stop' writes a jax.profiler trace for those steps
-  t.progress = True  # show a progress bar on the console
+  t.progress = True  # a tqdm bar when stderr is a terminal (step lines are logged either way)
   # Non-finite loss/gradients skip a step on device (params and optimizer state kept, counted
   # in train/skipped_steps); this many skipped steps in a row stop the run with exit code 3.
   t.max_bad_steps = 8

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Pinned versions (see the file's header): a free resolve of the cloud extras runs pip out of depth.
 PIP_INSTALL := $(BIN)/pip install -q -c .ci/constraints.txt
 
-.PHONY: install demo test test-cloud test-beam test-slurm test-package test-demo test-slow test-aot clean
+.PHONY: install demo test test-cloud test-beam test-slurm test-package test-demo test-slow test-aot test-notebook clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,14 @@ $(AOT_VENV)/.installed: pyproject.toml .ci/constraints.txt
 
 test-aot: $(AOT_VENV)/.installed
 	JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 $(AOT_VENV)/bin/python -m pytest -q -x --timeout=2400 -m aot tests/aot
+
+# notebooks/quickstart.ipynb top to bottom on CPU with nbclient (about 2-3 minutes).
+$(VENV)/.installed-notebook: $(VENV)/.installed-test
+	$(PIP_INSTALL) -e '.[test,eval,notebook]'
+	touch $@
+
+test-notebook: $(VENV)/.installed-notebook
+	$(BIN)/python -m pytest -q -x --timeout=900 -m notebook tests/notebooks
 
 clean:
 	rm -rf runs

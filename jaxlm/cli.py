@@ -40,10 +40,14 @@ USAGE = f"""usage: jaxlm {{{','.join(COMMANDS + tuple(PLUGINS))}}} [--flags]
   jaxlm <plugin> --help   for prepare, tokenizer, convert, finetune
 """
 TRAIN_HELP = f"""usage: jaxlm train --config=<name or file.py> --workdir=DIR [--config.a.b=value ...]
-                   [--restore_step=N] [--coordinator_address=H:P --num_processes=N --process_id=I]
+                   [--restore_step=N] [--init_from=WORKDIR_OR_HF_DIR]
+                   [--coordinator_address=H:P --num_processes=N --process_id=I]
 
-Trains to train.steps, resuming from the latest checkpoint in --workdir. Every config
-field, its default and meaning: jaxlm/configs/base.py.
+Trains to train.steps, resuming from the latest checkpoint in --workdir. With
+--init_from, a new run starts from that workdir's (step --restore_step, default its
+latest) or Hugging Face model's parameters with a fresh optimizer and schedule; the
+source is recorded in config.json (train.init_from). Every config field, its default
+and meaning: jaxlm/configs/base.py.
 
 {EXIT_CODES_HELP}
 """
@@ -58,6 +62,9 @@ def _define(fv: flags.FlagValues, command: str) -> None:
                        flag_values=fv)
   if command == 'train':
     lock.define_flags(fv)
+    flags.DEFINE_string('init_from', '', 'new run from the parameters of this jaxlm workdir '
+                        '(--restore_step: its step) or Hugging Face model directory, with a fresh '
+                        'optimizer and schedule (sets train.init_from)', flag_values=fv)
     flags.DEFINE_string('coordinator_address', '', 'multi-host: host:port of process 0',
                         flag_values=fv)
     flags.DEFINE_integer('num_processes', 0, 'multi-host: number of processes', flag_values=fv)
@@ -222,7 +229,8 @@ def _run_plugin(command: str, argv: list[str]) -> int:
   fv = flags.FlagValues()
   module.define_flags(fv)
   if '--help' in argv or '-h' in argv:
-    print(f'usage: jaxlm {command} [--flags]\n{fv.main_module_help() or fv}')
+    usage = getattr(module, 'USAGE', f'usage: jaxlm {command} [--flags]')
+    print(f'{usage}\n{fv.main_module_help() or fv}')
     return 0
   try:
     args = fv(['jaxlm'] + argv)[1:]

@@ -30,7 +30,12 @@ def _workdir(fv) -> str:
 def train(fv) -> int:
   runtime.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
   workdir = _workdir(fv)
-  trainer = Trainer(fv.config, workdir, restore_step=fv.restore_step)
+  cfg, restore_step = fv.config, fv.restore_step
+  if fv.init_from:  # --restore_step then picks the source's step
+    cfg.train.init_from = fv.init_from
+    cfg.train.init_from_step = -1 if restore_step is None else restore_step
+    restore_step = None
+  trainer = Trainer(cfg, workdir, restore_step=restore_step)
   with WorkdirLock(workdir, stale_after=fv.lock_timeout, force=fv.force_unlock) as lock:
     trainer.add_hook(lock.hook())
     summary = trainer.run()

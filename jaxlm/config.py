@@ -20,7 +20,7 @@ CHOICES = {
     'model.remat': ('none', 'full', 'dots', 'minimal'),
     'model.param_dtype': ('float32', 'bfloat16', 'float16'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
-    'data.source': ('text', 'jsonl', 'arrayrecord', 'pystdlib'),
+    'data.source': ('text', 'jsonl', 'arrayrecord', 'pystdlib', 'pairs'),
     'data.tokenizer': ('byte', 'char', 'sentencepiece', 'hf'),
     'optim.schedule': ('cosine', 'linear', 'constant', 'wsd'),
     'optim.mu_dtype': ('', 'float32', 'bfloat16'),
@@ -37,6 +37,7 @@ NO_WINDOW = ('pallas_gpu',)
 RESUMABLE_KEYS = ('name', 'train.steps', 'train.log_every', 'train.peak_flops', 'train.profile_steps',
                   'train.progress', 'train.max_bad_steps', 'eval.', 'checkpoint.', 'mesh.',
                   'data.worker_count', 'data.prefetch', 'data.path', 'data.tokenizer_path',
+                  'data.eval_path',
                   'optim.decay_steps',
                   'model.loss_chunk', 'model.loss_vocab_chunk',  # the same loss, summed in another order
                   'model.pipeline_')  # the same model, scheduled over stages differently

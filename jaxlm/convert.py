@@ -11,8 +11,8 @@
       [--max_shard_size=1GB]
       DIR/config.json + DIR/model.safetensors (or model-0000i-of-0000N.safetensors
       + model.safetensors.index.json past max_shard_size) for the model's HF
-      architecture (+ tokenizer.json when the run used an HF tokenizer), written
-      tensor by tensor; on several hosts only process 0 writes.
+      architecture, written tensor by tensor, and the tokenizer and generation files
+      (jaxlm.hf_tokenizer); on several hosts only process 0 writes.
 
 The tensor-name mapping lives in jaxlm.hf; this module wires it to configs,
 meshes and checkpoints. Loading either kind of directory for inference is
@@ -21,13 +21,14 @@ meshes and checkpoints. Loading either kind of directory for inference is
 
 import json
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
 from absl import flags
 
 from jaxlm import config as config_lib
-from jaxlm import hf, hf_writer, lock, param_store, preflight, runtime, storage
+from jaxlm import hf, hf_tokenizer, hf_writer, lock, param_store, preflight, runtime, storage
 from jaxlm import workdir_tokenizer
 from jaxlm import mesh as mesh_lib
 from jaxlm.checkpoint import Checkpointer, leaf_name
@@ -203,7 +204,7 @@ def export_hf(workdir: str, out_dir: str, restore_step: int | None = None,
     with hf_writer.ShardedWriter(out_dir, limit) as out:
       for name, tensor in _hf_tensors(step_dir, m, vocab, shapes):
         out.add(name, tensor)
-    _write_config(cfg, out_dir, vocab)
+    _world_readable(out_dir, out.files + _write_config(cfg, out_dir, vocab))
     log.info('convert: wrote %s (step %d) to %s: %d file(s), %.2f GB', kind, step, out_dir,
              len(out.files), out.total / 1e9)
   multihost_utils.sync_global_devices('jaxlm convert --to_hf')  # the files are complete
@@ -244,20 +245,23 @@ def _hf_tensors(step_dir: str, m, vocab: int, shapes: dict):
     runtime.trim_host_memory()
 
 
-def _write_config(cfg, out_dir: str, vocab: int) -> None:
-  """config.json (+ tokenizer.json when the run used an HF tokenizer)."""
-  try:
-    tok = get_tokenizer(cfg.data)
-    bos, eos = tok.bos_id, tok.eos_id
-  except Exception:  # noqa: BLE001  (the tokenizer only supplies optional ids)
-    bos, eos = None, None
-  bos = bos if bos is not None and bos < vocab else None
-  eos = eos if eos is not None and eos < vocab else None
-  config = hf.hf_config(cfg.model, vocab, bos, eos)
+def _write_config(cfg, out_dir: str, vocab: int) -> list[str]:
+  """config.json and the tokenizer and generation files (jaxlm.hf_tokenizer); their names."""
+  tok = get_tokenizer(cfg.data)
+  names, ids = hf_tokenizer.write(out_dir, cfg, tok, vocab)
+  config = hf.hf_config(cfg.model, vocab, ids.get('bos_token_id'), ids.get('eos_token_id'))
+  config['pad_token_id'] = ids.get('pad_token_id')
   storage.path(storage.join(out_dir, 'config.json')).write_text(
       json.dumps(config, indent=2, sort_keys=True))
-  if cfg.data.tokenizer == 'hf' and cfg.data.tokenizer_path:
-    src = storage.path(cfg.data.tokenizer_path)
-    src = src / 'tokenizer.json' if src.is_dir() else src
-    if src.is_file():
-      storage.copy(src, storage.join(out_dir, 'tokenizer.json'))
+  return ['config.json', *names]
+
+
+def _world_readable(out_dir: str, names: list[str]) -> None:
+  """rw-r--r-- on the exported files: safetensors writes 0600, which other users of a
+  shared model folder (or a serving container) cannot read."""
+  if storage.is_remote(out_dir):
+    return
+  for name in [*names, 'model.safetensors.index.json']:
+    p = os.path.join(out_dir, name)
+    if os.path.exists(p):
+      os.chmod(p, 0o644)

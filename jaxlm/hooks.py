@@ -102,6 +102,10 @@ def load_user_hook(spec: str, every: int) -> Hook:
   mod_name, fn_name = spec.split(':', 1)
   try:
     fn = getattr(importlib.import_module(mod_name), fn_name)
+  except ModuleNotFoundError as e:
+    hint = (f" (is the folder holding '{mod_name.split('.')[0]}' on the import path? e.g. run "
+            "with PYTHONPATH=. from that folder)" if e.name == mod_name.split('.')[0] else '')
+    raise ConfigError(f"eval.hooks entry '{spec}' cannot be loaded: {e}{hint}") from None
   except (ImportError, AttributeError) as e:
     raise ConfigError(f"eval.hooks entry '{spec}' cannot be loaded: {e}") from None
   return Hook(fn, every=every, name=spec)

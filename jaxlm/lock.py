@@ -79,6 +79,17 @@ def _pid_alive(pid: int) -> bool:
     return True  # no /proc (macOS): the signal check above is all there is
 
 
+def _missing_dirs(workdir: str) -> list[str]:
+  """The local directories from ``workdir`` up that do not exist yet, deepest first."""
+  if storage.is_remote(workdir):
+    return []  # buckets have no empty directories to leave behind
+  out, d = [], os.path.abspath(workdir)
+  while not os.path.exists(d) and d != os.path.dirname(d):
+    out.append(d)
+    d = os.path.dirname(d)
+  return out
+
+
 class WorkdirLock:
   """The lock on one workdir; use as ``with WorkdirLock(workdir) as lock:``."""
 
@@ -172,6 +183,7 @@ class WorkdirLock:
                self.path, type(e).__name__, e)
 
   def __enter__(self):
+    self._new_dirs = _missing_dirs(self.workdir)
     self.acquire()
     # A SIGTERM outside the train loop's own handler (e.g. while compiling) would kill
     # the process without cleanup; make it an exit that releases the lock.
@@ -181,10 +193,17 @@ class WorkdirLock:
       self._old_term = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     return self
 
-  def __exit__(self, *exc):
+  def __exit__(self, exc_type, *_):
     if self._old_term is not None:
       signal.signal(signal.SIGTERM, self._old_term)
     self.release()
+    if exc_type is not None and self.main:
+      # A command that failed leaves no directories behind that it made only for its lock.
+      for d in self._new_dirs:  # deepest first; stops at the first one something was put in
+        try:
+          os.rmdir(d)
+        except OSError:
+          break
 
   # ---- heartbeat ---------------------------------------------------------------------------
 

@@ -135,3 +135,31 @@ def test_each_error_kind_has_its_exit_code(capsys, monkeypatch, tmp_path, error,
   monkeypatch.setattr(commands, 'train', train)
   assert main(['train', f'--config={TINY}', f'--workdir={tmp_path}']) == code
   assert capsys.readouterr().err == 'jaxlm: error: what went wrong\n'
+
+
+def test_plugin_help_names_its_subcommand(capsys):
+  assert main(['tokenizer', '--help']) == 0
+  out = capsys.readouterr().out
+  assert out.startswith('usage: jaxlm tokenizer train --input=') and '  train   ' in out, out
+
+
+def test_user_hook_that_is_not_importable_hints_at_pythonpath():
+  from jaxlm.hooks import load_user_hook  # noqa: PLC0415
+  with pytest.raises(ConfigError, match=r"No module named 'my_hooks_nowhere'.*PYTHONPATH=\."):
+    load_user_hook('my_hooks_nowhere:fn', 10)
+  with pytest.raises(ConfigError, match="has no attribute") as e:  # found, but no such function
+    load_user_hook('json:no_such_fn', 10)
+  assert 'PYTHONPATH' not in str(e.value)
+
+
+def test_readme_first_train_command_runs_outside_the_checkout(repo, tmp_path, monkeypatch):
+  import re  # noqa: PLC0415
+  import shlex  # noqa: PLC0415
+  commands = (repo / 'README.md').read_text().split('## Commands', 1)[1]
+  first = re.search(r'^jaxlm train .*$', commands, re.M).group(0)
+  assert '../' not in first and 'configs/' not in first, first  # nothing only a checkout has
+  monkeypatch.chdir(tmp_path)  # as from an installed package: no repository around
+  argv = shlex.split(first.split('#')[0])[1:]
+  assert main([*argv, '--config.train.steps=2', '--config.eval.batches=1',
+               '--config.data.max_docs=200']) == 0  # a slice of the corpus: fast
+  assert (tmp_path / 'runs' / 'demo' / 'checkpoints' / '2').is_dir()

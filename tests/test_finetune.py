@@ -1,12 +1,13 @@
 """jaxlm.finetune: response-only loss mask, packing, and a fine-tune whose loss falls."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 
 from jaxlm import cli, engine
-from jaxlm import finetune as ft
+from jaxlm.data import pairs as ft
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.train.loop import Trainer
@@ -92,3 +93,40 @@ def test_finetune_errors_are_one_line(tmp_path, capsys):
   assert cli.main(['finetune', f'--workdir={tmp_path / "o"}', f'--init_from={tmp_path}',
                    f'--data={bad}']) == 2
   assert 'line 1' in capsys.readouterr().err
+
+
+def test_finetune_sigterm_exits_75_resumes_and_scores_eval_data(tiny_cfg, tmp_path, repo):
+  """The fine-tune is the train loop: SIGTERM -> checkpoint + exit 75, rerun -> resume,
+  --eval_data -> eval/loss on held-out pairs."""
+  import signal  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  tiny_cfg.checkpoint.async_save = False
+  tiny_cfg.train.steps = 4
+  Trainer(tiny_cfg, str(tmp_path / 'pre')).run()
+  data, val = tmp_path / 'pairs.jsonl', tmp_path / 'val.jsonl'
+  data.write_text(''.join(json.dumps({'prompt': p, 'response': r}) + '\n' for p, r in PAIRS))
+  val.write_text(json.dumps({'prompt': 'Q: 3+3?\nA:', 'response': ' six'}) + '\n')
+  out = tmp_path / 'sft'
+  argv = [sys.executable, '-m', 'jaxlm', 'finetune', f'--workdir={out}',
+          f'--init_from={tmp_path / "pre"}', f'--data={data}', f'--eval_data={val}',
+          '--steps=400', '--batch_size=8', '--seq_len=32', '--log_every=200']
+  env = {**os.environ, 'XLA_FLAGS': ''}  # one CPU device: the fastest steps
+  proc = subprocess.Popen(argv, cwd=repo, stderr=subprocess.PIPE, text=True, env=env)
+  err = []
+  for line in proc.stderr:  # the first step's line: compiled and training
+    err.append(line)
+    if 'step 1/400' in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  err += proc.stderr.readlines()
+  assert proc.wait(timeout=300) == 75, ''.join(err)
+  stopped = [int(p.name) for p in (out / 'checkpoints').iterdir() if p.name.isdigit()]
+  assert stopped and max(stopped) < 400, stopped
+
+  done = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=600, env=env)
+  assert done.returncode == 0, done.stderr
+  assert f'resume: restoring step {max(stopped)}' in done.stderr
+  rows = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines()]
+  assert rows[-1]['step'] == 400 and np.isfinite(rows[-1]['eval/loss'])
+  assert 'step 400/400 | eval/loss' in done.stderr

@@ -186,3 +186,18 @@ def test_a_zombie_holds_no_lock():
 def _zombie_state(pid: int) -> str:
   with open(f'/proc/{pid}/stat', encoding='ascii') as f:
     return f.read().rsplit(')', 1)[1].split()[0]
+
+
+def test_a_failed_command_leaves_no_new_directories(tmp_path, capsys):
+  data = tmp_path / 'nowhere.txt'
+  for argv in (['train', '--config=tiny', f'--config.data.path={data}'],
+               ['finetune', f'--init_from={tmp_path}', f'--data={data}']):
+    work = tmp_path / 'new' / 'runs' / 'w'
+    assert main([*argv, f'--workdir={work}']) == 2
+    assert 'jaxlm: error:' in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # not even tmp/new
+  existing = tmp_path / 'kept'
+  existing.mkdir()  # a directory that was there before stays
+  assert main(['train', '--config=tiny', f'--config.data.path={data}',
+               f'--workdir={existing}']) == 2
+  assert existing.is_dir() and not list(existing.iterdir())

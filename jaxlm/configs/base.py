@@ -65,10 +65,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- data: where tokens come from and how they are packed.
   d = c.data = ml_collections.ConfigDict()
-  d.source = 'text'  # 'text', 'jsonl', 'arrayrecord' or 'pystdlib' (this Python's stdlib .py files)
+  d.source = 'text'  # 'text', 'jsonl', 'arrayrecord', 'pystdlib' (this Python's stdlib .py files)
+  # or 'pairs' (JSONL of {"prompt", "response"}: supervised fine-tuning, loss on responses only)
   d.path = ''  # file, directory or glob for text/jsonl/arrayrecord
   d.mixture = ''  # 'path1:0.7,path2:0.3' weighted sources (same data.source/tokenizer); '' = data.path only
   d.jsonl_field = 'text'  # JSONL key holding the document text
+  d.eval_path = ''  # 'pairs': held-out pairs JSONL scored as eval/loss ('' = no eval loss)
   d.tokenizer = 'byte'  # 'byte', 'char', 'sentencepiece' (.model file) or 'hf' (tokenizer.json)
   d.tokenizer_path = ''  # sentencepiece/hf file; for 'char' the text whose characters are the
   # vocabulary ('' = data.path, as nanoGPT's shakespeare_char builds its 65 ids)
@@ -104,11 +106,15 @@ def get_config() -> ml_collections.ConfigDict:
   t.z_loss = 0.0  # weight of the z-loss (log-partition squared) term
   t.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 means look up the platform
   t.profile_steps = ''  # 'start,stop' writes a jax.profiler trace for those steps
-  t.progress = True  # show a progress bar on the console
+  t.progress = True  # a tqdm bar when stderr is a terminal (step lines are logged either way)
   # Non-finite loss/gradients skip a step on device (params and optimizer state kept, counted
   # in train/skipped_steps); this many skipped steps in a row stop the run with exit code 3.
   t.max_bad_steps = 8
   t.spike_factor = 0.0  # also skip a step whose loss > this x its running mean (0 = off; e.g. 3)
+  # Warm start (jaxlm/warm_start.py): a new run takes its parameters (only: optimizer, schedule
+  # and data start fresh) from this jaxlm workdir or Hugging Face model directory ('' = init).
+  t.init_from = ''
+  t.init_from_step = -1  # checkpoint step of a workdir init_from (-1 = its latest; saved resolved)
 
   # ---- optimizer (optax AdamW).
   o = c.optim = ml_collections.ConfigDict()

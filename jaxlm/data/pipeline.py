@@ -200,6 +200,13 @@ class DataPipeline:
 
 
 def make_pipeline(cfg, process_index: int = 0, process_count: int = 1) -> DataPipeline:
-  """Tokenizer from `cfg.data`, then the pipeline; the one call a trainer needs."""
+  """Tokenizer from `cfg.data`, then the pipeline; the one call a trainer needs.
+
+  `data.source='pairs'` (supervised {prompt, response} pairs) gives a
+  `jaxlm.data.pairs.PairsPipeline`, which has the same interface.
+  """
   from jaxlm.data.tokenizers import get_tokenizer
+  if cfg.data.source == 'pairs':
+    from jaxlm.data.pairs import PairsPipeline
+    return PairsPipeline(cfg, get_tokenizer(cfg.data), process_index, process_count)
   return DataPipeline(cfg, get_tokenizer(cfg.data), process_index, process_count)

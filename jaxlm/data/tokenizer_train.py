@@ -33,6 +33,14 @@ _KINDS = {'bpe': ('hf', 'tokenizer.json'), 'sentencepiece': ('sentencepiece', 't
 _SP_MAX_LINE = 1 << 16  # bytes; SentencePiece drops longer sentences, so lines are cut to this
 
 
+USAGE = '''usage: jaxlm tokenizer train --input=FILES --output=PATH [--kind=bpe|sentencepiece]
+                             [--vocab_size=32000 --max_bytes=100000000 ...]
+
+subcommands:
+  train   trains a tokenizer on a corpus sample; prints its vocab size and held-out bytes/token
+'''
+
+
 def define_flags(fv: flags.FlagValues) -> None:
   corpus.define_input_flags(fv)
   flags.DEFINE_enum('kind', 'bpe', tuple(_KINDS), 'byte-level BPE (HF tokenizers) or '

@@ -18,8 +18,10 @@ Ids = Union[np.ndarray, Sequence[int]]
 
 # Names under which HF tokenizer files commonly store their specials, most specific first.
 # GPT-2 style vocabularies use one '<|endoftext|>' for both, so it closes both lists.
-_HF_BOS_NAMES = ('<|begin_of_text|>', '<s>', '<bos>', '[BOS]', '<|startoftext|>', '<|endoftext|>')
-_HF_EOS_NAMES = ('<|end_of_text|>', '</s>', '<eos>', '[EOS]', '<|endoftext|>')
+# '<|bos|>' / '<|eos|>' are the specials of a byte-tokenizer run's export (jaxlm.hf_tokenizer).
+_HF_BOS_NAMES = ('<|begin_of_text|>', '<s>', '<bos>', '[BOS]', '<|startoftext|>', '<|bos|>',
+                 '<|endoftext|>')
+_HF_EOS_NAMES = ('<|end_of_text|>', '</s>', '<eos>', '[EOS]', '<|eos|>', '<|endoftext|>')
 
 
 class Tokenizer(Protocol):

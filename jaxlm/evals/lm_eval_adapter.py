@@ -207,12 +207,28 @@ def simple_evaluate(lm: JaxlmLM, tasks: list[str], limit: int = 0, num_fewshot: 
                     include_path: str = '', log_samples: bool = False, manager=None) -> dict:
   """lm_eval.simple_evaluate on ``lm``. ``include_path``: a folder of extra task YAMLs;
   ``limit`` 0 = every example; ``num_fewshot`` -1 = each task's default."""
+  from unittest import mock  # noqa: PLC0415
+
   from lm_eval import evaluator  # noqa: PLC0415
   if manager is None:
     manager, tasks = task_manager(tasks, include_path)
-  return evaluator.simple_evaluate(
-      model=lm, tasks=list(tasks), num_fewshot=None if num_fewshot < 0 else num_fewshot,
-      limit=limit or None, task_manager=manager, log_samples=log_samples, bootstrap_iters=0)
+  # lm_eval records `git describe` of the working directory and lets git print 'fatal: not
+  # a git repository' to the user's console outside one; ask git quietly instead.
+  with mock.patch.object(evaluator, 'get_git_commit_hash', _quiet_git_hash):
+    return evaluator.simple_evaluate(
+        model=lm, tasks=list(tasks), num_fewshot=None if num_fewshot < 0 else num_fewshot,
+        limit=limit or None, task_manager=manager, log_samples=log_samples, bootstrap_iters=0)
+
+
+def _quiet_git_hash() -> str | None:
+  """The working directory's ``git describe --always``, or None (git's stderr dropped)."""
+  import subprocess  # noqa: PLC0415
+  try:
+    out = subprocess.run(['git', 'describe', '--always'], capture_output=True, text=True,
+                         timeout=10, check=False)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def flat_metrics(results: dict, prefix: str = 'lm_eval') -> dict[str, float]:

@@ -14,12 +14,11 @@ import time
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from jaxlm import config as config_lib
 from jaxlm import hooks as hooks_lib
 from jaxlm import mesh as mesh_lib
-from jaxlm import preflight, runtime, storage, workdir_tokenizer
+from jaxlm import preflight, runtime, storage, warm_start, workdir_tokenizer
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import make_pipeline
 from jaxlm.engine import Setup, check_placeable
@@ -27,6 +26,7 @@ from jaxlm import evals
 from jaxlm.errors import ConfigError, DivergedError
 from jaxlm.evals.multiple_choice import multiple_choice_hook
 from jaxlm.train import metrics as metrics_lib
+from jaxlm.train import progress as progress_lib
 from jaxlm.train.optimizer import resume_horizon
 
 log = logging.getLogger('jaxlm')
@@ -109,6 +109,7 @@ class Trainer:
     runtime.initialize()
     config_lib.validate(self.cfg)
     cfg = self.cfg = preflight.absolute_paths(self.cfg)
+    cfg = self.cfg = warm_start.resolve(cfg, workdir)  # checked before the workdir is written
     has_run = storage.path(workdir).joinpath('config.json').exists()
     saved = config_lib.load_saved(workdir) if has_run else None
     if saved is not None:  # resuming: the run keeps the tokenizer copy it recorded
@@ -116,7 +117,8 @@ class Trainer:
     changed = config_lib.conflicts(cfg, workdir)
     if changed:
       raise ConfigError(f"workdir '{workdir}' holds a run with a different config: "
-                        f"{'; '.join(changed[:5])} (use a new --workdir)")
+                        f"{'; '.join(changed[:5])} (use a new --workdir; with --init_from={workdir} "
+                        "it starts from this run's parameters)")
 
     log.info('mesh: building from %s', dict(cfg.mesh))
     mesh = mesh_lib.make_mesh(cfg.mesh, self.devices)
@@ -183,11 +185,10 @@ class Trainer:
           generate=lambda prompts, **kw: setup.generate_text(state.params, tokenizer, prompts, **kw))
 
     profile = [int(s) for s in cfg.train.profile_steps.split(',')] if cfg.train.profile_steps else None
-    bar = None
-    if runtime.is_main() and cfg.train.progress:
-      bar = tqdm(total=cfg.train.steps, initial=step, desc='train', unit='step',
-                 dynamic_ncols=True)
-      cleanup.callback(bar.close)
+    progress = progress_lib.Progress(cfg.train.steps, step,
+                                     bar=runtime.is_main() and cfg.train.progress)
+    cleanup.callback(progress.close)
+    first = step + 1  # this process compiles the step here: logged, but not timed
     # Skipped steps are counted on device; the host reads the counts on log steps, every
     # check_every steps, and on every step while a run of bad steps lasts, so it stops
     # exactly at train.max_bad_steps without a host sync per step in a healthy run.
@@ -209,7 +210,11 @@ class Trainer:
         if profile and step == profile[1]:
           jax.block_until_ready(state)
           jax.profiler.stop_trace()
-        log_now = step % cfg.train.log_every == 0 or step == cfg.train.steps
+        if step == first:
+          jax.block_until_ready(state)
+          t_last, step_last = time.perf_counter(), step
+          progress.started(step)
+        log_now = step % cfg.train.log_every == 0 or step == cfg.train.steps or step == first
         if log_now or bad or step % check_every == 0:
           m = jax.device_get(m)
           streak, bad = bad, int(m['bad_steps'])
@@ -222,21 +227,20 @@ class Trainer:
         diverged = bad >= cfg.train.max_bad_steps
         if log_now or diverged:
           now = time.perf_counter()
-          tok_s = float(m['tokens']) * (step - step_last) / max(now - t_last, 1e-9)
-          t_last, step_last = now, step
           last = {'train/loss': float(m['loss']), 'train/lr': float(m['lr']),
-                  'train/grad_norm': float(m['grad_norm']), 'train/tokens_per_sec': tok_s,
-                  'train/mfu': tok_s * flops_tok / peak,
+                  'train/grad_norm': float(m['grad_norm']),
                   'train/skipped_steps': float(m['skipped_steps']),
                   **{f'train/{k}': float(v) for k, v in m.items() if k.startswith('moe_')}}
+          if step > step_last:  # steps timed since the last line (none right after compile)
+            tok_s = float(m['tokens']) * (step - step_last) / max(now - t_last, 1e-9)
+            last.update({'train/tokens_per_sec': tok_s, 'train/mfu': tok_s * flops_tok / peak})
+          t_last, step_last = now, step
           writer.write(step, last)
+          progress.train(step, last)
           ckpt.check()  # a background save that failed ends the run now, not at the next save
-          if bar is not None:
-            bar.set_postfix(loss=f"{last['train/loss']:.4f}", tok_s=f'{tok_s:,.0f}')
         if diverged:
           self._diverged(ckpt, step, m)
-        if bar is not None:
-          bar.update(1)
+        progress.update()
         self._state = state
         # The step's checkpoint is written before hooks run, so a hook that fails
         # (an eval that runs out of memory) cannot cost it.
@@ -245,6 +249,7 @@ class Trainer:
                  or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0))
         if saved:
           ckpt.save(step, state, it.get_state(), force=step == cfg.train.steps or preempted)
+        t_hooks = time.perf_counter()
         out = hooks_lib.run_hooks(hooks, context(step))
         stopping = self._stop_requested or preempted
         final = step == cfg.train.steps or stopping
@@ -254,22 +259,20 @@ class Trainer:
         if out:
           writer.write(step, out)
           last.update(out)
-          if bar is not None and 'eval/loss' in out:
-            bar.write(f"step {step}: eval/loss {out['eval/loss']:.4f}")
+          progress.eval(step, out, time.perf_counter() - t_hooks)
         if final and not saved:  # a hook asked to stop
           ckpt.save(step, state, it.get_state(), force=True)
         if (ckpt.keep_best and 'eval/loss' in out
             and ckpt.save_best(step, state, it.get_state(), out['eval/loss'])):
           log.info('checkpoint: step %d is among the %d best by eval/loss (%.4f) in %s',
                    step, ckpt.keep_best, out['eval/loss'], ckpt.best_directory)
-        if out or step == step_last:
+        if out or saved or step == step_last:
           # Keep eval and checkpoint time out of the next tokens/s figure.
           jax.block_until_ready(state)
           t_last, step_last = time.perf_counter(), step
         if stopping:
           break
-    if bar is not None:
-      bar.close()
+    progress.close()
     ckpt.wait()  # committed (or a StorageError) before the run reports anything
     self._state = state
     if step < cfg.train.steps:
@@ -294,6 +297,9 @@ class Trainer:
 
   def _restore_or_init(self, setup: Setup, ckpt: Checkpointer, it) -> int:
     step = self.restore_step if self.restore_step is not None else ckpt.latest_step()
+    if step is None and self.cfg.train.init_from:
+      self._state = setup.state_from_params(warm_start.params(setup, self.cfg))
+      return 0
     if step is None:
       log.info('init: fresh parameters (seed %d)', self.cfg.train.seed)
       self._state = setup.init_state()
@@ -313,7 +319,8 @@ class Trainer:
   def _builtin_hooks(self, data) -> list[hooks_lib.Hook]:
     e = self.cfg.eval
     every = e.every
-    hooks = [hooks_lib.eval_loss_hook({'val': data.eval_batches()}, every)]
+    batches = data.eval_batches()  # supervised pairs without data.eval_path have none
+    hooks = [hooks_lib.eval_loss_hook({'val': batches}, every)] if batches else []
     prompts = [p for p in e.sample_prompts.split('|') if p]
     if prompts and e.sample_every:
       hooks.append(hooks_lib.sample_hook(prompts, e.sample_tokens, e.sample_every))

@@ -139,18 +139,20 @@ def test_loglikelihoods_equal_jaxlm_scoring_on_any_mesh(memorized, tmp_path):
       'black']
 
 
-def test_jaxlm_eval_tasks_writes_results_and_tensorboard(memorized, capsys):
+def test_jaxlm_eval_tasks_writes_results_and_tensorboard(memorized, capfd, tmp_path, monkeypatch):
   root, _ = memorized
   w = root / 'w'
+  monkeypatch.chdir(tmp_path)  # outside any git repository: lm_eval asks git for a commit
   assert cli.main(['eval', f'--workdir={w}', '--tasks=tiny_facts_gen', '--limit=2',
                    f'--include_path={root / "tasks"}']) == 0
-  assert 'tiny_facts_gen' in capsys.readouterr().out
+  out, err = capfd.readouterr()  # file descriptors: git's own stderr would show here
+  assert 'tiny_facts_gen' in out and 'fatal' not in err, err
   lines = [json.loads(x) for x in (w / 'metrics.jsonl').read_text().splitlines()]
   assert lines[-1]['lm_eval/tiny_facts_gen/exact_match'] == 1.0
   assert any(p.name.startswith('events.out.tfevents') for p in w.rglob('*'))
   assert cli.main(['eval', f'--workdir={w}', '--tasks=tiny_facts_gn',
                    f'--include_path={root / "tasks"}']) == 2
-  assert "unknown lm-eval task 'tiny_facts_gn' (did you mean tiny_facts_gen" in capsys.readouterr().err
+  assert "unknown lm-eval task 'tiny_facts_gn' (did you mean tiny_facts_gen" in capfd.readouterr().err
 
 
 def test_lm_eval_cli_finds_the_jaxlm_model(memorized, tmp_path):

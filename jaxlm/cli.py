@@ -40,6 +40,7 @@ USAGE = f"""usage: jaxlm {{{','.join(COMMANDS + tuple(PLUGINS))}}} [--flags]
 """
 TRAIN_HELP = f"""usage: jaxlm train --config=<name or file.py> --workdir=DIR [--config.a.b=value ...]
                    [--restore_step=N] [--coordinator_address=H:P --num_processes=N --process_id=I]
+                   [--peer_timeout=60]
 
 Trains to train.steps, resuming from the latest checkpoint in --workdir. Every config
 field, its default and meaning: jaxlm/configs/base.py.
@@ -61,6 +62,9 @@ def _define(fv: flags.FlagValues, command: str) -> None:
                         flag_values=fv)
     flags.DEFINE_integer('num_processes', 0, 'multi-host: number of processes', flag_values=fv)
     flags.DEFINE_integer('process_id', -1, 'multi-host: this process index', flag_values=fv)
+    flags.DEFINE_float('peer_timeout', 60, 'multi-host: seconds without a heartbeat from another '
+                       'process before every process stops with exit 75 (0 = jax default)',
+                       flag_values=fv)
   if command == 'eval':
     flags.DEFINE_list('tasks', [], 'lm-evaluation-harness tasks (e.g. hellaswag,arc_easy); '
                       'empty = validation loss', flag_values=fv)

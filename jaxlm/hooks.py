@@ -45,11 +45,17 @@ class HookContext:
 
 @dataclasses.dataclass
 class Hook:
-  """``fn(ctx) -> dict | None`` called every ``every`` steps (0 = never) and at the end."""
+  """``fn(ctx) -> dict | None`` called every ``every`` steps (0 = never) and at the end.
+
+  After SIGTERM/SIGINT (a preemption) the run saves and exits without running
+  hooks, so evals cannot spend the grace period; ``on_preempt=True`` opts a
+  hook in (it then runs after the final checkpoint's save has started).
+  """
   fn: Callable[[HookContext], dict | None]
   every: int = 0
   at_end: bool = True
   name: str = ''
+  on_preempt: bool = False
 
   def due(self, step: int, force: bool) -> bool:
     return (force and self.at_end) or (self.every > 0 and step % self.every == 0)

@@ -237,11 +237,13 @@ class Trainer:
                  or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0))
         if saved:
           ckpt.save(step, state, it.get_state(), force=step == cfg.train.steps or preempted)
-        out = hooks_lib.run_hooks(hooks, context(step))
+        # A preemption's grace period is for the checkpoint: only hooks that opt in run.
+        live = [h for h in hooks if h.on_preempt] if preempted else hooks
+        out = hooks_lib.run_hooks(live, context(step))
         stopping = self._stop_requested or preempted
         final = step == cfg.train.steps or stopping
         if final:  # every hook runs once more at the end (forced), e.g. final eval
-          out.update(hooks_lib.run_hooks([h for h in hooks if not h.due(step, False)],
+          out.update(hooks_lib.run_hooks([h for h in live if not h.due(step, False)],
                                          context(step), force=True))
         if out:
           writer.write(step, out)

@@ -194,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
   if command in COMMANDS and ('--help' in rest or '-h' in rest):
     print(TRAIN_HELP if command == 'train' else USAGE)
     return 0
+  if command == 'train':
+    from jaxlm import runtime, supervise  # noqa: PLC0415
+    if supervise.wanted() and runtime.multi_process_env(rest):
+      return supervise.run(argv)  # C++ aborts on a lost peer -> one line, exit 75
   try:
     if command in PLUGINS:
       return _run_plugin(command, rest)

@@ -41,18 +41,33 @@ _HOST_BYTES = 64  # hostname bytes exchanged per process (longer names are cut)
 _watch = None  # the process's PeerWatch, if any: exit() tells the peers why we leave
 
 
-def describe_committed() -> str:
-  """The last committed checkpoint, for the exit line (set by the train loop)."""
-  return _committed()
+_checkpoints = ''  # the run's checkpoint directory, once the train loop has opened it
 
 
-_committed: Callable[[], str] = lambda: 'unknown (no checkpoint directory opened yet)'
+def watch_checkpoints(directory: str) -> None:
+  """Names ``directory``'s last committed step in a fault's exit line (here and in the parent)."""
+  global _checkpoints
+  _checkpoints = directory
+  from jaxlm import supervise  # noqa: PLC0415
+  supervise.report_committed(directory)
 
 
-def set_committed(fn: Callable[[], str]) -> None:
-  """Registers how to name the last committed checkpoint in a fault's exit line."""
-  global _committed
-  _committed = fn
+def describe_committed(directory: str | None = None) -> str:
+  """'step 10 in DIR' for the newest step Orbax has committed in DIR (listed now)."""
+  directory = directory or _checkpoints
+  if not directory:
+    return 'none yet (the run had not opened its checkpoints)'
+  from jaxlm import storage  # noqa: PLC0415
+  try:
+    root = storage.path(directory)
+    steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
+    # On object stores Orbax writes in place and marks a step done with commit_success.txt.
+    remote = storage.is_remote(directory)
+    step = next((s for s in steps if not remote or (root / str(s) / 'commit_success.txt').exists()),
+                None)
+  except Exception as e:  # noqa: BLE001  (the line must be printed whatever the storage does)
+    return f'unknown ({directory} unreadable: {type(e).__name__})'
+  return f'step {step} in {directory}' if step is not None else f'none in {directory}'
 
 
 class PeerWatch:
@@ -157,18 +172,6 @@ def finished() -> None:
   """Marks this process's run as ended normally (done or stopped with a checkpoint)."""
   global _finished
   _finished = True
-
-
-def jax_fatal(status) -> None:
-  """jax.distributed's missed-heartbeat callback: the coordination service lost a process.
-
-  jax's default aborts the process (SIGABRT, a C++ stack trace); this ends it
-  with the one line instead.
-  """
-  text = ' '.join(str(status).split())
-  if _finished:
-    return  # our run ended; jax's shutdown decides the rest
-  exit_now(f'jax.distributed lost a process or the coordinator (process 0): {text[:300]}')
 
 
 def exit_now(reason: str) -> None:

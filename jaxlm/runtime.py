@@ -12,7 +12,6 @@ Multi-host runs call ``jax.distributed.initialize`` here and nowhere else:
     server (or GKE's variables), and a single-host slice is a 1-process cluster.
 """
 
-import contextlib
 import ctypes
 import glob
 import importlib.metadata
@@ -56,7 +55,8 @@ def initialize(coordinator_address: str = '', num_processes: int = 0, process_id
 
   ``peer_timeout`` > 0 (``jaxlm train --peer_timeout``): every process watches
   the others (jaxlm.peers) and a lost one ends the run with exit 75 and one
-  line, not jax's SIGABRT and C++ stack trace.
+  line; jax's own heartbeat (which aborts with a C++ stack trace, see
+  jaxlm.supervise) is set to fire only after it.
   """
   global _initialized
   if _initialized:
@@ -76,13 +76,12 @@ def initialize(coordinator_address: str = '', num_processes: int = 0, process_id
   if peer_timeout > 0:
     # jax's own detection stays as a backstop, a little after ours (which names the host).
     kw['heartbeat_timeout_seconds'] = int(peer_timeout) + 30
-  with _one_line_on_lost_peer(peer_timeout > 0):
-    if explicit:
-      jax.distributed.initialize(addr, nproc, pid, local_device_ids=slurm_local_device_ids(), **kw)
-    elif slurm:
-      jax.distributed.initialize(local_device_ids=slurm_local_device_ids(), **kw)
-    elif on_cloud_tpu_vm():
-      jax.distributed.initialize(**kw)
+  if explicit:
+    jax.distributed.initialize(addr, nproc, pid, local_device_ids=slurm_local_device_ids(), **kw)
+  elif slurm:
+    jax.distributed.initialize(local_device_ids=slurm_local_device_ids(), **kw)
+  elif on_cloud_tpu_vm():
+    jax.distributed.initialize(**kw)
   _initialized = True
   if peer_timeout > 0 and jax.process_count() > 1:
     from jaxlm import peers  # noqa: PLC0415
@@ -93,35 +92,6 @@ def initialize(coordinator_address: str = '', num_processes: int = 0, process_id
            jax.devices()[0].device_kind)
   if jax.process_index() != 0:
     log.setLevel(logging.WARNING)  # one console voice: process 0's
-
-
-@contextlib.contextmanager
-def _one_line_on_lost_peer(enabled: bool):
-  """Makes jax.distributed's client report a lost process through jaxlm.peers.jax_fatal.
-
-  Without a ``missed_heartbeat_callback`` jax's client aborts the process
-  (SIGABRT and a C++ stack trace) the moment the coordination service reports a
-  dead task or is itself gone. jax.distributed.initialize does not expose the
-  callback, so the client factory it calls gets it here, for this call only;
-  a jax without that factory keeps its default.
-  """
-  from jax._src import distributed  # noqa: PLC0415
-  lib = getattr(distributed, '_jax', None)
-  factory = getattr(lib, 'get_distributed_runtime_client', None)
-  if not enabled or factory is None:
-    yield
-    return
-  from jaxlm import peers  # noqa: PLC0415
-
-  def client(*args, **kwargs):
-    kwargs.setdefault('missed_heartbeat_callback', peers.jax_fatal)
-    return factory(*args, **kwargs)
-
-  lib.get_distributed_runtime_client = client
-  try:
-    yield
-  finally:
-    lib.get_distributed_runtime_client = factory
 
 
 def cpu_only() -> bool:
@@ -229,6 +199,15 @@ def enable_compilation_cache() -> None:
   except OSError:
     return  # a read-only home: run without a cache
   jax.config.update('jax_compilation_cache_dir', cache)
+
+
+def multi_process_env(argv: list[str]) -> bool:
+  """Whether ``jaxlm train argv`` will join a multi-process run (decided before jax starts)."""
+  n = os.environ.get('JAXLM_NUM_PROCESSES', '')
+  for a in argv:
+    if a.startswith('--num_processes='):
+      n = a.split('=', 1)[1]
+  return (n.isdigit() and int(n) > 1) or _slurm_tasks() > 1 or on_cloud_tpu_vm()
 
 
 def is_main() -> bool:

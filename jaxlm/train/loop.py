@@ -19,7 +19,7 @@ from tqdm import tqdm
 from jaxlm import config as config_lib
 from jaxlm import hooks as hooks_lib
 from jaxlm import mesh as mesh_lib
-from jaxlm import runtime, storage
+from jaxlm import peers, runtime, storage
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import make_pipeline
 from jaxlm.engine import Setup
@@ -125,6 +125,7 @@ class Trainer:
       if hasattr(it, 'close'):
         cleanup.callback(it.close)
       ckpt = cleanup.enter_context(Checkpointer(workdir, cfg.checkpoint))
+      peers.watch_checkpoints(ckpt.directory)  # named in the line a lost process ends with
       cfg = self.cfg = self._with_horizon(ckpt)
       if runtime.is_main():  # only once the config has proved loadable
         config_lib.save(cfg, workdir)

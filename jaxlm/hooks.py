@@ -61,11 +61,13 @@ class Hook:
     return (force and self.at_end) or (self.every > 0 and step % self.every == 0)
 
 
-def run_hooks(hooks: list[Hook], ctx: HookContext, force: bool = False) -> dict:
-  """Runs every due hook; returns their merged metrics."""
+def run_hooks(hooks: list[Hook], ctx: HookContext, force: bool = False, before=None) -> dict:
+  """Runs every due hook (``before(name)`` first, e.g. to time it); returns their metrics."""
   out = {}
   for hook in hooks:
     if hook.due(ctx.step, force):
+      if before is not None:
+        before(hook.name or getattr(hook.fn, '__name__', 'hook'))
       out.update(hook.fn(ctx) or {})
   return out
 

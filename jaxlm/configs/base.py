@@ -97,6 +97,10 @@ def get_config() -> ml_collections.ConfigDict:
   # in train/skipped_steps); this many skipped steps in a row stop the run with exit code 3.
   t.max_bad_steps = 8
   t.spike_factor = 0.0  # also skip a step whose loss > this x its running mean (0 = off; e.g. 3)
+  # Hang watchdog (jaxlm/train/watchdog.py): a step, hook or save running longer than this many
+  # seconds writes every thread's stack and exits 75 (0 = off; -1 = automatic: max(10 x the mean
+  # step, 10 min) per step, 3x that for the first steps, evals and saves).
+  t.step_timeout = -1.0
 
   # ---- optimizer (optax AdamW).
   o = c.optim = ml_collections.ConfigDict()

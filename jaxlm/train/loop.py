@@ -27,6 +27,7 @@ from jaxlm import evals
 from jaxlm.errors import ConfigError, DivergedError
 from jaxlm.evals.multiple_choice import multiple_choice_hook
 from jaxlm.train import metrics as metrics_lib
+from jaxlm.train import watchdog
 from jaxlm.train.optimizer import resume_horizon
 
 log = logging.getLogger('jaxlm')
@@ -192,8 +193,10 @@ class Trainer:
     log.info('train: steps %d -> %d', step, cfg.train.steps)
     # Leaving run()'s cleanup block (also by an exception, e.g. a hook running out of
     # memory) closes the checkpointer, which first finishes any save in flight.
+    watch = cleanup.enter_context(watchdog.Watchdog(cfg.train.step_timeout))
     with _Signals() as signals:
       while step < cfg.train.steps:
+        watch.begin(f'step {step + 1}')
         if profile and step == profile[0]:
           jax.profiler.start_trace(f'{workdir}/profile')
         batch = setup.device_batch(next(it))
@@ -237,21 +240,24 @@ class Trainer:
         saved = (step == cfg.train.steps or preempted
                  or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0))
         if saved:
+          watch.begin(f'save step {step}', 'save')
           ckpt.save(step, state, it.get_state(), force=step == cfg.train.steps or preempted)
         # A preemption's grace period is for the checkpoint: only hooks that opt in run.
         live = [h for h in hooks if h.on_preempt] if preempted else hooks
-        out = hooks_lib.run_hooks(live, context(step))
+        phase = lambda name: watch.begin(f'hook {name} at step {step}', 'eval')  # noqa: E731
+        out = hooks_lib.run_hooks(live, context(step), before=phase)
         stopping = self._stop_requested or preempted
         final = step == cfg.train.steps or stopping
         if final:  # every hook runs once more at the end (forced), e.g. final eval
           out.update(hooks_lib.run_hooks([h for h in live if not h.due(step, False)],
-                                         context(step), force=True))
+                                         context(step), force=True, before=phase))
         if out:
           writer.write(step, out)
           last.update(out)
           if bar is not None and 'eval/loss' in out:
             bar.write(f"step {step}: eval/loss {out['eval/loss']:.4f}")
         if final and not saved:  # a hook asked to stop
+          watch.begin(f'save step {step}', 'save')
           ckpt.save(step, state, it.get_state(), force=True)
         if (ckpt.keep_best and 'eval/loss' in out
             and ckpt.save_best(step, state, it.get_state(), out['eval/loss'])):
@@ -265,7 +271,9 @@ class Trainer:
           break
     if bar is not None:
       bar.close()
+    watch.begin(f'save: waiting for step {step} to commit', 'save')
     ckpt.wait()  # committed (or a StorageError) before the run reports anything
+    watch.end()
     self._state = state
     if step < cfg.train.steps:
       log.info('stopped at step %d; checkpoint saved in %s; rerun the same command to resume',

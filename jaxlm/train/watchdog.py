@@ -1,0 +1,90 @@
+"""Hang watchdog: a step, hook or save that never ends stops the run with its stacks and exit 75.
+
+A stuck collective, a wedged data read or a deadlocked hook blocks the train
+loop while every heartbeat thread lives on, so nothing else notices. The loop
+names what it is doing (``begin('step 12')``, ``begin('save step 20', 'save')``);
+a daemon thread checks the time since, and past the limit writes every
+thread's Python stack (faulthandler) to stderr and ends the process with exit
+75 and one line naming the phase (jaxlm.peers.exit_now, which also ends the
+other processes of a multi-host run at once).
+
+``train.step_timeout``: seconds; 0 = off; -1 = automatic: max(10 x the mean
+step time, 10 minutes) for steps once 20 have run after the first 5 (the
+compile), and three times that (at least 30 minutes) for the first steps,
+hooks (evals) and saves.
+"""
+
+import faulthandler
+import sys
+import threading
+import time
+
+from jaxlm import peers
+
+FLOOR_S = 600.0  # the automatic limit is never below this
+WARMUP_STEPS = 5  # steps (compiles) not measured
+WINDOW = 20  # steps measured for the automatic limit
+
+
+class Watchdog:
+  """Times the loop's phases in a daemon thread; ``on_hang(line)`` when one runs too long."""
+
+  def __init__(self, step_timeout: float, on_hang=None, poll_s: float = 1.0):
+    self.step_timeout = float(step_timeout)
+    self.on_hang = on_hang or peers.exit_now
+    self.poll_s = poll_s
+    self._phase: tuple[str, str, float] | None = None  # (name, kind, start)
+    self._steps: list[float] = []
+    self._seen_steps = 0
+    self._lock = threading.Lock()
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, name='jaxlm-watchdog', daemon=True)
+
+  def __enter__(self) -> 'Watchdog':
+    if self.step_timeout != 0:
+      self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._stop.set()
+
+  def limit(self, kind: str) -> float:
+    """Seconds a phase of ``kind`` ('step', 'eval', 'save') may take."""
+    if self.step_timeout > 0:
+      return self.step_timeout
+    if len(self._steps) < WINDOW:
+      return 3 * FLOOR_S
+    step = max(10 * sum(self._steps) / len(self._steps), FLOOR_S)
+    return step if kind == 'step' else 3 * step
+
+  def begin(self, name: str, kind: str = 'step') -> None:
+    """The loop starts phase ``name`` (ending the one before)."""
+    now = time.monotonic()
+    with self._lock:
+      if self._phase is not None and self._phase[1] == 'step':
+        self._seen_steps += 1
+        if self._seen_steps > WARMUP_STEPS:
+          self._steps = (self._steps + [now - self._phase[2]])[-WINDOW:]
+      self._phase = (name, kind, now)
+
+  def end(self) -> None:
+    with self._lock:
+      self._phase = None
+
+  def _run(self) -> None:
+    while not self._stop.wait(self.poll_s):
+      with self._lock:
+        phase = self._phase
+      if phase is None:
+        continue
+      name, kind, start = phase
+      waited, limit = time.monotonic() - start, self.limit(kind)
+      if waited > limit:
+        sys.stderr.write(f'jaxlm: {name} is stuck; the stacks of all threads:\n')
+        sys.stderr.flush()
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        setting = (f'train.step_timeout={self.step_timeout:g}' if self.step_timeout > 0
+                   else 'train.step_timeout=-1: automatic')
+        self.on_hang(f'{name} did not finish in {waited:.0f} s ({setting}; '
+                     'the stacks of its threads are above)')
+        return

@@ -1,0 +1,48 @@
+"""The hang watchdog names the stuck phase, dumps every thread's stack, and scales its limit."""
+
+import threading
+import time
+
+from jaxlm.train import watchdog
+
+
+def _blocked_hook(event):
+  event.wait()  # stands in for a deadlocked user hook
+
+
+def test_a_phase_over_the_limit_dumps_stacks_and_names_it(capfd):
+  lines, release = [], threading.Event()
+  blocker = threading.Thread(target=_blocked_hook, args=(release,), daemon=True)
+  blocker.start()
+  with watchdog.Watchdog(0.5, on_hang=lines.append, poll_s=0.05) as watch:
+    watch.begin('step 1')
+    watch.begin('hook my_hook at step 10', 'eval')
+    deadline = time.time() + 10
+    while not lines and time.time() < deadline:
+      time.sleep(0.05)
+  release.set()
+  assert len(lines) == 1 and lines[0].startswith('hook my_hook at step 10 did not finish in')
+  assert 'train.step_timeout=0.5' in lines[0]
+  err = capfd.readouterr().err
+  assert 'hook my_hook at step 10 is stuck; the stacks of all threads' in err
+  assert 'in _blocked_hook' in err  # the other thread's Python stack
+
+
+def test_phases_that_finish_in_time_are_not_reported():
+  lines = []
+  with watchdog.Watchdog(1.0, on_hang=lines.append, poll_s=0.05) as watch:
+    for step in range(10):
+      watch.begin(f'step {step}')
+      time.sleep(0.05)
+    watch.end()
+    time.sleep(1.3)  # idle (between phases) is never a hang
+  assert lines == []
+
+
+def test_the_automatic_limit_is_generous_and_follows_the_step_time():
+  watch = watchdog.Watchdog(-1)
+  assert watch.limit('step') == 3 * watchdog.FLOOR_S  # compiles: not measured yet
+  watch._steps = [100.0] * watchdog.WINDOW  # a slow model: 100 s steps
+  assert watch.limit('step') == 1000.0 and watch.limit('save') == 3000.0
+  watch._steps = [0.1] * watchdog.WINDOW
+  assert watch.limit('step') == watchdog.FLOOR_S

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Pinned versions (see the file's header): a free resolve of the cloud extras runs pip out of depth.
 PIP_INSTALL := $(BIN)/pip install -q -c .ci/constraints.txt
 
-.PHONY: install demo test test-cloud test-slurm test-package test-demo clean
+.PHONY: install demo test test-cloud test-slurm test-package test-demo test-faults clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ test-package: $(VENV)/.installed-test
 # `make demo`'s own commands (read from this file) with 40 of its 500 steps (about a minute).
 test-demo: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -x --timeout=900 -m demo tests/demo
+
+# Multi-host faults on 127.0.0.1: kill -9 of a worker and of the coordinator, a hung hook
+# (two `jaxlm train` processes started directly; prints the goodput figures; a few minutes).
+test-faults: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -x -s --timeout=1200 -m faults tests/test_faults.py
 
 clean:
 	rm -rf runs

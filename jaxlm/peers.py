@@ -23,6 +23,7 @@ not already pass for jax's own traffic (UDP on an ephemeral port, or
 """
 
 import atexit
+import faulthandler
 import logging
 import os
 import re
@@ -140,6 +141,13 @@ class PeerWatch:
     if kind == 'done':
       self.finished.add(i)
     elif kind == 'bye':
+      if 'did not finish' in reason:
+        # A peer's hang watchdog fired: this process may be the stuck one (the two
+        # timers race), so its stacks belong in its log too.
+        sys.stderr.write(f'jaxlm: {self._name(i)} reports a hang; the stacks of this '
+                         "process's threads:\n")
+        sys.stderr.flush()
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
       return f'{self._name(i)} stopped: {reason}'
     return None
 

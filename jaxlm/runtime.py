@@ -83,6 +83,8 @@ def initialize(coordinator_address: str = '', num_processes: int = 0, process_id
   elif on_cloud_tpu_vm():
     jax.distributed.initialize(**kw)
   _initialized = True
+  from jaxlm.train import watchdog  # noqa: PLC0415
+  watchdog.install()  # compile time does not count against train.step_timeout
   if peer_timeout > 0 and jax.process_count() > 1:
     from jaxlm import peers  # noqa: PLC0415
     peers.start(peer_timeout, addr)

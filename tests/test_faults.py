@@ -29,9 +29,9 @@ def _port() -> int:
     return s.getsockname()[1]
 
 
-def _start(repo, workdir, data, extra=(), n=2, log_dir=None):
+def _start(repo, workdir, data, extra=(), n=2, log_dir=None, env=None):
   """n `jaxlm train` processes, each told the coordinator directly (no launcher)."""
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+  env = {**(env or os.environ), 'JAX_PLATFORMS': 'cpu',
          'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
   port, procs = _port(), []
   for i in range(n):
@@ -148,3 +148,43 @@ def test_kill_9_of_one_process_ends_every_survivor_with_75_and_the_rerun_resumes
   print(f'\nfault kill -9 of process {victim}: survivor exited 75 after {t_exit:.1f} s; '
         f'training again at the lost step {lost_step} {goodput:.1f} s after the kill '
         '(rerun started at once)')
+
+
+HANG_HOOK = """
+import threading
+import jax
+
+
+def block_on_1(ctx):
+  if jax.process_index() == 1:
+    threading.Event().wait()  # a deadlocked hook on one host only
+"""
+
+
+def test_a_hook_hung_on_one_process_ends_both_with_75_and_its_stack(repo, tiny_cfg_module, tmp_path):
+  timeout = 25
+  (tmp_path / 'hang_hook.py').write_text(HANG_HOOK)
+  env = {**os.environ, 'PYTHONPATH': f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"}
+  work = tmp_path / 'w'
+  procs = _start(repo, work, tiny_cfg_module, env=env, extra=[
+      '--config.eval.hooks=hang_hook:block_on_1', '--config.eval.every=10',
+      f'--config.train.step_timeout={timeout}'])
+  deadline = time.monotonic() + 300
+  while len(_losses(work)) < 10 and time.monotonic() < deadline:
+    assert all(p.poll() is None for p, _ in procs), _log(procs, 0)[-3000:]
+    time.sleep(0.05)
+  t_hang = time.monotonic()  # step 10's hooks start about now
+  codes = _wait_all(procs, timeout + 30)
+  t_exit = time.monotonic() - t_hang
+  logs = [_log(procs, i) for i in range(2)]
+  assert codes == [75, 75], logs[1][-3000:]
+  for log in logs:
+    assert len(_error_lines(log)) == 1, log[-3000:]
+  # Whichever timer fires first (process 1's hook, process 0's next step) names its phase.
+  named = ' '.join(_error_lines(logs[0]) + _error_lines(logs[1]))
+  assert 'hook hang_hook:block_on_1 at step 10 did not finish in' in named or \
+      'step 11 did not finish in' in named, named
+  assert 'in block_on_1' in logs[1]  # faulthandler's stack of the blocked hook
+  assert _committed(work)[-1] == 10
+  print(f'\nfault hung hook on process 1: both exited 75 after {t_exit:.1f} s '
+        f'(train.step_timeout={timeout})')

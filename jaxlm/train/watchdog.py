@@ -8,6 +8,11 @@ thread's Python stack (faulthandler) to stderr and ends the process with exit
 75 and one line naming the phase (jaxlm.peers.exit_now, which also ends the
 other processes of a multi-host run at once).
 
+Time jax spends tracing and compiling (the first step, an eval's first call)
+does not count: ``install()`` (run by jaxlm.runtime) credits jax's compile
+events to the phase they happen in; and the first step, where processes wait
+for each other's compiles, gets at least 10 minutes.
+
 ``train.step_timeout``: seconds; 0 = off; -1 = automatic: max(10 x the mean
 step time, 10 minutes) for steps once 20 have run after the first 5 (the
 compile), and three times that (at least 30 minutes) for the first steps,
@@ -24,6 +29,22 @@ from jaxlm import peers
 FLOOR_S = 600.0  # the automatic limit is never below this
 WARMUP_STEPS = 5  # steps (compiles) not measured
 WINDOW = 20  # steps measured for the automatic limit
+_active: 'Watchdog | None' = None  # the watchdog of the run in progress, credited with compiles
+_installed = False
+
+
+def _on_duration(event: str, duration: float, **_) -> None:
+  if _active is not None and event.startswith(('/jax/core/compile/', '/jax/compilation_cache/')):
+    _active.credit(duration)
+
+
+def install() -> None:
+  """Registers the jax compile-time listener (process-wide; once, from the CLI runtime)."""
+  global _installed
+  if not _installed:
+    import jax  # noqa: PLC0415
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+    _installed = True
 
 
 class Watchdog:
@@ -34,6 +55,7 @@ class Watchdog:
     self.on_hang = on_hang or peers.exit_now
     self.poll_s = poll_s
     self._phase: tuple[str, str, float] | None = None  # (name, kind, start)
+    self._credit = 0.0  # seconds of the current phase spent compiling
     self._steps: list[float] = []
     self._seen_steps = 0
     self._lock = threading.Lock()
@@ -41,17 +63,30 @@ class Watchdog:
     self._thread = threading.Thread(target=self._run, name='jaxlm-watchdog', daemon=True)
 
   def __enter__(self) -> 'Watchdog':
+    global _active
     if self.step_timeout != 0:
       self._thread.start()
+      _active = self
     return self
 
   def __exit__(self, *exc) -> None:
+    global _active
     self._stop.set()
+    if _active is self:
+      _active = None
+
+  def credit(self, seconds: float) -> None:
+    """Excludes ``seconds`` (spent compiling) from the current phase's time."""
+    with self._lock:
+      self._credit += seconds
 
   def limit(self, kind: str) -> float:
     """Seconds a phase of ``kind`` ('step', 'eval', 'save') may take."""
     if self.step_timeout > 0:
-      return self.step_timeout
+      # The run's first step is where the processes first meet, each after its own
+      # compile (a slow one keeps the others waiting): never less than the floor.
+      first = kind == 'step' and self._seen_steps == 0
+      return max(self.step_timeout, FLOOR_S) if first else self.step_timeout
     if len(self._steps) < WINDOW:
       return 3 * FLOOR_S
     step = max(10 * sum(self._steps) / len(self._steps), FLOOR_S)
@@ -64,8 +99,9 @@ class Watchdog:
       if self._phase is not None and self._phase[1] == 'step':
         self._seen_steps += 1
         if self._seen_steps > WARMUP_STEPS:
-          self._steps = (self._steps + [now - self._phase[2]])[-WINDOW:]
+          self._steps = (self._steps + [now - self._phase[2] - self._credit])[-WINDOW:]
       self._phase = (name, kind, now)
+      self._credit = 0.0
 
   def end(self) -> None:
     with self._lock:
@@ -74,11 +110,12 @@ class Watchdog:
   def _run(self) -> None:
     while not self._stop.wait(self.poll_s):
       with self._lock:
-        phase = self._phase
+        phase, credit = self._phase, self._credit
       if phase is None:
         continue
       name, kind, start = phase
-      waited, limit = time.monotonic() - start, self.limit(kind)
+      waited = time.monotonic() - start - credit
+      limit = self.limit(kind)
       if waited > limit:
         sys.stderr.write(f'jaxlm: {name} is stuck; the stacks of all threads:\n')
         sys.stderr.flush()

@@ -16,6 +16,7 @@ def test_a_phase_over_the_limit_dumps_stacks_and_names_it(capfd):
   blocker.start()
   with watchdog.Watchdog(0.5, on_hang=lines.append, poll_s=0.05) as watch:
     watch.begin('step 1')
+    watch.begin('step 2')
     watch.begin('hook my_hook at step 10', 'eval')
     deadline = time.time() + 10
     while not lines and time.time() < deadline:
@@ -46,3 +47,20 @@ def test_the_automatic_limit_is_generous_and_follows_the_step_time():
   assert watch.limit('step') == 1000.0 and watch.limit('save') == 3000.0
   watch._steps = [0.1] * watchdog.WINDOW
   assert watch.limit('step') == watchdog.FLOOR_S
+  explicit = watchdog.Watchdog(20)
+  assert explicit.limit('step') == watchdog.FLOOR_S  # the first step: all processes compile
+  explicit.begin('step 1')
+  explicit.begin('step 2')
+  assert explicit.limit('step') == explicit.limit('eval') == 20
+
+
+def test_time_spent_compiling_does_not_count():
+  lines = []
+  with watchdog.Watchdog(0.5, on_hang=lines.append, poll_s=0.05) as watch:
+    watch.begin('step 1')
+    watch.begin('step 2')
+    watchdog._on_duration('/jax/core/compile/backend_compile_duration', 5.0)  # as jax reports it
+    time.sleep(1.0)
+    assert lines == []
+    time.sleep(5.0)
+  assert lines and lines[0].startswith('step 2 did not finish')

@@ -46,3 +46,10 @@ class DivergedError(JaxlmError):
 class StorageError(JaxlmError):
   """A write to the workdir failed (ENOSPC, EACCES, EIO, a vanished bucket)."""
   exit_code = EXIT_STORAGE
+
+
+def fault_reason(exc: BaseException) -> str:
+  """'ValueError: <its first line>' (cut to 200 characters), for a storage fault's one line."""
+  text = str(exc).strip()
+  first = text.splitlines()[0][:200] if text else ''
+  return f'{type(exc).__name__}: {first}' if first else type(exc).__name__

@@ -101,6 +101,10 @@ def get_config() -> ml_collections.ConfigDict:
   # seconds writes every thread's stack and exits 75 (0 = off; -1 = automatic: max(10 x the mean
   # step, 10 min) per step, 3x that for the first steps, evals and saves).
   t.step_timeout = -1.0
+  # Seconds between SIGTERM and the machine being taken (Spot/preemptible VMs: ~30): the run
+  # saves, and if that would not end in time it exits 75 a little before, naming the phase
+  # that took too long (0 = no limit).
+  t.preemption_grace = 0.0
 
   # ---- optimizer (optax AdamW).
   o = c.optim = ml_collections.ConfigDict()

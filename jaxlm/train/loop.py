@@ -40,6 +40,7 @@ class _Signals:
     self.stop = False
     self._old = {}
     self._sync_failed = False
+    self.at = None  # when the first signal arrived (monotonic)
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -51,6 +52,7 @@ class _Signals:
       log.info('second interrupt: aborting without saving (the last checkpoint is intact)')
       raise SystemExit(130)
     self.stop = True
+    self.at = time.monotonic()
     log.info('%s received: finishing this step and saving a checkpoint',
              signal.Signals(signum).name)
 
@@ -237,6 +239,8 @@ class Trainer:
         # The step's checkpoint is written before hooks run, so a hook that fails
         # (an eval that runs out of memory) cannot cost it.
         preempted = signals.preempted(step, cfg.train.log_every)
+        if preempted:
+          watch.grace(signals.at or time.monotonic(), cfg.train.preemption_grace)
         saved = (step == cfg.train.steps or preempted
                  or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0))
         if saved:

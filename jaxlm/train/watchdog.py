@@ -56,6 +56,7 @@ class Watchdog:
     self.poll_s = poll_s
     self._phase: tuple[str, str, float] | None = None  # (name, kind, start)
     self._credit = 0.0  # seconds of the current phase spent compiling
+    self._grace: tuple[float, float] | None = None  # (deadline, seconds) after a SIGTERM
     self._steps: list[float] = []
     self._seen_steps = 0
     self._lock = threading.Lock()
@@ -74,6 +75,17 @@ class Watchdog:
     self._stop.set()
     if _active is self:
       _active = None
+
+  def grace(self, since: float, seconds: float) -> None:
+    """A preemption at ``since`` (monotonic) leaves ``seconds`` until the machine is taken.
+
+    The process then ends a little before (5 s or a tenth, whichever is less) with
+    the phase it was in named, rather than be killed without a word.
+    """
+    if seconds > 0:
+      self._grace = (since + seconds - min(5.0, seconds / 10), seconds)
+      if not self._thread.is_alive():
+        self._thread.start()
 
   def credit(self, seconds: float) -> None:
     """Excludes ``seconds`` (spent compiling) from the current phase's time."""
@@ -111,17 +123,27 @@ class Watchdog:
     while not self._stop.wait(self.poll_s):
       with self._lock:
         phase, credit = self._phase, self._credit
-      if phase is None:
+      if self._grace is not None and time.monotonic() > self._grace[0]:
+        where = phase[0] if phase else 'shutdown'
+        self._dump(f'{where} (preempted)')
+        self.on_hang(f'the preemption grace period (train.preemption_grace={self._grace[1]:g} '
+                     f's) ran out during {where}; the stacks of its threads are above')
+        return
+      if phase is None or self.step_timeout == 0:
         continue
       name, kind, start = phase
       waited = time.monotonic() - start - credit
       limit = self.limit(kind)
       if waited > limit:
-        sys.stderr.write(f'jaxlm: {name} is stuck; the stacks of all threads:\n')
-        sys.stderr.flush()
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        self._dump(name)
         setting = (f'train.step_timeout={self.step_timeout:g}' if self.step_timeout > 0
                    else 'train.step_timeout=-1: automatic')
         self.on_hang(f'{name} did not finish in {waited:.0f} s ({setting}; '
                      'the stacks of its threads are above)')
         return
+
+  @staticmethod
+  def _dump(name: str) -> None:
+    sys.stderr.write(f'jaxlm: {name} is stuck; the stacks of all threads:\n')
+    sys.stderr.flush()
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)

@@ -64,3 +64,18 @@ def test_time_spent_compiling_does_not_count():
     assert lines == []
     time.sleep(5.0)
   assert lines and lines[0].startswith('step 2 did not finish')
+
+
+def test_a_preemption_grace_period_that_runs_out_names_the_phase(capfd):
+  lines = []
+  with watchdog.Watchdog(0, on_hang=lines.append, poll_s=0.05) as watch:  # hang watchdog off
+    watch.begin('save: waiting for step 30 to commit', 'save')
+    watch.grace(time.monotonic(), 1.0)  # exits at 0.9 s, before the grace runs out
+    time.sleep(0.5)
+    assert lines == []
+    deadline = time.time() + 5
+    while not lines and time.time() < deadline:
+      time.sleep(0.05)
+  assert lines and lines[0].startswith('the preemption grace period (train.preemption_grace=1 s) '
+                                       'ran out during save: waiting for step 30 to commit')
+  assert 'the stacks of all threads' in capfd.readouterr().err

@@ -42,6 +42,7 @@ _HOST_BYTES = 64  # hostname bytes exchanged per process (longer names are cut)
 _watch = None  # the process's PeerWatch, if any: exit() tells the peers why we leave
 
 
+STATUS_FD = 'JAXLM_STATUS_FD'  # set by jaxlm.supervise in its child: 'committed <checkpoint dir>'
 _checkpoints = ''  # the run's checkpoint directory, once the train loop has opened it
 
 
@@ -49,8 +50,12 @@ def watch_checkpoints(directory: str) -> None:
   """Names ``directory``'s last committed step in a fault's exit line (here and in the parent)."""
   global _checkpoints
   _checkpoints = directory
-  from jaxlm import supervise  # noqa: PLC0415
-  supervise.report_committed(directory)
+  fd = os.environ.get(STATUS_FD)  # jaxlm.supervise's pipe: it names the step if we abort
+  if fd:
+    try:
+      os.write(int(fd), f'committed {directory}\n'.encode())
+    except OSError:
+      pass
 
 
 def describe_committed(directory: str | None = None) -> str:

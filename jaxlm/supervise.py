@@ -28,10 +28,11 @@ import subprocess
 import sys
 import time
 
+from jaxlm import peers
 from jaxlm.errors import EXIT_PREEMPTED
+from jaxlm.peers import STATUS_FD
 
 ENV_FLAG = 'JAXLM_SUPERVISED'  # set in the child: it runs the command itself
-STATUS_FD = 'JAXLM_STATUS_FD'  # the child's status pipe: 'committed <checkpoint dir>'
 HOLD_S = 5.0  # how long glog/C++ lines are held back before they are shown anyway
 # Lines of jax's, absl's and glog's C++ logging: 'F1204 01:54:34.806885  10497 client.h:80] ...',
 # '    @     0x7feb...  tsl::...', '*** Check failure stack trace: ***', grpc continuation lines.
@@ -98,7 +99,6 @@ def run(argv: list[str]) -> int:
   if code < 0 and _LOST.search(text):
     fatal = next((l for l in text.splitlines()
                   if l.startswith(('F', 'terminate', '  what')) and _LOST.search(l)), '')
-    from jaxlm import peers  # noqa: PLC0415
     committed = peers.describe_committed(directory)
     why = re.sub(r'^[IWEF]\d{4} \S+\s+\d+ \S+\] ', '', fatal).strip()
     why = why.split('. ')[0]  # jax's advice after it (see other logs) does not apply
@@ -111,12 +111,3 @@ def run(argv: list[str]) -> int:
   out.flush()
   return code if code >= 0 else 128 - code
 
-
-def report_committed(directory: str) -> None:
-  """Tells the supervising parent (if any) where the run's checkpoints are committed."""
-  fd = os.environ.get(STATUS_FD)
-  if fd:
-    try:
-      os.write(int(fd), f'committed {directory}\n'.encode())
-    except OSError:
-      pass

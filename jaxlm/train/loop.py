@@ -49,6 +49,9 @@ class _Signals:
 
   def _handle(self, signum, frame):
     if self.stop:
+      if signum == signal.SIGTERM:
+        return  # the same stop again (SLURM signals every process of a step, and
+        #         jaxlm.supervise forwards it to its child too): only Ctrl-C aborts
       log.info('second interrupt: aborting without saving (the last checkpoint is intact)')
       raise SystemExit(130)
     self.stop = True

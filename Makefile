@@ -54,7 +54,7 @@ test-demo: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -x --timeout=900 -m demo tests/demo
 
 # Multi-host faults on 127.0.0.1: kill -9 of a worker and of the coordinator, a hung hook
-# (two `jaxlm train` processes started directly; prints the goodput figures; a few minutes).
+# (two `jaxlm train` processes started directly; prints the goodput figures; ~8 min).
 test-faults: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -x -s --timeout=1200 -m faults tests/test_faults.py
 

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Pinned versions (see the file's header): a free resolve of the cloud extras runs pip out of depth.
 PIP_INSTALL := $(BIN)/pip install -q -c .ci/constraints.txt
 
-.PHONY: install demo test test-cloud test-beam test-slurm test-package test-demo test-slow test-aot test-notebook clean
+.PHONY: install demo test test-cloud test-beam test-slurm test-package test-demo test-slow test-aot test-notebook test-faults clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,11 @@ $(VENV)/.installed-notebook: $(VENV)/.installed-test
 
 test-notebook: $(VENV)/.installed-notebook
 	$(BIN)/python -m pytest -q -x --timeout=900 -m notebook tests/notebooks
+
+# Multi-host faults on 127.0.0.1: kill -9 of a worker and of the coordinator, a hung hook
+# (two `jaxlm train` processes started directly; prints the goodput figures; ~8 min).
+test-faults: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -x -s --timeout=1200 -m faults tests/test_faults.py
 
 clean:
 	rm -rf runs

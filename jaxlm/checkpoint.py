@@ -29,7 +29,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxlm import sharding, storage
-from jaxlm.errors import CheckpointError, ConfigError, DivergedError, JaxlmError, StorageError
+from jaxlm.errors import (CheckpointError, ConfigError, DivergedError, JaxlmError, StorageError,
+                          fault_reason)
 from jaxlm.train.step import all_finite
 
 log = logging.getLogger('jaxlm')
@@ -262,7 +263,7 @@ class Checkpointer:
 
 
 class _StorageFaults:
-  """Context manager: an I/O failure inside becomes one StorageError; other errors pass."""
+  """Context manager: any failure inside (Orbax's writes and waits) becomes one StorageError."""
 
   def __init__(self, ckpt: Checkpointer, step: int | None, directory: str):
     self.ckpt, self.step, self.directory = ckpt, step, directory
@@ -273,9 +274,9 @@ class _StorageFaults:
   def __exit__(self, exc_type, exc, tb):
     if exc is None or not isinstance(exc, Exception) or isinstance(exc, JaxlmError):
       return False
-    reason = os_error(exc)
-    if reason is None:
-      return False  # not a storage fault: a bug, shown with its traceback
+    # Whatever TensorStore, gcsfs or s3fs raise (ValueError 'Malformed StorageGeneration',
+    # HttpError, ClientError...) while Orbax writes is a storage fault: one line, exit 4.
+    reason = os_error(exc) or fault_reason(exc)
     step = _failed_step(exc, self.ckpt._pending, self.step)
     try:
       # Read back from storage: Orbax lists an async save's step as soon as the save starts,

@@ -42,6 +42,7 @@ USAGE = f"""usage: jaxlm {{{','.join(COMMANDS + tuple(PLUGINS))}}} [--flags]
 TRAIN_HELP = f"""usage: jaxlm train --config=<name or file.py> --workdir=DIR [--config.a.b=value ...]
                    [--restore_step=N] [--init_from=WORKDIR_OR_HF_DIR]
                    [--coordinator_address=H:P --num_processes=N --process_id=I]
+                   [--peer_timeout=60]
 
 Trains to train.steps, resuming from the latest checkpoint in --workdir. With
 --init_from, a new run starts from that workdir's (step --restore_step, default its
@@ -69,6 +70,9 @@ def _define(fv: flags.FlagValues, command: str) -> None:
                         flag_values=fv)
     flags.DEFINE_integer('num_processes', 0, 'multi-host: number of processes', flag_values=fv)
     flags.DEFINE_integer('process_id', -1, 'multi-host: this process index', flag_values=fv)
+    flags.DEFINE_float('peer_timeout', 60, 'multi-host: seconds without a heartbeat from another '
+                       'process before every process stops with exit 75 (0 = jax default)',
+                       flag_values=fv)
   if command == 'eval':
     flags.DEFINE_list('tasks', [], 'lm-evaluation-harness tasks (e.g. hellaswag,arc_easy); '
                       'empty = validation loss', flag_values=fv)
@@ -202,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
   if command in COMMANDS and ('--help' in rest or '-h' in rest):
     print(TRAIN_HELP if command == 'train' else USAGE)
     return 0
+  if command == 'train':
+    from jaxlm import runtime, supervise  # noqa: PLC0415
+    if supervise.wanted() and runtime.multi_process_env(rest):
+      return supervise.run(argv)  # C++ aborts on a lost peer -> one line, exit 75
   try:
     # A refused train / finetune / import leaves no new workdir behind (jaxlm.preflight).
     with preflight.WorkdirGuard(preflight.workdir_arg(rest) if command in WRITERS else None):

@@ -8,7 +8,7 @@ import jax
 from jaxlm import config as config_lib
 from jaxlm import mesh as mesh_lib
 from jaxlm import plan as plan_lib
-from jaxlm import preflight, runtime, storage, targets
+from jaxlm import peers, preflight, runtime, storage, targets
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import make_pipeline
 from jaxlm.data.tokenizers import get_tokenizer
@@ -28,7 +28,8 @@ def _workdir(fv) -> str:
 
 
 def train(fv) -> int:
-  runtime.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
+  runtime.initialize(fv.coordinator_address, fv.num_processes, fv.process_id,
+                     peer_timeout=fv.peer_timeout)
   workdir = _workdir(fv)
   cfg, restore_step = fv.config, fv.restore_step
   if fv.init_from:  # --restore_step then picks the source's step
@@ -38,10 +39,15 @@ def train(fv) -> int:
   trainer = Trainer(cfg, workdir, restore_step=restore_step)
   with WorkdirLock(workdir, stale_after=fv.lock_timeout, force=fv.force_unlock) as lock:
     trainer.add_hook(lock.hook())
-    summary = trainer.run()
+    try:
+      summary = trainer.run()
+    except Exception as e:  # noqa: BLE001  (a lost peer surfaces as any jax error)
+      peers.collective_failed(e)  # ends the process (exit 75) if a peer is gone
+      raise
   if runtime.is_main() and 'train/loss' in summary:
     extra = f", eval/loss {summary['eval/loss']:.4f}" if 'eval/loss' in summary else ''
     print(f"step {summary['step']}: train/loss {summary['train/loss']:.4f}{extra}")
+  peers.finished()  # our silence from now on is expected (not a lost process)
   # Diverged (3) and storage faults (4) arrive as errors; see jaxlm.errors for all codes.
   return EXIT_PREEMPTED if summary['stopped_early'] else EXIT_OK
 

@@ -12,11 +12,13 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early (SIGTERM/SIGINT/preemption), c
 
 EXIT_CODES_HELP = f"""exit codes:
   {EXIT_OK:<3} reached train.steps
-  {EXIT_PREEMPTED:<3} stopped early by SIGTERM/SIGINT/preemption with a committed checkpoint;
-      rerun the same command to resume (launch/slurm_gpu.sbatch requeues on it)
+  {EXIT_PREEMPTED:<3} stopped early by SIGTERM/SIGINT/preemption with a committed checkpoint, or
+      (multi-host) another process was lost or a step/eval/save hung: one line names it;
+      rerun the same command (every process) to resume (launch/slurm_gpu.sbatch requeues on it)
   {EXIT_BAD_INPUT:<3} bad input: config, data or checkpoint (one 'jaxlm: error:' line)
   {EXIT_DIVERGED:<3} diverged: train.max_bad_steps non-finite steps in a row; nothing bad was saved
-  {EXIT_STORAGE:<3} storage fault while saving (no space, permission, I/O error, missing bucket);
+  {EXIT_STORAGE:<3} storage fault while saving, uploading metrics or refreshing the lock (no space,
+      permission, I/O error, missing bucket, any error of the storage client);
       fix the storage and rerun the same command to resume from the last committed checkpoint
   other: a crash (a bug in jaxlm: the traceback is printed)"""
 
@@ -46,3 +48,10 @@ class DivergedError(JaxlmError):
 class StorageError(JaxlmError):
   """A write to the workdir failed (ENOSPC, EACCES, EIO, a vanished bucket)."""
   exit_code = EXIT_STORAGE
+
+
+def fault_reason(exc: BaseException) -> str:
+  """'ValueError: <its first line>' (cut to 200 characters), for a storage fault's one line."""
+  text = str(exc).strip()
+  first = text.splitlines()[0][:200] if text else ''
+  return f'{type(exc).__name__}: {first}' if first else type(exc).__name__

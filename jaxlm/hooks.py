@@ -45,21 +45,29 @@ class HookContext:
 
 @dataclasses.dataclass
 class Hook:
-  """``fn(ctx) -> dict | None`` called every ``every`` steps (0 = never) and at the end."""
+  """``fn(ctx) -> dict | None`` called every ``every`` steps (0 = never) and at the end.
+
+  After SIGTERM/SIGINT (a preemption) the run saves and exits without running
+  hooks, so evals cannot spend the grace period; ``on_preempt=True`` opts a
+  hook in (it then runs after the final checkpoint's save has started).
+  """
   fn: Callable[[HookContext], dict | None]
   every: int = 0
   at_end: bool = True
   name: str = ''
+  on_preempt: bool = False
 
   def due(self, step: int, force: bool) -> bool:
     return (force and self.at_end) or (self.every > 0 and step % self.every == 0)
 
 
-def run_hooks(hooks: list[Hook], ctx: HookContext, force: bool = False) -> dict:
-  """Runs every due hook; returns their merged metrics."""
+def run_hooks(hooks: list[Hook], ctx: HookContext, force: bool = False, before=None) -> dict:
+  """Runs every due hook (``before(name)`` first, e.g. to time it); returns their metrics."""
   out = {}
   for hook in hooks:
     if hook.due(ctx.step, force):
+      if before is not None:
+        before(hook.name or getattr(hook.fn, '__name__', 'hook'))
       out.update(hook.fn(ctx) or {})
   return out
 

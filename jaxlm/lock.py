@@ -33,7 +33,7 @@ import uuid
 from absl import flags
 
 from jaxlm import storage
-from jaxlm.errors import JaxlmError
+from jaxlm.errors import JaxlmError, StorageError, fault_reason
 
 log = logging.getLogger('jaxlm')
 NAME = 'jaxlm.lock'
@@ -211,12 +211,18 @@ class WorkdirLock:
     """Refreshes the heartbeat if ``heartbeat_every`` seconds have passed (process 0 only)."""
     if not self.held or (not force and _now() - self._beat < self.heartbeat_every):
       return
-    if self._owner_token() != self._info['token']:
+    try:
+      owner = self._owner_token()
+      if owner == self._info['token']:
+        self._info['heartbeat'] = self._beat = _now()
+        storage.path(self.path).write_bytes(self._encode())
+    except Exception as e:  # noqa: BLE001  (gcsfs/s3fs raise more than OSError)
+      raise StorageError(f'refreshing the workdir lock {self.path} failed: {fault_reason(e)}; '
+                         'fix the storage and rerun the same command to resume') from None
+    if owner != self._info['token']:
       self.held = False
       raise LockError(f'{self.path} was taken over by {_describe(self._read() or {})} '
                       '(was this run stalled?); stopping without writing more')
-    self._info['heartbeat'] = self._beat = _now()
-    storage.path(self.path).write_bytes(self._encode())
 
   def hook(self):
     """A train-loop hook (every step, cheap unless a beat is due) that keeps the lock fresh."""

@@ -49,8 +49,15 @@ def setup_logging() -> None:
   logging.getLogger('absl').setLevel(logging.WARNING)
 
 
-def initialize(coordinator_address: str = '', num_processes: int = 0, process_id: int = -1) -> None:
-  """Joins the multi-controller runtime if this is one of several processes."""
+def initialize(coordinator_address: str = '', num_processes: int = 0, process_id: int = -1,
+               peer_timeout: float = 0) -> None:
+  """Joins the multi-controller runtime if this is one of several processes.
+
+  ``peer_timeout`` > 0 (``jaxlm train --peer_timeout``): every process watches
+  the others (jaxlm.peers) and a lost one ends the run with exit 75 and one
+  line; jax's own heartbeat (which aborts with a C++ stack trace, see
+  jaxlm.supervise) is set to fire only after it.
+  """
   global _initialized
   if _initialized:
     return
@@ -65,13 +72,22 @@ def initialize(coordinator_address: str = '', num_processes: int = 0, process_id
   if (explicit or slurm) and os.environ.get('JAX_PLATFORMS') == 'cpu':
     # CPU rehearsal of a multi-host run: collectives over gloo on loopback.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  kw = {}
+  if peer_timeout > 0:
+    # jax's own detection stays as a backstop, a little after ours (which names the host).
+    kw['heartbeat_timeout_seconds'] = int(peer_timeout) + 30
   if explicit:
-    jax.distributed.initialize(addr, nproc, pid, local_device_ids=slurm_local_device_ids())
+    jax.distributed.initialize(addr, nproc, pid, local_device_ids=slurm_local_device_ids(), **kw)
   elif slurm:
-    jax.distributed.initialize(local_device_ids=slurm_local_device_ids())
+    jax.distributed.initialize(local_device_ids=slurm_local_device_ids(), **kw)
   elif on_cloud_tpu_vm():
-    jax.distributed.initialize()
+    jax.distributed.initialize(**kw)
   _initialized = True
+  from jaxlm.train import watchdog  # noqa: PLC0415
+  watchdog.install()  # compile time does not count against train.step_timeout
+  if peer_timeout > 0 and jax.process_count() > 1:
+    from jaxlm import peers  # noqa: PLC0415
+    peers.start(peer_timeout, addr)
   enable_compilation_cache()
   log.info('process %d/%d: %d local devices, %d global (%s)', jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count(),
@@ -185,6 +201,15 @@ def enable_compilation_cache() -> None:
   except OSError:
     return  # a read-only home: run without a cache
   jax.config.update('jax_compilation_cache_dir', cache)
+
+
+def multi_process_env(argv: list[str]) -> bool:
+  """Whether ``jaxlm train argv`` will join a multi-process run (decided before jax starts)."""
+  n = os.environ.get('JAXLM_NUM_PROCESSES', '')
+  for a in argv:
+    if a.startswith('--num_processes='):
+      n = a.split('=', 1)[1]
+  return (n.isdigit() and int(n) > 1) or _slurm_tasks() > 1 or on_cloud_tpu_vm()
 
 
 def is_main() -> bool:

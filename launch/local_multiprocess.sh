@@ -12,7 +12,9 @@
 # (127.0.0.1:${JAXLM_PORT:-a free port}), JAXLM_NUM_PROCESSES=N and JAXLM_PROCESS_ID=i, which
 # the jaxlm runtime passes to jax.distributed.initialize (with gloo CPU collectives).
 # Output lines are prefixed [p0], [p1], ... The script waits for all processes; if one fails
-# or you press Ctrl-C, it stops the rest and exits non-zero.
+# or you press Ctrl-C, it stops the rest (SIGTERM: a trainer saves and exits 75) and exits
+# non-zero with the first failure's status. At the end it prints each process's exit status
+# ("local_multiprocess: exit status p0=75 p1=137"; 128+N: ended by signal N). Needs bash >= 5.1.
 set -euo pipefail
 
 if (($# < 2)) || ! [[ $1 =~ ^[1-9][0-9]*$ ]]; then
@@ -54,13 +56,27 @@ done
 set +m  # groups are assigned at launch; this only silences bash's job-status notices
 
 status=0
+declare -A codes=()
 for ((i = 0; i < n; i++)); do
-  wait -n && continue
-  code=$?
+  code=0 done_pid=''
+  wait -n -p done_pid || code=$?
+  [[ -n ${done_pid:-} ]] && codes[$done_pid]=$code
+  ((code == 0)) && continue
   if ((status == 0)); then
     status=$code
     echo "local_multiprocess: a process exited with status $code; stopping the others" >&2
     stop_all
   fi
 done
+line=''
+for ((i = 0; i < n; i++)); do
+  pid=${pids[$i]}
+  if [[ -z ${codes[$pid]:-} ]]; then  # reaped together with another: bash kept its status
+    code=0
+    wait "$pid" 2>/dev/null || code=$?
+    codes[$pid]=$code
+  fi
+  line+=" p$i=${codes[$pid]}"
+done
+echo "local_multiprocess: exit status$line" >&2
 exit "$status"

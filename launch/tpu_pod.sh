@@ -25,6 +25,7 @@
 #                     INSTALL='jaxlm[tpu,cloud] @ git+https://github.com/you/jaxlm@main'
 #   IMAGE             with INSTALL=docker: e.g. us-docker.pkg.dev/PROJECT/repo/jaxlm:tpu
 #   SPOT=1            create a Spot slice
+#   MAX_RESTARTS      reruns of every worker after an exit 75 (default 3; see Restarts below)
 #
 # Every worker runs the same command, through launch/tpu_host.sh (LIBTPU_INIT_ARGS for
 # async collectives, the persistent compilation cache in ~/.cache/jaxlm/xla on each worker);
@@ -34,6 +35,12 @@
 # checkpoint. Stop a run with Ctrl-C here, then kill leftovers on the workers with
 #   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command='pkill -f "jaxlm train"'
 # and delete the slice when done: gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone="$ZONE"
+#
+# Restarts: a run that ends with exit 75 on some worker (preempted, or a lost or hung worker:
+# every other worker then ends with 75 too, see `jaxlm train --help`) and no other failure
+# is rerun on every worker, up to MAX_RESTARTS times (default 3; 0 = never), resuming from
+# the last committed checkpoint. Each worker's status is read from a 'jaxlm-exit N' line it
+# prints, so this does not depend on what `gcloud ... ssh --worker=all` returns.
 #
 # Preemption (Spot slices, maintenance): each worker gets SIGTERM; all workers agree on a
 # step, commit one checkpoint to --workdir and exit 75 (see `jaxlm train --help` for the
@@ -111,12 +118,31 @@ args=$(printf ' %q' "$@")
 if [[ $INSTALL == docker ]]; then
   : "${IMAGE:?set IMAGE to the jaxlm TPU image (docker/Dockerfile.tpu) for INSTALL=docker}"
   # --privileged: the TPU chips; --net=host: the other workers and the metadata server.
-  on_all_workers "sudo docker run --rm --privileged --net=host \
+  train="sudo docker run --rm --privileged --net=host \
     -v \$HOME/.cache/jaxlm:/root/.cache/jaxlm $(printf '%q' "$IMAGE") train$args"
 else
   # The TPU settings travel as launch/tpu_host.sh whatever INSTALL was.
   tpu scp "$(dirname "$0")/tpu_host.sh" "$TPU_NAME:jaxlm_tpu_host.sh" --worker=all
   # Run from the copied tree when there is one (relative --config/data paths), else from ~.
-  on_all_workers "cd ~/jaxlm 2>/dev/null || cd ~
-    JAXLM=\$HOME/jaxlm-venv/bin/jaxlm exec bash ~/jaxlm_tpu_host.sh train$args"
+  train="cd ~/jaxlm 2>/dev/null || cd ~
+    JAXLM=\$HOME/jaxlm-venv/bin/jaxlm bash ~/jaxlm_tpu_host.sh train$args"
 fi
+max_restarts=${MAX_RESTARTS:-3}
+log=$(mktemp)
+for ((attempt = 0; ; attempt++)); do
+  # shellcheck disable=SC2016  # $? is the worker's
+  on_all_workers "$train; echo \"jaxlm-exit \$?\"" 2>&1 | tee "$log" || true
+  codes=$(sed -n 's/.*jaxlm-exit \([0-9]*\).*/\1/p' "$log" | sort -u | tr '\n' ' ')
+  echo "tpu_pod: worker exit statuses: ${codes:-none reported}"
+  if [[ $codes == '0 ' ]]; then
+    rm -f "$log"
+    exit 0
+  fi
+  if [[ $codes != '75 ' && $codes != '0 75 ' ]] || ((attempt >= max_restarts)); then
+    rm -f "$log"
+    echo "tpu_pod: not rerunning (statuses: ${codes:-none}; restarts used $attempt of $max_restarts)" >&2
+    exit 1
+  fi
+  echo "tpu_pod: exit 75 (preempted, or a worker lost or hung): rerunning every worker" \
+    "($((attempt + 1)) of $max_restarts)"
+done

@@ -110,6 +110,9 @@ def test_sigterm_exits_75_with_a_checkpoint_and_the_rerun_finishes_bit_identical
   step = _losses(work)[-1][0]
   assert step < 60, 'the run ended before the signal'
   assert f'stopped at step {step}; checkpoint saved in' in err
+  # The grace period is for the checkpoint: the final eval (eval.every=0) is not run.
+  rows = [json.loads(l) for l in (work / 'metrics.jsonl').read_text().splitlines()]
+  assert not [r for r in rows if 'eval/loss' in r], rows[-3:]
   ckpt = Checkpointer(str(work), tiny_cfg.checkpoint, read_only=True)
   assert ckpt.latest_step() == step
   ckpt.close()

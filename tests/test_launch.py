@@ -66,6 +66,8 @@ def test_local_multiprocess_failure_stops_the_rest():
   out = run(str(LAUNCH / 'local_multiprocess.sh'), '3', 'bash', '-c', fail_one)
   assert out.returncode == 3
   assert time.monotonic() - start < 20, 'the sleeping processes were not stopped'
+  # Each process's own status: 3, and the others ended by the SIGTERM sent to them (143).
+  assert 'local_multiprocess: exit status p0=143 p1=3 p2=143' in out.stderr, out.stderr
 
 
 def test_local_multiprocess_usage_error():

@@ -115,6 +115,14 @@ def get_config() -> ml_collections.ConfigDict:
   # and data start fresh) from this jaxlm workdir or Hugging Face model directory ('' = init).
   t.init_from = ''
   t.init_from_step = -1  # checkpoint step of a workdir init_from (-1 = its latest; saved resolved)
+  # Hang watchdog (jaxlm/train/watchdog.py): a step, hook or save running longer than this many
+  # seconds writes every thread's stack and exits 75 (0 = off; -1 = automatic: max(10 x the mean
+  # step, 10 min) per step, 3x that for the first steps, evals and saves).
+  t.step_timeout = -1.0
+  # Seconds between SIGTERM and the machine being taken (Spot/preemptible VMs: ~30): the run
+  # saves, and if that would not end in time it exits 75 a little before, naming the phase
+  # that took too long (0 = no limit).
+  t.preemption_grace = 0.0
 
   # ---- optimizer (optax AdamW).
   o = c.optim = ml_collections.ConfigDict()

@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 from jaxlm import config as config_lib
 from jaxlm import hooks as hooks_lib
 from jaxlm import mesh as mesh_lib
-from jaxlm import preflight, runtime, storage, warm_start, workdir_tokenizer
+from jaxlm import peers, preflight, runtime, storage, warm_start, workdir_tokenizer
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import make_pipeline
 from jaxlm.engine import Setup, check_placeable
@@ -27,6 +27,7 @@ from jaxlm.errors import ConfigError, DivergedError
 from jaxlm.evals.multiple_choice import multiple_choice_hook
 from jaxlm.train import metrics as metrics_lib
 from jaxlm.train import progress as progress_lib
+from jaxlm.train import watchdog
 from jaxlm.train.optimizer import resume_horizon
 
 log = logging.getLogger('jaxlm')
@@ -39,6 +40,7 @@ class _Signals:
     self.stop = False
     self._old = {}
     self._sync_failed = False
+    self.at = None  # when the first signal arrived (monotonic)
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -47,9 +49,13 @@ class _Signals:
 
   def _handle(self, signum, frame):
     if self.stop:
+      if signum == signal.SIGTERM:
+        return  # the same stop again (SLURM signals every process of a step, and
+        #         jaxlm.supervise forwards it to its child too): only Ctrl-C aborts
       log.info('second interrupt: aborting without saving (the last checkpoint is intact)')
       raise SystemExit(130)
     self.stop = True
+    self.at = time.monotonic()
     log.info('%s received: finishing this step and saving a checkpoint',
              signal.Signals(signum).name)
 
@@ -134,6 +140,7 @@ class Trainer:
       if hasattr(it, 'close'):
         cleanup.callback(it.close)
       ckpt = cleanup.enter_context(Checkpointer(workdir, cfg.checkpoint))
+      peers.watch_checkpoints(ckpt.directory)  # named in the line a lost process ends with
       cfg = self.cfg = self._with_horizon(ckpt)
       cfg = self.cfg = workdir_tokenizer.install(cfg, workdir, tokenizer_copy, runtime.is_main())
       if runtime.is_main():  # only once the config has proved loadable
@@ -200,8 +207,10 @@ class Trainer:
     log.info('train: steps %d -> %d', step, cfg.train.steps)
     # Leaving run()'s cleanup block (also by an exception, e.g. a hook running out of
     # memory) closes the checkpointer, which first finishes any save in flight.
+    watch = cleanup.enter_context(watchdog.Watchdog(cfg.train.step_timeout))
     with _Signals() as signals:
       while step < cfg.train.steps:
+        watch.begin(f'step {step + 1}')
         if profile and step == profile[0]:
           jax.profiler.start_trace(f'{workdir}/profile')
         batch = setup.device_batch(next(it))
@@ -245,22 +254,29 @@ class Trainer:
         # The step's checkpoint is written before hooks run, so a hook that fails
         # (an eval that runs out of memory) cannot cost it.
         preempted = signals.preempted(step, cfg.train.log_every)
+        if preempted:
+          watch.grace(signals.at or time.monotonic(), cfg.train.preemption_grace)
         saved = (step == cfg.train.steps or preempted
                  or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0))
         if saved:
+          watch.begin(f'save step {step}', 'save')
           ckpt.save(step, state, it.get_state(), force=step == cfg.train.steps or preempted)
         t_hooks = time.perf_counter()
-        out = hooks_lib.run_hooks(hooks, context(step))
+        # A preemption's grace period is for the checkpoint: only hooks that opt in run.
+        live = [h for h in hooks if h.on_preempt] if preempted else hooks
+        phase = lambda name: watch.begin(f'hook {name} at step {step}', 'eval')  # noqa: E731
+        out = hooks_lib.run_hooks(live, context(step), before=phase)
         stopping = self._stop_requested or preempted
         final = step == cfg.train.steps or stopping
         if final:  # every hook runs once more at the end (forced), e.g. final eval
-          out.update(hooks_lib.run_hooks([h for h in hooks if not h.due(step, False)],
-                                         context(step), force=True))
+          out.update(hooks_lib.run_hooks([h for h in live if not h.due(step, False)],
+                                         context(step), force=True, before=phase))
         if out:
           writer.write(step, out)
           last.update(out)
           progress.eval(step, out, time.perf_counter() - t_hooks)
         if final and not saved:  # a hook asked to stop
+          watch.begin(f'save step {step}', 'save')
           ckpt.save(step, state, it.get_state(), force=True)
         if (ckpt.keep_best and 'eval/loss' in out
             and ckpt.save_best(step, state, it.get_state(), out['eval/loss'])):
@@ -273,7 +289,9 @@ class Trainer:
         if stopping:
           break
     progress.close()
+    watch.begin(f'save: waiting for step {step} to commit', 'save')
     ckpt.wait()  # committed (or a StorageError) before the run reports anything
+    watch.end()
     self._state = state
     if step < cfg.train.steps:
       log.info('stopped at step %d; checkpoint saved in %s; rerun the same command to resume',

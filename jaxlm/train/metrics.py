@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from jaxlm import storage
-from jaxlm.errors import StorageError
+from jaxlm.errors import StorageError, fault_reason
 
 # Dense peak FLOP/s per chip for bf16 (the dtype MFU is quoted in).
 PEAK_FLOPS = {
@@ -158,10 +158,9 @@ class MetricsWriter:
         self._tb.add_scalar(k, v, step)
     try:
       self._jsonl.write(line + '\n')
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001  (gcsfs/s3fs raise more than OSError)
       raise StorageError(
-          f'writing metrics for step {step} to {self._jsonl.path} failed: '
-          f'{errno.errorcode.get(e.errno, e.errno)} ({os.strerror(e.errno or 0)})') from None
+          f'writing metrics for step {step} to {self._jsonl.path} failed: {_reason(e)}') from None
 
   def text(self, step: int, tag: str, text: str) -> None:
     if self.enabled:
@@ -174,11 +173,16 @@ class MetricsWriter:
     for sink in (self._tb, self._jsonl):
       try:
         sink.close()
-      except OSError as e:
+      except Exception as e:  # noqa: BLE001  (gcsfs/s3fs raise more than OSError)
         if not quiet:
           raise StorageError(
-              f'writing metrics to {self._jsonl.path.parent} failed: '
-              f'{errno.errorcode.get(e.errno, e.errno)} ({os.strerror(e.errno or 0)})') from None
+              f'writing metrics to {self._jsonl.path.parent} failed: {_reason(e)}') from None
+
+
+def _reason(e: Exception) -> str:
+  if isinstance(e, OSError) and e.errno:
+    return f'{errno.errorcode.get(e.errno, e.errno)} ({os.strerror(e.errno)})'
+  return fault_reason(e)
 
 
 def _step_of(line: str) -> int:

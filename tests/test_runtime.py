@@ -78,7 +78,7 @@ def test_compilation_cache_on_by_default_and_user_setting_wins(monkeypatch, tmp_
 def test_train_flags_and_env_vars_reach_jax_distributed(calls, monkeypatch, capsys):
   """`jaxlm train --coordinator_address=H:P --num_processes=N --process_id=I` (or the
   JAXLM_* variables) is what jax.distributed.initialize is called with."""
-  from jaxlm import cli  # noqa: PLC0415
+  from jaxlm import cli, supervise  # noqa: PLC0415
   from jaxlm.errors import ConfigError  # noqa: PLC0415
 
   def stop_after_recording(*a, **kw):
@@ -86,6 +86,8 @@ def test_train_flags_and_env_vars_reach_jax_distributed(calls, monkeypatch, caps
     raise ConfigError('recorded')  # the test ends here, before any training
 
   monkeypatch.setattr(jax.distributed, 'initialize', stop_after_recording)
+  # In-process: the supervisor (jaxlm.supervise) would run train in a child this patch misses.
+  monkeypatch.setenv(supervise.ENV_FLAG, '1')
   argv = ['train', '--config=tiny', '--workdir=/nonexistent/w']
   assert cli.main([*argv, '--coordinator_address=10.0.0.1:8476', '--num_processes=4',
                    '--process_id=3']) == 2
@@ -95,8 +97,10 @@ def test_train_flags_and_env_vars_reach_jax_distributed(calls, monkeypatch, caps
   monkeypatch.setenv('JAXLM_NUM_PROCESSES', '2')
   monkeypatch.setenv('JAXLM_PROCESS_ID', '1')
   assert cli.main(argv) == 2
-  assert calls == [(('10.0.0.1:8476', 4, 3), {'local_device_ids': None}),
-                   (('10.0.0.2:8476', 2, 1), {'local_device_ids': None})]
+  # jax's own heartbeat timeout sits 30 s past --peer_timeout (60): jaxlm.peers names the lost
+  # process first.
+  kw = {'local_device_ids': None, 'heartbeat_timeout_seconds': 90}
+  assert calls == [(('10.0.0.1:8476', 4, 3), kw), (('10.0.0.2:8476', 2, 1), kw)]
 
 
 @pytest.fixture

@@ -8,11 +8,17 @@ as libtpu does, the bound its condition compares the counter with: scanned
 layers, gradient accumulation), so two meshes of the same step compare by what they move. Of a
 conditional's branches the largest counts. Asynchronous pairs count once, by
 the ``-done`` half's result.
+
+Across TPU slices (multislice) libtpu compiles one slice's program and turns the
+collectives that cross DCN into MegaScale ``send``/``recv`` pairs; each ``recv``
+counts under the collective it came from (its rendezvous name) and again under
+``DCN`` (the share of the traffic that leaves the slice).
 """
 
 import re
 
 KINDS = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
+DCN = 'of these over DCN'
 
 _BYTES = {'pred': 1, 's4': 1, 'u4': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1,
           'f8e4m3': 1, 'f8e4m3fnuz': 1, 'f8e5m2fnuz': 1, 'f8e3m4': 1, 'f8e8m0fnu': 1,
@@ -25,6 +31,7 @@ _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _CALLEE = re.compile(r'\b(?:body|calls|to_apply)=%?([\w.\-]+)')
 _BOUND = re.compile(r'\bs32\[\]\S*\s+constant\((\d+)\)')
+_MEGASCALE = re.compile(r'_xla_host_transfer_rendezvous="([a-z\-]+)\.')
 _BRANCHES = re.compile(r'branch_computations=\{([^}]*)\}|(?:true|false)_computation=%?([\w.\-]+)')
 
 
@@ -46,13 +53,13 @@ def _kind(op: str) -> str | None:
 
 
 def collective_bytes(hlo_text: str) -> dict[str, int]:
-  """{kind: bytes per device per run} of the compiled module's collectives."""
+  """{kind: bytes per device per run} of the compiled module's collectives, and DCN's share."""
   comps: dict[str, dict] = {}
   entry, cur = None, None
   for line in hlo_text.splitlines():
     head = _COMPUTATION.match(line)
     if head:
-      cur = comps.setdefault(head.group(2), {'own': dict.fromkeys(KINDS, 0), 'calls': [],
+      cur = comps.setdefault(head.group(2), {'own': dict.fromkeys((*KINDS, DCN), 0), 'calls': [],
                                              'bounds': []})
       if head.group(1):
         entry = head.group(2)
@@ -67,6 +74,13 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     kind = _kind(op)
     if kind:
       cur['own'][kind] += _nbytes(type_text)
+    if op == 'recv' and 'xla_megascale_runtime' in line:
+      origin = _MEGASCALE.search(line)
+      payload = _ARRAY.search(type_text)  # (payload, u32[] context, token[])
+      if origin and origin.group(1) in KINDS and payload:
+        n = _nbytes(payload.group(0))
+        cur['own'][origin.group(1)] += n
+        cur['own'][DCN] += n
     if op == 'while':
       trip = _TRIP.search(line)
       body = re.search(r'\bbody=%?([\w.\-]+)', line)
@@ -89,7 +103,7 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     if name in memo:
       return memo[name]
     comp = comps.get(name)
-    out = dict.fromkeys(KINDS, 0)
+    out = dict.fromkeys((*KINDS, DCN), 0)
     if comp is None or depth > 64:
       return out
     for k, v in comp['own'].items():
@@ -102,9 +116,9 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
       if not subs:
         continue
       pick = max(subs, key=lambda s: sum(s.values())) if how == 'max' else subs[0]
-      for k in KINDS:
+      for k in out:
         out[k] += times * pick[k]
     memo[name] = out
     return out
 
-  return total(entry) if entry else dict.fromkeys(KINDS, 0)
+  return total(entry) if entry else dict.fromkeys((*KINDS, DCN), 0)

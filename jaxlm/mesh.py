@@ -77,14 +77,17 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     ici, dcn = mesh_shape(mesh_cfg, len(devices), slices_for_shape)
   try:
     if slices_for_shape > 1:
-      arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+      arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices,
+                                                 allow_split_physical_axes=True)
     else:
       arr = mesh_utils.create_device_mesh(ici, devices=devices,
                                           allow_split_physical_axes=True)
   except (AssertionError, ValueError, NotImplementedError):
     # Topology-aware placement is unavailable for some device kinds
     # (fake CPU devices, mixed hosts); fall back to process-major order.
-    arr = np.asarray(devices).reshape(ici)
+    # With slices, each DCN factor is the outer part of its axis, as in a hybrid mesh.
+    shape = [i * d for i, d in zip(ici, dcn)] if slices_for_shape > 1 else ici
+    arr = np.asarray(devices).reshape(shape)
   return Mesh(arr, MESH_AXES)
 
 

@@ -22,7 +22,9 @@ def get_config():
   m.rope_scaling = 'llama3'
   m.max_seq_len = 131072
   # Circular pipeline: each stage holds 3 groups of 21 layers; with 2 micro-batches
-  # in flight the bubble is (2 - 1) / (2 * 3 + 2 - 1) = 14%.
+  # in flight the bubble is (2 - 1) / (2 * 3 + 2 - 1) = 14%. The TPU compiler's cost: the
+  # strided view of the layer stack crosses DCN, 949 GiB per chip per step in all, where
+  # repeats=1 sends 87 GiB (bubble 33%) and no pipeline 600 GiB (bench/RESULTS.md, issue 30).
   m.pipeline_microbatches = 2
   m.pipeline_repeats = 3
 
@@ -34,8 +36,9 @@ def get_config():
   # joined over DCN. The pipeline crosses DCN (one micro-batch of activations per
   # iteration instead of every layer's FSDP all-gather); inside a slice FSDP over 16 x
   # tensor 4 x sequence 4, with parameters sharded over fsdp and sequence (ZeRO-3 over
-  # 64 chips). `jaxlm plan --config=llama_405b --target=v5p` compiles it to 54.74 GiB
-  # per chip, fits (XLA:CPU's figure on 512 fake devices; README "Pipeline parallelism").
+  # 64 chips). `jaxlm plan --config=llama_405b --target=v5p-512 --slices=2` with the TPU
+  # compiler (libtpu 0.0.42.1): 7.48 + 53.14 = 60.62 GiB per chip, fits (85.50 usable);
+  # XLA:CPU's stand-in said 54.74. README "Pipeline parallelism" has its traffic.
   c.mesh.data = 1
   c.mesh.fsdp = 16
   c.mesh.tensor = 4

@@ -75,6 +75,17 @@ def test_collective_bytes_scale_with_grad_accum_on_the_tpu_compiler():
   assert 1.5 * got[1]['all-gather'] < got[2]['all-gather'] <= 2 * got[1]['all-gather'], got
 
 
+def test_multislice_mesh_puts_the_dcn_pipeline_across_slices():
+  """llama_405b's mesh on 2 x v5p-512: its ICI axes (fsdp 16, tensor 4, sequence 4) do not
+  each match a physical axis of a 4x8x8 slice, so the hybrid mesh must split them."""
+  cfg = load_config('llama_405b')
+  mesh = mesh_lib.make_mesh(cfg.mesh, targets.compile_only_devices(targets.parse('v5p-512', 0, 2)))
+  assert dict(mesh.shape) == {'pipeline': 2, 'data': 1, 'fsdp': 16, 'expert': 1, 'tensor': 4,
+                              'sequence': 4}
+  for stage in range(2):
+    assert {d.slice_index for d in mesh.devices[stage].flat} == {stage}
+
+
 KERNELS = [('splash', TPU, 'tpu_custom_call'), ('chunked', TPU, None),
            ('pallas_gpu', GPU, '__gpu$xla.gpu.triton'), ('chunked', GPU, None)]
 

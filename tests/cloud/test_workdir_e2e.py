@@ -28,8 +28,10 @@ from gcs_emulator import Emulator  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 SHAKESPEARE = REPO.parent / 'shared' / 'data' / 'tinyshakespeare.txt'
 STEPS = 30
+# log_every=1: a resumed run also logs its first (compile) step, off a coarser log schedule,
+# so every step is logged and the runs compare step for step.
 TRAIN_FLAGS = [f'--config.train.steps={STEPS}', '--config.checkpoint.every=10',
-               '--config.train.log_every=5', '--config.eval.every=5']
+               '--config.train.log_every=1', '--config.eval.every=5']
 GATED = ['--config.eval.hooks=gate_hook:wait_at_gate']  # parks the run at step 15
 
 pytestmark = [pytest.mark.cloud, pytest.mark.skipif(

@@ -16,6 +16,22 @@ SHAKESPEARE = REPO.parent / 'shared' / 'data' / 'tinyshakespeare.txt'
 sys.path.insert(0, str(REPO))
 
 
+def train_and_collect(cfg, workdir, devices=None) -> dict:
+  """Trains ``cfg`` in ``workdir`` (a Path); {'loss', 'grad_norm': [logged steps] arrays,
+  'params': the final checkpoint's parameters (numpy)}: what the layout tests compare."""
+  import json  # noqa: PLC0415
+  import jax  # noqa: PLC0415  (after the device-count flag above)
+  import numpy as np  # noqa: PLC0415
+  from jaxlm import engine  # noqa: PLC0415
+  from jaxlm.train.loop import Trainer  # noqa: PLC0415
+  Trainer(cfg, str(workdir), devices=devices).run()
+  rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  out = {k: np.array([r[f'train/{k}'] for r in rows if 'train/loss' in r])
+         for k in ('loss', 'grad_norm')}
+  out['params'] = jax.device_get(engine.load(str(workdir)).params)
+  return out
+
+
 def load_config(name: str):
   """jaxlm/configs/<name>.py's get_config()."""
   return importlib.import_module(f'jaxlm.configs.{name}').get_config()

@@ -1,19 +1,16 @@
 """Parallelism on 8 fake CPU devices: every mesh trains the same run as one device."""
 
-import json
 import math
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import load_config
-from jaxlm import engine
+from conftest import load_config, train_and_collect
 from jaxlm import mesh as mesh_lib
 from jaxlm.errors import ConfigError
 from jaxlm.sharding import MESH_AXES
 from jaxlm.engine import Setup
-from jaxlm.train.loop import Trainer
 
 MESHES = {
     'data=8': dict(data=8),
@@ -25,16 +22,10 @@ MESHES = {
 
 
 def _run(cfg, workdir, devices=None):
-  """Trains; returns {'loss', 'grad_norm': [steps] arrays, 'params': final params (numpy)}."""
   cfg.train.log_every = 1
   cfg.eval.every = 0
   cfg.checkpoint.every = 0  # the final checkpoint is still written
-  Trainer(cfg, str(workdir), devices=devices).run()
-  rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  out = {k: np.array([r[f'train/{k}'] for r in rows if 'train/loss' in r])
-         for k in ('loss', 'grad_norm')}
-  out['params'] = jax.device_get(engine.load(str(workdir)).params)
-  return out
+  return train_and_collect(cfg, workdir, devices)
 
 
 def _assert_same_run(got, want):

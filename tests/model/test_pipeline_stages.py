@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from conftest import SHAKESPEARE, load_config
+from conftest import SHAKESPEARE, load_config, train_and_collect
 from jaxlm import collectives, engine, sharding
 from jaxlm import mesh as mesh_lib
 from jaxlm.errors import ConfigError
 from jaxlm.model import pipeline
 from jaxlm.model.transformer import build_model
-from jaxlm.train.loop import Trainer
 from jaxlm.train.step import objective_sums
 
 STEPS = 4
@@ -63,16 +62,6 @@ def _cfg(path, moe=False, mesh=None, model=None, steps=STEPS):
   return cfg
 
 
-def _run(cfg, workdir, devices=None):
-  """Trains; returns {'loss', 'grad_norm': [steps] arrays, 'params': final params (numpy)}."""
-  Trainer(cfg, str(workdir), devices=devices).run()
-  rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  out = {k: np.array([r[f'train/{k}'] for r in rows if 'train/loss' in r])
-         for k in ('loss', 'grad_norm')}
-  out['params'] = jax.device_get(engine.load(str(workdir)).params)
-  return out
-
-
 def _assert_same_run(got, want):
   assert len(got['loss']) == len(want['loss'])
   np.testing.assert_allclose(got['loss'], want['loss'], rtol=1e-4)
@@ -91,7 +80,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope='module')
 def reference(corpus, tmp_path_factory):
   """The one-device runs, dense and MoE."""
-  return {moe: _run(_cfg(corpus, moe), tmp_path_factory.mktemp('one'), jax.devices()[:1])
+  return {moe: train_and_collect(_cfg(corpus, moe), tmp_path_factory.mktemp('one'), jax.devices()[:1])
           for moe in (False, True)}
 
 
@@ -116,19 +105,19 @@ def test_schedule_runs_every_micro_batch_once_per_pass_in_stage_order():
 @pytest.mark.parametrize('name', LAYOUTS)
 def test_pipeline_matches_single_device(name, corpus, reference, tmp_path):
   mesh, model = LAYOUTS[name]
-  _assert_same_run(_run(_cfg(corpus, mesh=mesh, model=model), tmp_path / 'w'), reference[False])
+  _assert_same_run(train_and_collect(_cfg(corpus, mesh=mesh, model=model), tmp_path / 'w'), reference[False])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name', SLOW_LAYOUTS)
 def test_pipeline_matches_single_device_slow(name, corpus, reference, tmp_path):
   mesh, model = SLOW_LAYOUTS[name]
-  _assert_same_run(_run(_cfg(corpus, mesh=mesh, model=model), tmp_path / 'w'), reference[False])
+  _assert_same_run(train_and_collect(_cfg(corpus, mesh=mesh, model=model), tmp_path / 'w'), reference[False])
 
 
 def test_moe_pipeline_matches_single_device(corpus, reference, tmp_path):
   # The router's balance and z-losses are whole-batch values, as on one device.
-  got = _run(_cfg(corpus, moe=True, mesh=dict(pipeline=2, fsdp=2)), tmp_path / 'w')
+  got = train_and_collect(_cfg(corpus, moe=True, mesh=dict(pipeline=2, fsdp=2)), tmp_path / 'w')
   _assert_same_run(got, reference[True])
 
 
@@ -136,7 +125,7 @@ def test_resume_across_pipeline_degrees(corpus, reference, tmp_path):
   """pipeline=4 -> pipeline=1 -> pipeline=4 legs continue the one-device curve."""
   w = tmp_path / 'w'
   for steps, stages in ((STEPS - 2, 4), (STEPS - 1, 1), (STEPS, 4)):
-    got = _run(_cfg(corpus, mesh=dict(pipeline=stages), steps=steps), w)
+    got = train_and_collect(_cfg(corpus, mesh=dict(pipeline=stages), steps=steps), w)
   _assert_same_run(got, reference[False])
 
 

@@ -72,7 +72,7 @@ def _define(fv: flags.FlagValues, command: str) -> None:
     flags.DEFINE_integer('process_id', -1, 'multi-host: this process index', flag_values=fv)
     flags.DEFINE_float('peer_timeout', 60, 'multi-host: seconds without a heartbeat from another '
                        'process before every process stops with exit 75 (0 = jax default)',
-                       flag_values=fv)
+                       lower_bound=0, flag_values=fv)
   if command == 'eval':
     flags.DEFINE_list('tasks', [], 'lm-evaluation-harness tasks (e.g. hellaswag,arc_easy); '
                       'empty = validation loss', flag_values=fv)

@@ -163,3 +163,10 @@ def test_readme_first_train_command_runs_outside_the_checkout(repo, tmp_path, mo
   assert main([*argv, '--config.train.steps=2', '--config.eval.batches=1',
                '--config.data.max_docs=200']) == 0  # a slice of the corpus: fast
   assert (tmp_path / 'runs' / 'demo' / 'checkpoints' / '2').is_dir()
+
+
+def test_negative_peer_timeout_is_refused_before_anything_runs(capsys, tmp_path):
+  work = tmp_path / 'w'
+  line = _err(capsys, ['train', '--config=tiny', f'--workdir={work}', '--peer_timeout=-1'])
+  assert '--peer_timeout=-1' in line and 'non-negative' in line, line
+  assert not work.exists()

@@ -28,6 +28,7 @@ demo: $(VENV)/.installed
 	$(BIN)/jaxlm generate --workdir=runs/demo --prompt='def ' --max_new_tokens=200 --temperature=0.8 --top_k=40
 
 test: $(VENV)/.installed-test
+	$(BIN)/lint-imports --no-cache  # the layers and no cycles (pyproject.toml's contracts)
 	$(BIN)/python -m pytest -q -x --timeout=900 tests
 
 # Real runs on gs:// against fake-gcs-server on localhost (tests/cloud; a few minutes).

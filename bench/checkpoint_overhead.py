@@ -36,8 +36,10 @@ import jax  # noqa: E402
 
 from overhead import loop_bench_args, loop_tokens_per_sec  # noqa: E402
 
-from jaxlm import cli, configs, runtime  # noqa: E402
-from jaxlm.checkpoint import Checkpointer  # noqa: E402
+from jaxlm import configs  # noqa: E402
+from jaxlm.checkpoint.checkpointer import Checkpointer  # noqa: E402
+from jaxlm.cli import main as cli  # noqa: E402
+from jaxlm.run import runtime  # noqa: E402
 
 MODES = {'none': (0, True), 'async': (None, True), 'sync': (None, False)}
 SAVE_SECONDS = []  # wall time of each Checkpointer.save call of the current run

@@ -16,7 +16,7 @@ slow the wall clock, not the CPU time.
 
 Consumption (an estimate, not a measured step): a gpt2_small step on this CPU
 takes at least tokens/step * FLOPs/token / P seconds, where FLOPs/token is
-`jaxlm.train.metrics.flops_per_token` (6N + attention, N = matmul parameters)
+`jaxlm.run.metrics.flops_per_token` (6N + attention, N = matmul parameters)
 and P is `measured_cpu_peak()` (a jitted fp32 1024^3 matmul). That assumes
 100% MFU, so the consumption rate P / (FLOPs/token) is an upper bound and the
 reported loader/step ratio a lower bound.
@@ -36,8 +36,8 @@ from jaxlm.configs import gpt2_small as gpt2_small_config  # noqa: E402
 from jaxlm.data.pipeline import DataPipeline  # noqa: E402
 from jaxlm.data.prepare import prepare  # noqa: E402
 from jaxlm.data.tokenizers import ByteTokenizer  # noqa: E402
-from jaxlm.engine import Setup  # noqa: E402
-from jaxlm.train import metrics  # noqa: E402
+from jaxlm.engine.build import Setup  # noqa: E402
+from jaxlm.run import metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / 'shared' / 'data' / 'tinyshakespeare.txt'

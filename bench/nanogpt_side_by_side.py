@@ -190,9 +190,9 @@ def nanogpt_full_val(root: Path, ckpt: Path, windows: list) -> float:
 
 def jaxlm_full_val(workdir: str, windows: list) -> float:
   """Mean loss of a jaxlm workdir's last checkpoint over ``windows``, with its eval step."""
-  from jaxlm import engine  # noqa: PLC0415
   from jaxlm.data.packing import batch_from_documents  # noqa: PLC0415
   from jaxlm.data.tokenizers import get_tokenizer  # noqa: PLC0415
+  from jaxlm.engine import build as engine  # noqa: PLC0415
   loaded = engine.load(workdir)
   tok = get_tokenizer(loaded.cfg.data)
   rows = [[(tok.encode(w), np.ones(64, np.float32))] for w in windows]

@@ -37,11 +37,13 @@ import jax  # noqa: E402
 
 from step_speed import time_steps  # noqa: E402
 
-from jaxlm import cli, configs, runtime  # noqa: E402
+from jaxlm import configs  # noqa: E402
+from jaxlm.cli import main as cli  # noqa: E402
 from jaxlm.data.pipeline import make_pipeline  # noqa: E402
-from jaxlm.engine import Setup  # noqa: E402
-from jaxlm.hooks import Hook  # noqa: E402
-from jaxlm.train.loop import Trainer  # noqa: E402
+from jaxlm.engine.build import Setup  # noqa: E402
+from jaxlm.evals.hooks import Hook  # noqa: E402
+from jaxlm.run import runtime  # noqa: E402
+from jaxlm.run.loop import Trainer  # noqa: E402
 
 
 def loop_tokens_per_sec(cfg, warmup: int) -> tuple[float, float]:

@@ -24,9 +24,11 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxlm import cli, configs, runtime  # noqa: E402
-from jaxlm.engine import Setup  # noqa: E402
-from jaxlm.train.metrics import flops_per_token, matmul_params  # noqa: E402
+from jaxlm import configs  # noqa: E402
+from jaxlm.cli import main as cli  # noqa: E402
+from jaxlm.engine.build import Setup  # noqa: E402
+from jaxlm.run import runtime  # noqa: E402
+from jaxlm.run.metrics import flops_per_token, matmul_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

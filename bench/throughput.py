@@ -1,6 +1,6 @@
 """Training throughput of a config on whatever accelerator is present.
 
-Runs the real jitted train step (``Setup`` of jaxlm.engine, the config's
+Runs the real jitted train step (``Setup`` of jaxlm.engine.build, the config's
 mesh, dtypes, remat and attention kernel) on pre-made random batches and
 prints tokens/s/device, step time, MFU and peak device memory. Timing: median
 of ``--repeats`` timings of ``--steps`` steps, after compile and ``--warmup``
@@ -12,7 +12,7 @@ steps.
 
 On GPU, run it under the XLA flags that launch/gpu_single_host.sh sets:
 ``eval "$(launch/gpu_single_host.sh --print-env)"`` first.
-MFU uses ``jaxlm.train.metrics.flops_per_token`` (6N + attention) and the
+MFU uses ``jaxlm.run.metrics.flops_per_token`` (6N + attention) and the
 per-device peak from ``device_peak_flops`` (``--config.train.peak_flops`` to
 override).
 """
@@ -30,8 +30,10 @@ import jax  # noqa: E402
 
 from step_speed import measure  # noqa: E402
 
-from jaxlm import cli, configs, runtime  # noqa: E402
-from jaxlm.train.metrics import device_peak_flops, flops_per_token, matmul_params  # noqa: E402
+from jaxlm import configs  # noqa: E402
+from jaxlm.cli import main as cli  # noqa: E402
+from jaxlm.run import runtime  # noqa: E402
+from jaxlm.run.metrics import device_peak_flops, flops_per_token, matmul_params  # noqa: E402
 
 
 def peak_memory_bytes(setup) -> tuple[int, str]:

@@ -1,5 +1,5 @@
 import sys
 
-from jaxlm.cli import main
+from jaxlm.cli.main import main
 
 sys.exit(main())

@@ -11,7 +11,7 @@
 #   eval "$(launch/tpu_host.sh --print-env)"                     # just export the settings
 #
 # jax.distributed finds the slice's other workers through the TPU metadata server
-# (jaxlm/runtime.py). The libtpu flags below overlap FSDP all-gathers/reduce-scatters
+# (jaxlm/run/runtime.py). The libtpu flags below overlap FSDP all-gathers/reduce-scatters
 # with compute (as in MaxText's v4/v5 recipes); they are not verified on TPU hardware
 # here, and libtpu aborts on flags it does not know, so re-check them on a new libtpu.
 set -euo pipefail

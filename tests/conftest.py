@@ -22,8 +22,8 @@ def train_and_collect(cfg, workdir, devices=None) -> dict:
   import json  # noqa: PLC0415
   import jax  # noqa: PLC0415  (after the device-count flag above)
   import numpy as np  # noqa: PLC0415
-  from jaxlm import engine  # noqa: PLC0415
-  from jaxlm.train.loop import Trainer  # noqa: PLC0415
+  from jaxlm.engine import build as engine  # noqa: PLC0415
+  from jaxlm.run.loop import Trainer  # noqa: PLC0415
   Trainer(cfg, str(workdir), devices=devices).run()
   rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
   out = {k: np.array([r[f'train/{k}'] for r in rows if 'train/loss' in r])
@@ -56,8 +56,8 @@ def repo():
 @pytest.fixture(params=['cpu-path', 'accelerator-path'])
 def code_path(request):
   """Runs a test twice: as CPU steps are built, and as GPU/TPU steps are (no XLA:CPU-only
-  Dense backward or options; jaxlm.platform.accelerator_path), so both backwards are checked."""
-  from jaxlm import platform  # noqa: PLC0415
+  Dense backward or options; jaxlm.core.platform.accelerator_path), so both backwards are checked."""
+  from jaxlm.core import platform  # noqa: PLC0415
   if request.param == 'cpu-path':
     yield request.param
     return

@@ -18,15 +18,15 @@ import pytest
 
 import jaxlm
 from conftest import load_config
-from jaxlm import engine
-from jaxlm.checkpoint import Checkpointer
+from jaxlm.checkpoint.checkpointer import Checkpointer
+from jaxlm.core.errors import CheckpointError, DivergedError, StorageError
+from jaxlm.core.mesh import make_mesh
+from jaxlm.core.tree import all_finite
 from jaxlm.data.pipeline import make_pipeline
-from jaxlm.errors import CheckpointError, DivergedError, StorageError
-from jaxlm.hooks import Hook
-from jaxlm.mesh import make_mesh
-from jaxlm.engine import Setup
-from jaxlm.train.loop import Trainer
-from jaxlm.train.step import all_finite
+from jaxlm.engine import build as engine
+from jaxlm.engine.build import Setup
+from jaxlm.evals.hooks import Hook
+from jaxlm.run.loop import Trainer
 
 
 # Subprocesses run on one CPU device: faster steps, same code path.
@@ -164,7 +164,7 @@ def _eval_on(cfg, workdir, devices=None, **mesh):
   cfg = cfg.copy_and_resolve_references()
   for k, v in {'data': 1, 'fsdp': 1, 'tensor': 1, 'sequence': 1, **mesh}.items():
     cfg.mesh[k] = v
-  from jaxlm import mesh as mesh_lib  # noqa: PLC0415
+  from jaxlm.core import mesh as mesh_lib  # noqa: PLC0415
   setup = Setup(cfg, mesh_lib.make_mesh(cfg.mesh, devices))
   ckpt = Checkpointer(str(workdir), cfg.checkpoint)
   state, _ = ckpt.restore(ckpt.latest_step(), setup.abstract_state)
@@ -357,7 +357,7 @@ def test_shape_mismatch_names_the_parameter(trained, capsys):
 
 
 def test_restore_step_picks_an_earlier_checkpoint(trained, repo, capsys):
-  from jaxlm.cli import main  # noqa: PLC0415
+  from jaxlm.cli.main import main  # noqa: PLC0415
   cfg, work = trained
   os.chdir(repo)
   assert main(['eval', f'--workdir={work}', '--restore_step=5']) == 0
@@ -365,7 +365,7 @@ def test_restore_step_picks_an_earlier_checkpoint(trained, repo, capsys):
 
 
 def test_keep_policy_last_k_every_mth_and_best_by_eval_loss(tiny_cfg, tmp_path, repo, capsys):
-  from jaxlm.cli import main  # noqa: PLC0415
+  from jaxlm.cli.main import main  # noqa: PLC0415
   cfg = tiny_cfg
   cfg.train.steps = 20
   cfg.checkpoint.every = 5

@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-from jaxlm import cli
-from jaxlm.cli import main
+from jaxlm.cli import main as cli
+from jaxlm.cli.main import main
 from jaxlm.configs import tiny
-from jaxlm.errors import ConfigError
+from jaxlm.core.errors import ConfigError
 
 TINY = 'configs/tiny.py'
 
@@ -128,7 +128,8 @@ def test_train_help_lists_the_exit_codes(capsys):
 @pytest.mark.parametrize('error, code', [('DivergedError', 3), ('StorageError', 4),
                                          ('CheckpointError', 2)])
 def test_each_error_kind_has_its_exit_code(capsys, monkeypatch, tmp_path, error, code):
-  from jaxlm import commands, errors  # noqa: PLC0415
+  from jaxlm.cli import commands  # noqa: PLC0415
+  from jaxlm.core import errors  # noqa: PLC0415
 
   def train(fv):
     raise getattr(errors, error)('what went wrong')
@@ -144,7 +145,7 @@ def test_plugin_help_names_its_subcommand(capsys):
 
 
 def test_user_hook_that_is_not_importable_hints_at_pythonpath():
-  from jaxlm.hooks import load_user_hook  # noqa: PLC0415
+  from jaxlm.evals.hooks import load_user_hook  # noqa: PLC0415
   with pytest.raises(ConfigError, match=r"No module named 'my_hooks_nowhere'.*PYTHONPATH=\."):
     load_user_hook('my_hooks_nowhere:fn', 10)
   with pytest.raises(ConfigError, match="has no attribute") as e:  # found, but no such function

@@ -1,11 +1,11 @@
-"""jaxlm.collectives: collective bytes per device per step, read from compiled HLO."""
+"""jaxlm.cli.collectives: collective bytes per device per step, read from compiled HLO."""
 
 import jax
 
 from conftest import load_config
-from jaxlm import collectives
-from jaxlm import mesh as mesh_lib
-from jaxlm import plan as plan_lib
+from jaxlm.cli import collectives
+from jaxlm.cli import plan as plan_lib
+from jaxlm.core import mesh as mesh_lib
 
 HLO = '''HloModule m
 

@@ -13,7 +13,7 @@ import pytest
 from absl import flags
 from ml_collections.config_flags import config_flags
 
-from jaxlm import config as config_lib
+from jaxlm.core import config as config_lib
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'jaxlm' / 'configs'
 pytestmark = pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
@@ -114,7 +114,7 @@ def test_parameter_count_matches_published(name):
 
 
 def test_mixtral_active_parameters_match_published():
-  from jaxlm.train.metrics import active_params  # noqa: PLC0415
+  from jaxlm.run.metrics import active_params  # noqa: PLC0415
   m = load('mixtral_8x7b.py').model
   # "13B active parameters" (Mixtral paper); 12.9B by the same per-layer count as HF.
   assert active_params(m, n_params(m)) == 12_879_925_248
@@ -157,10 +157,10 @@ def test_config_builds_its_mesh_for_the_hardware_its_docstring_names(name):
   """Mesh axes resolve for the documented device count, batch and heads divide over it, and
   every parameter splits over it (an abstract mesh: shapes only, nothing compiled)."""
   import jax  # noqa: PLC0415
-  from jaxlm import mesh as mesh_lib  # noqa: PLC0415
-  from jaxlm import targets  # noqa: PLC0415
-  from jaxlm.engine import Setup, check_placeable  # noqa: PLC0415
-  from jaxlm.sharding import MESH_AXES  # noqa: PLC0415
+  from jaxlm.cli import targets  # noqa: PLC0415
+  from jaxlm.core import mesh as mesh_lib  # noqa: PLC0415
+  from jaxlm.core.sharding import MESH_AXES  # noqa: PLC0415
+  from jaxlm.engine.build import Setup, check_placeable  # noqa: PLC0415
   want = documented_target(name)
   slices = int(want.get('slices', 1))
   devices = int(want.get('devices', 0))

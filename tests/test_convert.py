@@ -1,4 +1,4 @@
-"""jaxlm.convert / jaxlm.hf: HF GPT-2 and Llama import and export match transformers' logits."""
+"""jaxlm.cli.convert / jaxlm.hf.weights: HF GPT-2 and Llama import and export match transformers' logits."""
 
 import json
 
@@ -8,7 +8,9 @@ import pytest
 transformers = pytest.importorskip('transformers')
 torch = pytest.importorskip('torch')
 
-from jaxlm import cli, convert, engine, hf  # noqa: E402
+from jaxlm.cli import main as cli, convert  # noqa: E402
+from jaxlm.engine import build as engine  # noqa: E402
+from jaxlm.hf import weights as hf  # noqa: E402
 
 TOKENS = np.array([[5, 17, 250, 3, 99, 42, 7, 0, 299, 12, 64, 1],
                    [8, 8, 8, 200, 100, 50, 25, 12, 6, 3, 1, 0]], np.int32)
@@ -116,8 +118,8 @@ def _odd_vocab_llama(path, vocab=101):
 def test_odd_vocab_pads_runs_on_any_mesh_and_names_indivisible_shapes(tmp_path, monkeypatch):
   """A 101-token vocabulary is padded to 128 rows: it imports, trains-shaped meshes load it,
   and export gives the 101 rows back. Unpadded, the restore names the shape and mesh axis."""
-  from jaxlm import hf  # noqa: PLC0415
-  from jaxlm.errors import ConfigError  # noqa: PLC0415
+  from jaxlm.core.errors import ConfigError  # noqa: PLC0415
+  from jaxlm.hf import weights as hf  # noqa: PLC0415
   _odd_vocab_llama(tmp_path / 'hf')
   tokens = TOKENS % 101
   assert cli.main(['convert', f'--from_hf={tmp_path / "hf"}', f'--workdir={tmp_path / "w"}']) == 0
@@ -148,9 +150,9 @@ def test_import_writes_params_only_bf16_stays_bf16_and_training_adds_optimizer(t
   bf16 weights stay bf16 bit for bit; `train` on the workdir creates the optimizer state.
   The workdir is given relative (Orbax itself refuses relative paths)."""
   import ml_dtypes  # noqa: PLC0415
-  from jaxlm import config as config_lib  # noqa: PLC0415
-  from jaxlm.checkpoint import Checkpointer  # noqa: PLC0415
-  from jaxlm.train.loop import Trainer  # noqa: PLC0415
+  from jaxlm.checkpoint.checkpointer import Checkpointer  # noqa: PLC0415
+  from jaxlm.core import config as config_lib  # noqa: PLC0415
+  from jaxlm.run.loop import Trainer  # noqa: PLC0415
   model = _tiny_hf('llama', tmp_path / 'f32')
   model.to(torch.bfloat16).save_pretrained(str(tmp_path / 'hf'))
   monkeypatch.chdir(tmp_path)
@@ -231,8 +233,8 @@ def test_export_on_two_processes_writes_from_process_0_only(repo, tmp_path):
 def test_interrupted_import_leaves_no_step_and_a_rerun_completes(tmp_path, monkeypatch):
   """The step is built aside and renamed when every parameter is in: an import stopped
   half-way leaves no checkpoints/ (nothing to resume from zeros), and a rerun succeeds."""
-  from jaxlm import param_store  # noqa: PLC0415
-  from jaxlm.errors import StorageError  # noqa: PLC0415
+  from jaxlm.checkpoint import param_store  # noqa: PLC0415
+  from jaxlm.core.errors import StorageError  # noqa: PLC0415
   _tiny_hf('llama', tmp_path / 'hf')
   fill, calls = param_store.fill, []
 

@@ -4,11 +4,11 @@ import jax
 import numpy as np
 
 from conftest import load_config
-from jaxlm import config as config_lib
-from jaxlm import mesh as mesh_lib
-from jaxlm import sharding
+from jaxlm.core import config as config_lib
+from jaxlm.core import mesh as mesh_lib
+from jaxlm.core import sharding
 from jaxlm.data.packing import BATCH_KEYS
-from jaxlm.engine import Setup, eval_micro_batches
+from jaxlm.engine.build import Setup, eval_micro_batches
 
 
 def _setup(grad_accum: int, eval_batch_size: int, devices: int = 2):

@@ -1,4 +1,4 @@
-"""jaxlm.finetune: response-only loss mask, packing, and a fine-tune whose loss falls."""
+"""jaxlm.run.finetune: response-only loss mask, packing, and a fine-tune whose loss falls."""
 
 import json
 import os
@@ -6,11 +6,12 @@ import os
 import numpy as np
 import pytest
 
-from jaxlm import cli, engine
+from jaxlm.checkpoint.checkpointer import Checkpointer
+from jaxlm.cli import main as cli
 from jaxlm.data import pairs as ft
-from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.tokenizers import ByteTokenizer
-from jaxlm.train.loop import Trainer
+from jaxlm.engine import build as engine
+from jaxlm.run.loop import Trainer
 
 PAIRS = [('Q: capital of France?\nA:', ' Paris'), ('Q: 2+2?\nA:', ' four'),
          ('Q: colour of the sky?\nA:', ' blue'), ('Q: opposite of hot?\nA:', ' cold')]

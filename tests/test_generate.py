@@ -1,4 +1,4 @@
-"""jaxlm.generate: KV-cache decoding equals full recompute; stops, top-k, sharded params, API."""
+"""jaxlm.engine.generate: KV-cache decoding equals full recompute; stops, top-k, sharded params, API."""
 
 import jax
 import numpy as np
@@ -7,14 +7,14 @@ from flax import linen as nn
 
 import jaxlm
 from conftest import load_config
-from jaxlm import config as config_lib
-from jaxlm import sharding
-from jaxlm.checkpoint import Checkpointer
+from jaxlm.checkpoint.checkpointer import Checkpointer
+from jaxlm.core import config as config_lib
+from jaxlm.core import sharding
 from jaxlm.data.tokenizers import ByteTokenizer
-from jaxlm.generate import generate
+from jaxlm.engine.build import Setup
+from jaxlm.engine.generate import generate
 from jaxlm.model.transformer import build_model
-from jaxlm.engine import Setup
-from jaxlm.train.step import new_state
+from jaxlm.optim.step import new_state
 
 PROMPTS = [[72, 101, 108], [1, 2, 3, 4, 5, 6, 7], [200]]  # lengths 3, 7, 1: left padding
 NEW = 8

@@ -1,4 +1,4 @@
-"""jaxlm.generate past the context: every asked-for token comes, each from the most recent
+"""jaxlm.engine.generate past the context: every asked-for token comes, each from the most recent
 ``max_seq_len`` tokens (checked against a full forward pass on the cropped window)."""
 
 import jax
@@ -7,7 +7,7 @@ import pytest
 from flax import linen as nn
 
 from conftest import load_config
-from jaxlm.generate import generate
+from jaxlm.engine.generate import generate
 from jaxlm.model.transformer import build_model
 
 CONTEXT = 12

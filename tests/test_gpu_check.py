@@ -5,8 +5,9 @@ import subprocess
 
 from conftest import REPO
 
-from jaxlm import cli, configs
-from jaxlm import config as config_lib
+from jaxlm import configs
+from jaxlm.cli import main as cli
+from jaxlm.core import config as config_lib
 
 
 def _dry_run(tmp_path) -> list[list[str]]:

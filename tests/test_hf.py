@@ -1,4 +1,4 @@
-"""jaxlm.hf families: each imports and exports with transformers' logits (1e-4), 1 and 8 devices."""
+"""jaxlm.hf.weights families: each imports and exports with transformers' logits (1e-4), 1 and 8 devices."""
 
 import json
 
@@ -8,8 +8,9 @@ import pytest
 transformers = pytest.importorskip('transformers')
 torch = pytest.importorskip('torch')
 
-from jaxlm import cli, convert, hf  # noqa: E402
-from jaxlm.errors import ConfigError  # noqa: E402
+from jaxlm.cli import main as cli, convert  # noqa: E402
+from jaxlm.core.errors import ConfigError  # noqa: E402
+from jaxlm.hf import weights as hf  # noqa: E402
 
 TOKENS = np.array([[5, 17, 250, 3, 99, 42, 7, 0, 299, 12, 64, 1, 77, 31, 200, 9, 4, 150, 60, 2],
                    [8, 8, 8, 200, 100, 50, 25, 12, 6, 3, 1, 0, 5, 5, 280, 140, 70, 35, 17, 8]],

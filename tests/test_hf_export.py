@@ -7,10 +7,11 @@ import stat
 import numpy as np
 import pytest
 
-from jaxlm import cli, engine
+from jaxlm.cli import main as cli
 from jaxlm.data import tokenizer_train
 from jaxlm.data.tokenizers import get_tokenizer
-from jaxlm.train.loop import Trainer
+from jaxlm.engine import build as engine
+from jaxlm.run.loop import Trainer
 
 PROMPTS = ['ROMEO:\nWhat is', 'First Citizen:\nBefore we proceed any further, hear']
 

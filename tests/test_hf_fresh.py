@@ -12,7 +12,10 @@ import pytest
 transformers = pytest.importorskip('transformers')
 torch = pytest.importorskip('torch')
 
-from jaxlm import cli, convert, engine, hf, param_store  # noqa: E402
+from jaxlm.checkpoint import param_store  # noqa: E402
+from jaxlm.cli import main as cli, convert  # noqa: E402
+from jaxlm.engine import build as engine  # noqa: E402
+from jaxlm.hf import weights as hf  # noqa: E402
 
 TOKENS = np.array([[5, 17, 250, 3, 99, 42, 7, 0, 299, 12, 64, 1, 77],
                    [8, 8, 8, 200, 100, 50, 25, 12, 6, 3, 1, 0, 5]], np.int32)
@@ -129,8 +132,8 @@ def test_fresh_gpt2_workdir_generates_evaluates_and_trains(tmp_path, tiny_cfg, c
   base = [f'--workdir={w}']
   assert cli.main(['generate', *base, '--prompt=ab', '--max_new_tokens=5']) == 0
   assert cli.main(['eval', *base]) == 0
-  from jaxlm import config as config_lib  # noqa: PLC0415
-  from jaxlm.train.loop import Trainer  # noqa: PLC0415
+  from jaxlm.core import config as config_lib  # noqa: PLC0415
+  from jaxlm.run.loop import Trainer  # noqa: PLC0415
   cfg = config_lib.load_saved(str(w))
   with cfg.unlocked():
     cfg.train.steps = 2

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import load_config
-from jaxlm.checkpoint import Checkpointer
-from jaxlm.train.step import new_state
+from jaxlm.checkpoint.checkpointer import Checkpointer
+from jaxlm.optim.step import new_state
 
 
 @pytest.mark.parametrize('keep,period,want', [(2, 0, [6, 7]), (3, 0, [5, 6, 7]),

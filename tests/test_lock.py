@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from jaxlm import lock as lock_lib
-from jaxlm.cli import main
-from jaxlm.lock import LockError, WorkdirLock
+from jaxlm.cli.main import main
+from jaxlm.run import lock as lock_lib
+from jaxlm.run.lock import LockError, WorkdirLock
 
 
 def _holder(workdir, **over):
@@ -105,7 +105,7 @@ def test_released_on_error_and_on_sigterm_outside_the_loop(tmp_path):
     with WorkdirLock(str(tmp_path)):
       raise RuntimeError('diverged')
   assert not (tmp_path / lock_lib.NAME).exists()
-  code = ('import os, signal, time\nfrom jaxlm.lock import WorkdirLock\n'
+  code = ('import os, signal, time\nfrom jaxlm.run.lock import WorkdirLock\n'
           f'with WorkdirLock({str(tmp_path)!r}):\n'
           '  print("held", flush=True)\n  for _ in range(600): time.sleep(0.1)\n')
   # Short sleeps: jax's native threads (started by acquire) may take the signal, and then

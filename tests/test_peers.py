@@ -3,7 +3,7 @@
 import socket
 import time
 
-from jaxlm import peers
+from jaxlm.run import peers
 
 
 def _pair(timeout):

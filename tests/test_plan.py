@@ -2,8 +2,8 @@
 with fake CPU devices) and finds the smallest grad_accum that fits a memory budget."""
 
 from conftest import load_config
-from jaxlm import cli
-from jaxlm import plan as plan_lib
+from jaxlm.cli import main as cli
+from jaxlm.cli import plan as plan_lib
 
 # 16 devices: more than the 8 this test process has, so the compile runs in a child.
 MESH = ['--config.mesh.data=1', '--config.mesh.fsdp=16', '--config.train.batch_size=64',
@@ -46,8 +46,8 @@ def test_plan_sizes_match_the_initialized_state_and_xla():
   XLA's argument bytes for the step are those plus one batch."""
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
-  from jaxlm import mesh as mesh_lib  # noqa: PLC0415
-  from jaxlm.engine import Setup  # noqa: PLC0415
+  from jaxlm.core import mesh as mesh_lib  # noqa: PLC0415
+  from jaxlm.engine.build import Setup  # noqa: PLC0415
   cfg = load_config('tiny')
   cfg.model.d_model, cfg.model.mlp_dim = 128, 512
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 4, 2
@@ -72,8 +72,8 @@ def test_readme_llama_70b_figures():
   """README: llama_70b on fsdp=256 has 70.55B parameters and 2.58 GiB of params + optimizer
   state per device (bf16 Adam first moment); shapes only, nothing is allocated or compiled."""
   import jax  # noqa: PLC0415
-  from jaxlm.engine import Setup  # noqa: PLC0415
-  from jaxlm.sharding import MESH_AXES  # noqa: PLC0415
+  from jaxlm.core.sharding import MESH_AXES  # noqa: PLC0415
+  from jaxlm.engine.build import Setup  # noqa: PLC0415
   cfg = load_config('llama_70b')
   cfg.data.path = '/data/train'
   sizes = dict.fromkeys(MESH_AXES, 1)

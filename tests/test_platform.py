@@ -1,4 +1,4 @@
-"""jaxlm.platform: a step's platform comes from its mesh's devices; the choices read it."""
+"""jaxlm.core.platform: a step's platform comes from its mesh's devices; the choices read it."""
 
 import jax
 import jax.numpy as jnp
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from jaxlm import mesh as mesh_lib
-from jaxlm import platform, sharding
-from jaxlm.engine import Setup
+from jaxlm.core import mesh as mesh_lib
+from jaxlm.core import platform, sharding
+from jaxlm.engine.build import Setup
 from jaxlm.model import attention
 from jaxlm.model.layers import Dense
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from jaxlm import cli
+from jaxlm.cli import main as cli
 
 TRAIN = ['train', '--config=tiny', '--config.train.steps=2', '--config.train.progress=False',
          '--config.eval.every=0', '--config.checkpoint.every=0']

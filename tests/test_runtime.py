@@ -1,4 +1,4 @@
-"""jaxlm.runtime: which jax.distributed.initialize call each cluster gets, and the compile cache."""
+"""jaxlm.run.runtime: which jax.distributed.initialize call each cluster gets, and the compile cache."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import jax
 import pytest
 
-from jaxlm import runtime
+from jaxlm.run import runtime
 
 
 @pytest.fixture
@@ -78,15 +78,16 @@ def test_compilation_cache_on_by_default_and_user_setting_wins(monkeypatch, tmp_
 def test_train_flags_and_env_vars_reach_jax_distributed(calls, monkeypatch, capsys):
   """`jaxlm train --coordinator_address=H:P --num_processes=N --process_id=I` (or the
   JAXLM_* variables) is what jax.distributed.initialize is called with."""
-  from jaxlm import cli, supervise  # noqa: PLC0415
-  from jaxlm.errors import ConfigError  # noqa: PLC0415
+  from jaxlm.cli import main as cli  # noqa: PLC0415
+  from jaxlm.core.errors import ConfigError  # noqa: PLC0415
+  from jaxlm.run import supervise  # noqa: PLC0415
 
   def stop_after_recording(*a, **kw):
     calls.append((a, kw))
     raise ConfigError('recorded')  # the test ends here, before any training
 
   monkeypatch.setattr(jax.distributed, 'initialize', stop_after_recording)
-  # In-process: the supervisor (jaxlm.supervise) would run train in a child this patch misses.
+  # In-process: the supervisor (jaxlm.run.supervise) would run train in a child this patch misses.
   monkeypatch.setenv(supervise.ENV_FLAG, '1')
   argv = ['train', '--config=tiny', '--workdir=/nonexistent/w']
   assert cli.main([*argv, '--coordinator_address=10.0.0.1:8476', '--num_processes=4',
@@ -97,7 +98,7 @@ def test_train_flags_and_env_vars_reach_jax_distributed(calls, monkeypatch, caps
   monkeypatch.setenv('JAXLM_NUM_PROCESSES', '2')
   monkeypatch.setenv('JAXLM_PROCESS_ID', '1')
   assert cli.main(argv) == 2
-  # jax's own heartbeat timeout sits 30 s past --peer_timeout (60): jaxlm.peers names the lost
+  # jax's own heartbeat timeout sits 30 s past --peer_timeout (60): jaxlm.run.peers names the lost
   # process first.
   kw = {'local_device_ids': None, 'heartbeat_timeout_seconds': 90}
   assert calls == [(('10.0.0.1:8476', 4, 3), kw), (('10.0.0.2:8476', 2, 1), kw)]
@@ -133,9 +134,10 @@ def test_cpu_only_follows_jax_platforms_then_installed_accelerator_plugins(platf
 _FAULTS = r'''
 import resource
 import jax, numpy as np
-from jaxlm import configs, runtime
+from jaxlm import configs
+from jaxlm.run import runtime
 runtime.initialize()
-from jaxlm.engine import Setup
+from jaxlm.engine.build import Setup
 cfg = configs.load('shakespeare_char_nanogpt')
 setup = Setup(cfg)
 temp = setup.train_step_memory().temp_size_in_bytes

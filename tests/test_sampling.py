@@ -1,4 +1,4 @@
-"""jaxlm.generate sampling: temperature, top-k and top-p shape the distribution exactly.
+"""jaxlm.engine.generate sampling: temperature, top-k and top-p shape the distribution exactly.
 
 On fixed logits, 40,000 draws in one call: each token's frequency is within 0.012 of the
 truncated, renormalized target (4 standard deviations at p = 0.5), and tokens outside the
@@ -10,10 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import cli
-from jaxlm.errors import ConfigError
-from jaxlm.generate import sample_token
-from jaxlm.preflight import check_sampling
+from jaxlm.cli import main as cli
+from jaxlm.core.errors import ConfigError
+from jaxlm.engine.generate import check_sampling
+from jaxlm.engine.generate import sample_token
 
 PROBS = np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
 LOGITS = np.log(PROBS).astype(np.float32)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import load_config, train_and_collect
-from jaxlm import mesh as mesh_lib
-from jaxlm.errors import ConfigError
-from jaxlm.sharding import MESH_AXES
-from jaxlm.engine import Setup
+from jaxlm.core import mesh as mesh_lib
+from jaxlm.core.errors import ConfigError
+from jaxlm.core.sharding import MESH_AXES
+from jaxlm.engine.build import Setup
 
 MESHES = {
     'data=8': dict(data=8),
@@ -73,7 +73,7 @@ def test_mesh_matches_single_device(name, single_device_losses, tmp_path):
 def test_accelerator_code_path_on_a_mesh_matches_single_device(single_device_losses, tmp_path):
   """fsdp x tensor built as GPUs/TPUs build it (autodiff's Dense backward, no XLA:CPU
   options) trains like the CPU-path reference on one device."""
-  from jaxlm import platform  # noqa: PLC0415
+  from jaxlm.core import platform  # noqa: PLC0415
   path, reference = single_device_losses
   cfg = load_config('tiny')
   cfg.data.path = path

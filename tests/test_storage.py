@@ -1,12 +1,12 @@
-"""jaxlm.storage on local paths, and the one-line error when a cloud package is missing.
+"""jaxlm.core.storage on local paths, and the one-line error when a cloud package is missing.
 
 The same functions on gs:// run against a real GCS server in tests/cloud (make test-cloud).
 """
 
 import importlib.util
 
-from jaxlm import storage
-from jaxlm.cli import main
+from jaxlm.cli.main import main
+from jaxlm.core import storage
 
 
 def test_write_atomic_append_and_text_log(tmp_path):

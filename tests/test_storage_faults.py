@@ -3,10 +3,10 @@ is one StorageError line (exit 4), whatever its type."""
 
 import pytest
 
-from jaxlm import lock as lock_lib
-from jaxlm.checkpoint import Checkpointer
-from jaxlm.errors import EXIT_STORAGE, StorageError
-from jaxlm.train import metrics
+from jaxlm.checkpoint.checkpointer import Checkpointer
+from jaxlm.core.errors import EXIT_STORAGE, StorageError
+from jaxlm.run import lock as lock_lib
+from jaxlm.run import metrics
 
 
 class HttpError(Exception):

@@ -1,10 +1,10 @@
-"""jaxlm.targets: Cloud TPU and NVIDIA target names -> device counts, topologies, HBM; the
+"""jaxlm.cli.targets: Cloud TPU and NVIDIA target names -> device counts, topologies, HBM; the
 XLA:CPU fallback says which compiler is missing (the compilers themselves: tests/aot)."""
 
 import pytest
 
-from jaxlm import cli, targets
-from jaxlm.errors import ConfigError
+from jaxlm.cli import main as cli, targets
+from jaxlm.core.errors import ConfigError
 
 
 @pytest.mark.parametrize('name,devices,slices,chips,topology', [

@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from jaxlm import cli, engine
-from jaxlm.checkpoint import Checkpointer
+from jaxlm.checkpoint.checkpointer import Checkpointer
+from jaxlm.cli import main as cli
 from jaxlm.data.pipeline import make_pipeline
-from jaxlm.train.loop import Trainer
+from jaxlm.engine import build as engine
+from jaxlm.run.loop import Trainer
 
 
 def _first(workdir) -> dict:

@@ -1,4 +1,4 @@
-"""A workdir owns its tokenizer (jaxlm.workdir_tokenizer) and its config.json's paths are
+"""A workdir owns its tokenizer (jaxlm.data.workdir_tokenizer) and its config.json's paths are
 absolute: retraining the original tokenizer file in place, or running from another
 directory, changes nothing a later command does."""
 
@@ -6,7 +6,7 @@ import hashlib
 import json
 
 from conftest import load_config
-from jaxlm import cli
+from jaxlm.cli import main as cli
 from jaxlm.data.tokenizers import get_tokenizer
 
 STEPS = ['--config.train.steps=2', '--config.train.progress=False', '--config.eval.every=0',
@@ -70,7 +70,7 @@ def test_workdir_keeps_its_tokenizer_and_absolute_paths(tmp_path, tiny_cfg, monk
 
 
 def test_char_run_keeps_its_alphabet_not_the_text(tmp_path, tiny_cfg):
-  from jaxlm.train.loop import Trainer  # noqa: PLC0415
+  from jaxlm.run.loop import Trainer  # noqa: PLC0415
   cfg = load_config('tiny')
   cfg.data.path, cfg.data.tokenizer, cfg.model.vocab_size = tiny_cfg.data.path, 'char', 128
   cfg.data.add_eos = False  # a char alphabet has no EOS

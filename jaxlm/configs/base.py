@@ -111,11 +111,11 @@ def get_config() -> ml_collections.ConfigDict:
   # in train/skipped_steps); this many skipped steps in a row stop the run with exit code 3.
   t.max_bad_steps = 8
   t.spike_factor = 0.0  # also skip a step whose loss > this x its running mean (0 = off; e.g. 3)
-  # Warm start (jaxlm/warm_start.py): a new run takes its parameters (only: optimizer, schedule
+  # Warm start (jaxlm/engine/warm_start.py): a new run takes its parameters (only: optimizer, schedule
   # and data start fresh) from this jaxlm workdir or Hugging Face model directory ('' = init).
   t.init_from = ''
   t.init_from_step = -1  # checkpoint step of a workdir init_from (-1 = its latest; saved resolved)
-  # Hang watchdog (jaxlm/train/watchdog.py): a step, hook or save running longer than this many
+  # Hang watchdog (jaxlm/run/watchdog.py): a step, hook or save running longer than this many
   # seconds writes every thread's stack and exits 75 (0 = off; -1 = automatic: max(10 x the mean
   # step, 10 min) per step, 3x that for the first steps, evals and saves).
   t.step_timeout = -1.0

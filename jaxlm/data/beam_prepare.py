@@ -36,11 +36,11 @@ import numpy as np
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from jaxlm import storage
+from jaxlm.core import storage
+from jaxlm.core.errors import DataError
 from jaxlm.data import corpus
 from jaxlm.data import prepare as prepare_lib
 from jaxlm.data import store as store_lib
-from jaxlm.errors import DataError
 
 _NAMESPACE = 'jaxlm'
 _ENTRIES = '.beam-entries'  # shard entries written by workers, read by the launcher

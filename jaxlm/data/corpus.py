@@ -13,7 +13,7 @@ naming why a record was dropped:
   no_tokens       text the tokenizer turned into no tokens (counted by `jaxlm prepare`)
 
 Inputs may be on object storage (`gs://bucket/raw/*.parquet`, `s3://...`): they are
-listed and streamed through `jaxlm.storage` (fsspec), never copied whole to disk.
+listed and streamed through `jaxlm.core.storage` (fsspec), never copied whole to disk.
 A local file is a `Path`, a remote one its URI string.
 """
 
@@ -25,8 +25,8 @@ import json
 from pathlib import Path
 from typing import Dict, Iterator, List, Union
 
-from jaxlm import storage
-from jaxlm.errors import DataError
+from jaxlm.core import storage
+from jaxlm.core.errors import DataError
 
 FORMATS = ('text', 'jsonl', 'parquet')
 TEXT_UNITS = ('file', 'line')

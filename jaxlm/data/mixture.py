@@ -23,8 +23,8 @@ from typing import List, Sequence, Tuple
 import grain
 import numpy as np
 
+from jaxlm.core.errors import ConfigError
 from jaxlm.data import packing, sources
-from jaxlm.errors import ConfigError
 
 
 @dataclasses.dataclass

@@ -19,10 +19,10 @@ import logging
 
 import numpy as np
 
-from jaxlm import config as config_lib
-from jaxlm import storage
+from jaxlm.core import config as config_lib
+from jaxlm.core import storage
+from jaxlm.core.errors import DataError
 from jaxlm.data.packing import BATCH_KEYS, batch_from_documents
-from jaxlm.errors import DataError
 
 log = logging.getLogger('jaxlm')
 

@@ -22,9 +22,9 @@ from typing import Dict, List
 import grain
 import numpy as np
 
-from jaxlm import config as config_lib
+from jaxlm.core import config as config_lib
+from jaxlm.core.errors import DataError
 from jaxlm.data import mixture, packing, readahead, sources
-from jaxlm.errors import DataError
 
 Batch = Dict[str, np.ndarray]  # packing.BATCH_KEYS -> [batch, length]
 

@@ -48,11 +48,11 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from absl import flags
 
-from jaxlm import storage
+from jaxlm.core import storage
+from jaxlm.core.errors import ConfigError, DataError
 from jaxlm.data import corpus
 from jaxlm.data import store as store_lib
 from jaxlm.data.tokenizers import get_tokenizer
-from jaxlm.errors import ConfigError, DataError
 
 MANIFEST = store_lib.MANIFEST
 UNIT_CHARS = 1 << 20  # characters per work unit sent to a tokenizer process

@@ -11,8 +11,8 @@ from typing import List
 
 from absl import flags
 
+from jaxlm.core.errors import ConfigError
 from jaxlm.data import prepare
-from jaxlm.errors import ConfigError
 
 
 def define_flags(fv: flags.FlagValues) -> None:

@@ -26,9 +26,10 @@ from typing import Iterable, Iterator, List, Sequence
 
 import numpy as np
 
-from jaxlm import storage, workdir_tokenizer
+from jaxlm.core import storage
+from jaxlm.core.errors import DataError
 from jaxlm.data import store as store_lib
-from jaxlm.errors import DataError
+from jaxlm.data import workdir_tokenizer
 
 # Input bytes read whole into memory at most: a TokenStore costs ~10 bytes of RAM per token
 # while loading (int32 tokens and doc ids plus the text), so ~1 GB at the byte tokenizer.

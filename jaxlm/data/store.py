@@ -21,7 +21,7 @@ without its format; memory per host is the manifest, one small entry per
 shard, the touched index pages and one window at a time.
 
 A store on object storage (data.path='gs://...' or 's3://...') is read in place
-through `jaxlm.storage`: opening reads the manifest and one listing of the
+through `jaxlm.core.storage`: opening reads the manifest and one listing of the
 folder (sizes checked against it), a shard's document index is fetched whole
 on first use (8 bytes per document) and kept in a least-recently-used cache of
 at most `INDEX_CACHE_BYTES`, and a window is one ranged GET of exactly its
@@ -46,8 +46,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from jaxlm import storage
-from jaxlm.errors import DataError
+from jaxlm.core import storage
+from jaxlm.core.errors import DataError
 
 FORMAT = 'jaxlm-token-shards-1'
 INDEX_CACHE_BYTES = 256 << 20  # remote stores: document indexes held per process, at most

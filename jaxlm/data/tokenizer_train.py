@@ -24,9 +24,9 @@ from typing import List, Tuple
 
 from absl import flags
 
+from jaxlm.core.errors import ConfigError, DataError
 from jaxlm.data import corpus
 from jaxlm.data.tokenizers import get_tokenizer
-from jaxlm.errors import ConfigError, DataError
 
 SPECIALS = ('<s>', '</s>', '<pad>')  # BOS, EOS, PAD; ids 0, 1, 2 in BPE
 _KINDS = {'bpe': ('hf', 'tokenizer.json'), 'sentencepiece': ('sentencepiece', 'tokenizer.model')}

@@ -11,14 +11,14 @@ from typing import Optional, Protocol, Sequence, Union
 
 import numpy as np
 
-from jaxlm import workdir_tokenizer
-from jaxlm.errors import DataError
+from jaxlm.core.errors import DataError
+from jaxlm.data import workdir_tokenizer
 
 Ids = Union[np.ndarray, Sequence[int]]
 
 # Names under which HF tokenizer files commonly store their specials, most specific first.
 # GPT-2 style vocabularies use one '<|endoftext|>' for both, so it closes both lists.
-# '<|bos|>' / '<|eos|>' are the specials of a byte-tokenizer run's export (jaxlm.hf_tokenizer).
+# '<|bos|>' / '<|eos|>' are the specials of a byte-tokenizer run's export (jaxlm.hf.tokenizer).
 _HF_BOS_NAMES = ('<|begin_of_text|>', '<s>', '<bos>', '[BOS]', '<|startoftext|>', '<|bos|>',
                  '<|endoftext|>')
 _HF_EOS_NAMES = ('<|end_of_text|>', '</s>', '<eos>', '[EOS]', '<|eos|>', '<|endoftext|>')

@@ -1,6 +1,6 @@
 """Evaluations that run on a trained model: multiple-choice scoring, lm-evaluation-harness."""
 
-from jaxlm.errors import ConfigError
+from jaxlm.core.errors import ConfigError
 
 
 def load_lm_eval():

@@ -20,10 +20,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxlm import sharding
+from jaxlm.core import sharding
+from jaxlm.core.errors import DataError
 from jaxlm.data.packing import batch_from_documents
-from jaxlm.errors import DataError
-from jaxlm.hooks import Hook, HookContext
+from jaxlm.evals.hooks import Hook, HookContext
 from jaxlm.model.loss import sequence_losses
 
 

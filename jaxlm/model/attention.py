@@ -20,11 +20,11 @@ from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from jaxlm import platform
+from jaxlm.core import platform
+from jaxlm.core.sharding import constrain
 from jaxlm.model import kernels as fused
 from jaxlm.model.flash import flash_attention
 from jaxlm.model.layers import Dense, Norm, rope, rope_frequencies
-from jaxlm.sharding import constrain
 
 log = logging.getLogger('jaxlm')
 

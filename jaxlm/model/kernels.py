@@ -18,9 +18,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxlm import platform
-from jaxlm.config import LIBRARY_KERNELS as PLATFORM  # kernel -> the platform it compiles for
-from jaxlm.platform import INTERPRET_ENV  # noqa: F401  (tests and bench set it through here)
+from jaxlm.core import platform
+from jaxlm.core.config import LIBRARY_KERNELS as PLATFORM  # kernel -> the platform it compiles for
+from jaxlm.core.platform import INTERPRET_ENV  # noqa: F401  (tests and bench set it through here)
 
 
 def mode(impl: str) -> str | None:

@@ -1,7 +1,7 @@
 """Building blocks shared by the GPT-2 and Llama variants: dense, norm, MLP, RoPE.
 
 Every parameter is created through ``param_init`` with logical axis names;
-jaxlm.sharding maps those names to the mesh.
+jaxlm.core.sharding maps those names to the mesh.
 """
 
 import functools
@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxlm import platform
-from jaxlm.sharding import constrain
+from jaxlm.core import platform
+from jaxlm.core.sharding import constrain
 
 
 def dtype_of(name: str):

@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxlm.sharding import constrain
+from jaxlm.core.sharding import constrain
 
 
 def token_losses(logits, targets, z_loss: float = 0.0):

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
+from jaxlm.core.sharding import constrain
 from jaxlm.model.layers import Mlp, dtype_of, param_init
-from jaxlm.sharding import constrain
 
 
 class Routing(NamedTuple):

@@ -23,7 +23,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
-from jaxlm.errors import ConfigError
+from jaxlm.core.errors import ConfigError
 
 
 def microbatches(model_cfg, stages: int) -> int:

@@ -11,11 +11,11 @@ import ml_collections
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxlm.core.sharding import constrain
+from jaxlm.model import pipeline
 from jaxlm.model.attention import REMAT_NAMES, Attention, MaskInfo
 from jaxlm.model.layers import Dense, Mlp, Norm, dtype_of, param_init
-from jaxlm.model import pipeline
 from jaxlm.model.moe import MoeMlp
-from jaxlm.sharding import constrain
 
 _REMAT_POLICIES = {
     'full': None,  # save nothing: recompute the whole block in backward

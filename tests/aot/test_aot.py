@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config
-from jaxlm import mesh as mesh_lib
-from jaxlm import plan as plan_lib
-from jaxlm import platform, sharding, targets
+from jaxlm.cli import plan as plan_lib
+from jaxlm.cli import targets
+from jaxlm.core import mesh as mesh_lib
+from jaxlm.core import platform, sharding
 from jaxlm.data.packing import BATCH_KEYS
-from jaxlm.engine import Setup
+from jaxlm.engine.build import Setup
 
 pytestmark = pytest.mark.aot
 

@@ -1,4 +1,4 @@
-"""jaxlm.storage and the workdir lock on s3:// against moto's S3 server on localhost.
+"""jaxlm.core.storage and the workdir lock on s3:// against moto's S3 server on localhost.
 
 Part of make test-cloud. Covers the path layer (config.json, metrics.jsonl, the
 lock's create-if-absent, heartbeat, release) on S3, and a token store prepared into S3
@@ -57,10 +57,10 @@ def s3(tmp_path_factory):
 
 
 def test_config_metrics_and_lock_on_s3(s3, tmp_path, monkeypatch):
-  from jaxlm import config as config_lib  # noqa: PLC0415
-  from jaxlm import lock as lock_lib  # noqa: PLC0415
-  from jaxlm import storage  # noqa: PLC0415
   from jaxlm.configs import tiny  # noqa: PLC0415
+  from jaxlm.core import config as config_lib  # noqa: PLC0415
+  from jaxlm.core import storage  # noqa: PLC0415
+  from jaxlm.run import lock as lock_lib  # noqa: PLC0415
   monkeypatch.chdir(tmp_path)
   work = f'{s3}/run'
   cfg = tiny.get_config()

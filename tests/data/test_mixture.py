@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from _data_cfg import SHAKESPEARE, make_cfg
-from jaxlm import config as config_lib
+from jaxlm.core import config as config_lib
+from jaxlm.core.errors import ConfigError
 from jaxlm.data import mixture
 from jaxlm.data.pipeline import DataPipeline
 from jaxlm.data.prepare import prepare
 from jaxlm.data.tokenizers import ByteTokenizer
-from jaxlm.errors import ConfigError
 
 TOK = ByteTokenizer()
 SEQ = 16

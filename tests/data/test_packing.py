@@ -4,9 +4,9 @@ import pytest
 from _data_cfg import SHAKESPEARE, make_cfg
 from jaxlm.data.packing import (BATCH_KEYS, Windows, doc_starts, num_windows, pack_window,
                                 train_tokens)
+from jaxlm.core.errors import DataError
 from jaxlm.data.sources import TokenStore, load_tokens
 from jaxlm.data.tokenizers import ByteTokenizer
-from jaxlm.errors import DataError
 
 
 def _store(doc_lengths):

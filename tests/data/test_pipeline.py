@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from _data_cfg import make_cfg
+from jaxlm.core.errors import DataError
 from jaxlm.data.packing import BATCH_KEYS
 from jaxlm.data.pipeline import DataPipeline, make_pipeline
 from jaxlm.data.sources import TokenStore
 from jaxlm.data.tokenizers import ByteTokenizer
-from jaxlm.errors import DataError
 
 TOK = ByteTokenizer()
 SEQ = 16

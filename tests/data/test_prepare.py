@@ -10,13 +10,13 @@ import pytest
 
 from _data_cfg import SHAKESPEARE, make_cfg
 from conftest import load_config
-from jaxlm import cli
+from jaxlm.cli import main as cli
+from jaxlm.core.errors import DataError
 from jaxlm.data import prepare as prepare_lib
 from jaxlm.data.pipeline import DataPipeline
 from jaxlm.data.sources import open_tokens
 from jaxlm.data.tokenizers import get_tokenizer
-from jaxlm.errors import DataError
-from jaxlm.train.loop import Trainer
+from jaxlm.run.loop import Trainer
 
 ZH_EN = ['今天天气很好，我们去公园散步吧。', 'Machine learning 是人工智能的一个分支。',
          'The quick brown fox 跳过了 the lazy dog.', '我喜欢读书 and writing code 😀',

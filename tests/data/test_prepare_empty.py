@@ -1,6 +1,6 @@
 """`jaxlm prepare` that yields no document is an error (exit 2) naming the bad records."""
 
-from jaxlm import cli
+from jaxlm.cli import main as cli
 
 
 def test_prepare_with_no_usable_document_exits_2_with_bad_record_counts(tmp_path, capsys):

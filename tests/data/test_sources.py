@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from _data_cfg import make_cfg, write_docs
+from jaxlm.core.errors import DataError
 from jaxlm.data.sources import load_tokens, write_arrayrecord
 from jaxlm.data.tokenizers import ByteTokenizer
-from jaxlm.errors import DataError
 
 TOK = ByteTokenizer()
 DOCS = ['first doc', '第二个文档', 'third']

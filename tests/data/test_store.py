@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from _data_cfg import make_cfg, write_docs
+from jaxlm.core.errors import DataError
 from jaxlm.data import corpus, prepare as prepare_lib, store as store_lib
 from jaxlm.data.packing import doc_starts
 from jaxlm.data.pipeline import DataPipeline
 from jaxlm.data.sources import load_tokens, open_tokens
 from jaxlm.data.tokenizers import ByteTokenizer
-from jaxlm.errors import DataError
 
 TOK = ByteTokenizer()
 # Short and long documents, one of them over the (patched) piece size and without a final

@@ -5,7 +5,7 @@ import types
 import pytest
 
 from _data_cfg import SHAKESPEARE
-from jaxlm import cli
+from jaxlm.cli import main as cli
 from jaxlm.data.tokenizer_train import sample
 from jaxlm.data.tokenizers import get_tokenizer
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from _data_cfg import SHAKESPEARE, make_cfg
+from jaxlm.core.errors import DataError
 from jaxlm.data.tokenizers import ByteTokenizer, get_tokenizer
-from jaxlm.errors import DataError
 
 TEXTS = ['hello, world\n', '中文分词测试：你好，世界！', 'mixed ascii 和 中文 😀 tabs\there', '']
 

@@ -13,13 +13,13 @@ import pytest
 
 pytest.importorskip('lm_eval')
 
-from jaxlm import cli  # noqa: E402
+from jaxlm.cli import main as cli  # noqa: E402
 from jaxlm.data.packing import batch_from_documents  # noqa: E402
 from jaxlm.data.tokenizers import get_tokenizer  # noqa: E402
-from jaxlm.engine import load  # noqa: E402
+from jaxlm.engine.build import load  # noqa: E402
 from jaxlm.evals import lm_eval_adapter as adapter  # noqa: E402
 from jaxlm.evals.multiple_choice import score_choices  # noqa: E402
-from jaxlm.train.loop import Trainer  # noqa: E402
+from jaxlm.run.loop import Trainer  # noqa: E402
 
 FACTS = [('The sky is ', 'blue'), ('Grass is ', 'green'), ('Snow is ', 'white'),
          ('Coal is ', 'black')]

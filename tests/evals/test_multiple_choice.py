@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from jaxlm.core.errors import DataError
 from jaxlm.data.tokenizers import ByteTokenizer
-from jaxlm.errors import DataError
-from jaxlm.engine import Setup
+from jaxlm.engine.build import Setup
 from jaxlm.evals import multiple_choice as mc
-from jaxlm.train.loop import Trainer
+from jaxlm.run.loop import Trainer
 
 BOOST = 5.0  # logit of byte t+1 after byte t; every other logit is 0
 

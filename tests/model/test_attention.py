@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from jaxlm import config as config_lib
-from jaxlm import mesh as mesh_lib
-from jaxlm import sharding
-from jaxlm.errors import ConfigError
+from jaxlm.core import config as config_lib
+from jaxlm.core import mesh as mesh_lib
+from jaxlm.core import sharding
+from jaxlm.core.errors import ConfigError
 from jaxlm.model import attention, kernels
 from jaxlm.model.attention import MaskInfo, attend, chunked_attention, xla_attention
 

@@ -8,12 +8,12 @@ import pytest
 from flax import linen as nn
 
 from conftest import load_config
-from jaxlm import mesh as mesh_lib
-from jaxlm import sharding
-from jaxlm.engine import Setup
+from jaxlm.core import mesh as mesh_lib
+from jaxlm.core import sharding
+from jaxlm.engine.build import Setup
 from jaxlm.model.loss import chunked_losses, head_losses, num_chunks
 from jaxlm.model.transformer import build_model
-from jaxlm.train.step import loss_sums
+from jaxlm.optim.step import loss_sums
 
 LLAMA = dict(position='rope', norm='rmsnorm', activation='swiglu', use_bias=False,
              tie_embeddings=False, n_kv_heads=2)

@@ -140,7 +140,7 @@ def test_moe_every_places_moe_blocks_and_scan_matches_loop():
 
 
 def test_kv_cache_generation_matches_recompute():
-  from jaxlm.generate import generate  # noqa: PLC0415
+  from jaxlm.engine.generate import generate  # noqa: PLC0415
   model, params = _moe_model()
   prompt = [5, 17, 42, 9]
   out = list(generate(model, params, [prompt], max_new_tokens=6, temperature=0.0)[0])
@@ -156,7 +156,7 @@ def test_expert_parallel_layer_matches_no_mesh(batch, capacity_factor):
   expert shard runs its own experts on it and the shards' outputs are summed. Capacity
   buffers are per token shard, so only a capacity that drops nothing matches one device."""
   import ml_collections  # noqa: PLC0415
-  from jaxlm import mesh as mesh_lib, sharding  # noqa: PLC0415
+  from jaxlm.core import mesh as mesh_lib, sharding  # noqa: PLC0415
   cfg = load_config('tiny_moe')
   cfg.mesh.data, cfg.mesh.expert, cfg.mesh.fsdp = 1, 4, 2
   cfg.model.moe_capacity_factor = capacity_factor

@@ -8,12 +8,14 @@ import pytest
 from flax import linen as nn
 
 from conftest import SHAKESPEARE, load_config, train_and_collect
-from jaxlm import collectives, engine, sharding
-from jaxlm import mesh as mesh_lib
-from jaxlm.errors import ConfigError
+from jaxlm.cli import collectives
+from jaxlm.core import mesh as mesh_lib
+from jaxlm.core import sharding
+from jaxlm.core.errors import ConfigError
+from jaxlm.engine import build as engine
 from jaxlm.model import pipeline
 from jaxlm.model.transformer import build_model
-from jaxlm.train.step import objective_sums
+from jaxlm.optim.step import objective_sums
 
 STEPS = 4
 # name: (mesh fields, model fields)
@@ -238,7 +240,7 @@ def test_bad_pipeline_configs_are_one_line(corpus):
 
 
 def test_plan_prints_the_bubble_and_collective_permute_bytes(capsys):
-  from jaxlm import cli  # noqa: PLC0415
+  from jaxlm.cli import main as cli  # noqa: PLC0415
   assert cli.main(['plan', '--config=tiny', '--config.model.n_layers=4', '--config.mesh.pipeline=2',
                    '--config.mesh.fsdp=2', '--config.model.pipeline_repeats=2',
                    '--config.model.pipeline_microbatches=4', '--config.train.batch_size=16',

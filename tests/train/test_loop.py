@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm.checkpoint import Checkpointer
-from jaxlm.hooks import Hook
-from jaxlm.train.loop import Trainer
+from jaxlm.checkpoint.checkpointer import Checkpointer
+from jaxlm.evals.hooks import Hook
+from jaxlm.run.loop import Trainer
 
 
 def _losses(workdir):
@@ -110,7 +110,7 @@ def test_user_hook_metric_reaches_metrics_jsonl(tiny_cfg, tmp_path, monkeypatch)
 def test_preemption_sync_failure_is_logged_once(monkeypatch, caplog):
   from jax.experimental import multihost_utils  # noqa: PLC0415
 
-  from jaxlm.train import loop  # noqa: PLC0415
+  from jaxlm.run import loop  # noqa: PLC0415
 
   def unavailable(step):
     raise RuntimeError('Preemption sync manager has not been initialized.')

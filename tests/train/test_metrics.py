@@ -1,4 +1,4 @@
-"""FLOP accounting and peak FLOP/s: jaxlm.train.metrics against hand counts and the table."""
+"""FLOP accounting and peak FLOP/s: jaxlm.run.metrics against hand counts and the table."""
 
 import json
 import types
@@ -6,10 +6,10 @@ import types
 import jax
 import pytest
 
-from jaxlm.mesh import make_mesh
+from jaxlm.core.mesh import make_mesh
+from jaxlm.engine.build import Setup
 from jaxlm.model.transformer import build_model, param_count
-from jaxlm.train import metrics
-from jaxlm.engine import Setup
+from jaxlm.run import metrics
 from tests.conftest import load_config
 
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from jaxlm.errors import ConfigError
-from jaxlm.hooks import Hook
-from jaxlm.train.loop import Trainer
-from jaxlm.train.optimizer import resume_horizon, schedule
+from jaxlm.core.errors import ConfigError
+from jaxlm.evals.hooks import Hook
+from jaxlm.optim.optimizer import resume_horizon, schedule
+from jaxlm.run.loop import Trainer
 
 
 def _optim(**kw):

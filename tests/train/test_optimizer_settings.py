@@ -9,7 +9,7 @@ import numpy as np
 import optax
 
 from conftest import load_config
-from jaxlm.train.optimizer import decay_mask, make_optimizer, schedule
+from jaxlm.optim.optimizer import decay_mask, make_optimizer, schedule
 
 
 def _optim(**kw):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import termios
 
-from jaxlm.train import progress
+from jaxlm.run import progress
 
 LINE = re.compile(r'jaxlm: step (\d+)/12 \| loss [\d.]+ \| lr [\d.e+-]+ \| grad norm [\d.]+ \| '
                   r'(tokens/s [\d,]+ \| MFU [\d.]+%|tokens/s - \(compile\) \| MFU -) \| '

@@ -10,13 +10,14 @@ import pytest
 from flax import linen as nn
 
 from conftest import load_config
-from jaxlm.checkpoint import Checkpointer
+from jaxlm.checkpoint.checkpointer import Checkpointer
+from jaxlm.core.mesh import make_mesh
+from jaxlm.core.tree import all_finite
 from jaxlm.data.pipeline import make_pipeline
-from jaxlm.engine import Setup
-from jaxlm.mesh import make_mesh
+from jaxlm.engine.build import Setup
 from jaxlm.model.transformer import build_model
-from jaxlm.train.loop import Trainer
-from jaxlm.train.step import all_finite, objective_sums
+from jaxlm.optim.step import objective_sums
+from jaxlm.run.loop import Trainer
 
 
 

@@ -3,7 +3,7 @@
 import threading
 import time
 
-from jaxlm.train import watchdog
+from jaxlm.run import watchdog
 
 
 def _blocked_hook(event):

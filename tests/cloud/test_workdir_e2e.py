@@ -70,7 +70,7 @@ def _run(env, cwd, argv, timeout=600):
 
 
 def _losses(env, workdir) -> dict[int, float]:
-  code = ('import json, sys; from jaxlm import storage\n'
+  code = ('import json, sys; from jaxlm.core import storage\n'
           'print(json.dumps(storage.read_text(storage.join(sys.argv[1], "metrics.jsonl"))))')
   out = subprocess.run([sys.executable, '-c', code, workdir], env=env, capture_output=True,
                        text=True, check=True).stdout

@@ -1,5 +1,6 @@
 """Peer heartbeats: a silent peer, and one that leaves with a reason, end the others boundedly."""
 
+import json
 import socket
 import time
 
@@ -59,3 +60,22 @@ def test_the_exit_line_names_the_last_committed_step(tmp_path):
     (d / name).mkdir(parents=True)
   assert peers.describe_committed(str(d)) == f'step 10 in {d}'
   assert peers.describe_committed(str(tmp_path / 'none')).startswith('unknown')
+
+
+def test_after_a_gloo_abort_the_supervisor_names_only_the_peer_that_is_silent():
+  """Process 0's child was aborted; process 1 lives on (its watch runs), process 2 is dead."""
+  socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+  for s in socks:
+    s.bind(('127.0.0.1', 0))
+  table = [('127.0.0.1', s.getsockname()[1], f'host{i}') for i, s in enumerate(socks)]
+  socks[0].close()  # the aborted child's port, free for its supervisor
+  socks[2].close()
+  lost = []
+  alive = peers.PeerWatch(1, table, socks[1], 30, interval=0.05, on_lost=lost.append).start()
+  t0 = time.monotonic()
+  silent, waited = peers.find_silent(json.dumps([0, 0.1, table]))
+  assert silent == ['process 2 (host host2)']
+  assert 1.0 <= waited < 2.0 and time.monotonic() - t0 < 2.5
+  _wait(lambda: lost, 2)  # the supervisor's goodbye ends the live peer at once
+  assert lost and lost[0].startswith('process 0 (host host0) stopped: it was ended by jax')
+  alive.stop()

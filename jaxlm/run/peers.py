@@ -24,6 +24,7 @@ not already pass for jax's own traffic (UDP on an ephemeral port, or
 
 import atexit
 import faulthandler
+import json
 import logging
 import os
 import re
@@ -50,10 +51,15 @@ def watch_checkpoints(directory: str) -> None:
   """Names ``directory``'s last committed step in a fault's exit line (here and in the parent)."""
   global _checkpoints
   _checkpoints = directory
-  fd = os.environ.get(STATUS_FD)  # jaxlm.run.supervise's pipe: it names the step if we abort
+  _report(f'committed {directory}')
+
+
+def _report(line: str) -> None:
+  """One line to jaxlm.run.supervise's status pipe: it names what we knew if we abort."""
+  fd = os.environ.get(STATUS_FD)
   if fd:
     try:
-      os.write(int(fd), f'committed {directory}\n'.encode())
+      os.write(int(fd), f'{line}\n'.encode())
     except OSError:
       pass
 
@@ -214,6 +220,44 @@ def collective_failed(exc: BaseException) -> None:
   exit_now(f'a collective with the other processes failed ({first[:300]})')
 
 
+def find_silent(report: str) -> tuple[list[str], float]:
+  """Which peers are gone, learnt after this process's child was aborted by jax/gloo.
+
+  ``report`` is what the child's PeerWatch put on the status pipe (see start()).
+  gloo aborts a survivor milliseconds after a peer's socket closes, long before
+  the watch could tell the dead peer from a slow one, so the supervisor takes
+  over the child's port for a few heartbeat intervals: peers still alive (or
+  whose supervisors do the same) are heard, the others are named. Then it says
+  'bye' so live peers end at once instead of waiting for their timeout.
+  """
+  me, interval, peers = json.loads(report)
+  others = {i for i in range(len(peers)) if i != me}
+  heard: set[int] = set()
+  window = 3 * interval + 1.0
+  with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      sock.bind(('0.0.0.0', peers[me][1]))
+    except OSError:
+      return [], 0.0
+    watch = PeerWatch(me, peers, sock, window, interval, on_lost=lambda line: None)
+    end, next_beat = time.monotonic() + window, 0.0
+    while time.monotonic() < end and heard != others:
+      if time.monotonic() >= next_beat:
+        watch._send(f'hb {me}')
+        next_beat = time.monotonic() + interval
+      sock.settimeout(max(0.01, min(end, next_beat) - time.monotonic()))
+      try:
+        data, _ = sock.recvfrom(2048)
+      except (TimeoutError, socket.timeout):
+        continue
+      sender = data.decode(errors='replace').split(' ')[1:2]
+      if sender and sender[0].isdigit() and int(sender[0]) in others:
+        heard.add(int(sender[0]))
+    watch._send(f'bye {me} it was ended by jax.distributed/gloo after losing a peer')
+  return [watch._name(i) for i in sorted(others - heard)], window
+
+
 def _own_ip(coordinator: str) -> str:
   """The address peers reach this host at: the one that routes to the coordinator."""
   host = coordinator.rsplit(':', 1)[0].strip('[]') if coordinator else ''
@@ -253,6 +297,7 @@ def start(timeout: float, coordinator: str = '') -> PeerWatch | None:
   peers = [('.'.join(str(int(x)) for x in r[:4]), int(r[4]),
             bytes(int(b) for b in r[6:6 + int(r[5])]).decode(errors='replace')) for r in rows]
   _watch = PeerWatch(jax.process_index(), peers, sock, timeout).start()
+  _report(f'peers {json.dumps([_watch.process_id, _watch.interval, peers])}')
   # Leaving without finished() (an error line, a crash) ends the peers too: they would wait
   # for us in the next collective.
   atexit.register(lambda: _watch.leave('' if _finished else 'it exited before finishing'))

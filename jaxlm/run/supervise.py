@@ -64,7 +64,7 @@ def run(argv: list[str]) -> int:
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda s, _: child.send_signal(s))
   held: list[tuple[float, bytes]] = []
-  directory = None
+  directory = peer_report = None
   err, status = child.stderr.fileno(), read_status
   buf = {err: b'', status: b''}
   out = sys.stderr.buffer
@@ -83,6 +83,8 @@ def run(argv: list[str]) -> int:
           text = line.decode(errors='replace').strip()
           if text.startswith('committed '):
             directory = text[len('committed '):]
+          elif text.startswith('peers '):
+            peer_report = text[len('peers '):]
         elif not debug and (_NATIVE.match(line.decode(errors='replace')) or
                             (held and line.startswith((b' ', b'\t')))):
           held.append((time.monotonic(), line))
@@ -101,11 +103,16 @@ def run(argv: list[str]) -> int:
                   if l.startswith(('F', 'terminate', '  what')) and _LOST.search(l)), '')
     committed = peers.describe_committed(directory)
     why = re.sub(r'^[IWEF]\d{4} \S+\s+\d+ \S+\] ', '', fatal).strip()
-    why = why.split('. ')[0]  # jax's advice after it (see other logs) does not apply
-    print(f'jaxlm: error: this process (pid {child.pid}) was ended by jax.distributed/gloo after '
-          f"losing another process or the coordinator (process 0): {why[:240] or 'aborted'}; "
-          f'last committed checkpoint: {committed}; rerun every process to resume',
-          file=sys.stderr)
+    why = why.split('. ')[0][:240] or 'aborted'  # jax's advice after it does not apply
+    silent, waited = peers.find_silent(peer_report) if peer_report else ([], 0.0)
+    if silent:
+      lost = (f"{', '.join(silent)} stopped responding: no heartbeat for {waited:.0f} s after "
+              f'jax.distributed/gloo ended this process (pid {child.pid}): {why}')
+    else:
+      lost = (f'this process (pid {child.pid}) was ended by jax.distributed/gloo after losing '
+              f'another process or the coordinator (process 0): {why}')
+    print(f'jaxlm: error: {lost}; last committed checkpoint: {committed}; '
+          'rerun every process to resume', file=sys.stderr)
     return EXIT_PREEMPTED
   out.write(native)
   out.flush()

@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from jaxlm.core import sharding, storage
 from jaxlm.core.errors import (CheckpointError, ConfigError, DivergedError, JaxlmError, StorageError,
                           fault_reason)
-from jaxlm.core.tree import all_finite
+from jaxlm.core.tree import all_finite, key_name
 
 log = logging.getLogger('jaxlm')
 BEST_METRIC = 'eval/loss'
@@ -195,10 +195,10 @@ class Checkpointer:
     """Names the first parameter whose shape in the saved ``tree`` differs from the model's."""
     if tree is None:
       return
-    saved = {leaf_name(p): getattr(v, 'shape', None)
+    saved = {key_name(p): getattr(v, 'shape', None)
              for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
     for p, v in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
-      key = leaf_name(p)
+      key = key_name(p)
       if key in saved and saved[key] is not None and tuple(saved[key]) != tuple(v.shape):
         raise CheckpointError(
             f'checkpoint step {step} in {directory}: parameter {key} has shape '
@@ -416,11 +416,6 @@ def _save_args(state, data_state: dict | None):
 
 def _exists(directory: str) -> bool:
   return storage.path(directory).is_dir()
-
-
-def leaf_name(path) -> str:
-  """'params/layers/mlp/down/kernel' for a pytree key path (dict, attr or index keys)."""
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
 
 
 def _restore_arg(x):

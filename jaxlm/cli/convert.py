@@ -28,10 +28,11 @@ import jax.numpy as jnp
 from absl import flags
 
 from jaxlm.checkpoint import param_store
-from jaxlm.checkpoint.checkpointer import Checkpointer, leaf_name
+from jaxlm.checkpoint.checkpointer import Checkpointer
 from jaxlm.core import config as config_lib
 from jaxlm.core import mesh as mesh_lib
 from jaxlm.core import storage
+from jaxlm.core.tree import key_name
 from jaxlm.data import workdir_tokenizer
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.hf import weights as hf, tokenizer as hf_tokenizer, writer as hf_writer
@@ -112,7 +113,7 @@ def import_hf(hf_dir: str, workdir: str, data_path: str = '', param_dtype: str =
   config_lib.validate(cfg, need_data=False)
   setup = Setup(cfg)
   check_placeable(setup)
-  want = {leaf_name(p): a for p, a in jax.tree_util.tree_flatten_with_path(
+  want = {key_name(p): a for p, a in jax.tree_util.tree_flatten_with_path(
       setup.abstract_state.params)[0]}
   leaves = _checked_leaves(tensors, cfg.model, want)
   tokenizer_copy = workdir_tokenizer.plan(cfg, workdir, get_tokenizer(cfg.data)) \

@@ -14,6 +14,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlm.core.errors import ConfigError
+from jaxlm.core.tree import key_name
 
 # Mesh axes, outermost first. DCN (across slices/hosts) axes are folded into
 # 'pipeline', 'data' and 'fsdp' by jaxlm.core.mesh, so rules only ever name these six.
@@ -151,8 +152,7 @@ def indivisible(tree) -> str | None:
       for a in axes:
         size *= s.mesh.shape[a]
       if size > 1 and n % size:
-        name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
         where = ' x '.join(f"mesh.{a}={s.mesh.shape[a]}" for a in axes)
-        return (f'parameter {name} of shape {tuple(x.shape)}: dimension {dim} ({n}) does not '
-                f'divide over {where}')
+        return (f'parameter {key_name(path)} of shape {tuple(x.shape)}: dimension {dim} ({n}) '
+                f'does not divide over {where}')
   return None

@@ -16,12 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxlm.checkpoint.checkpointer import Checkpointer, leaf_name
+from jaxlm.checkpoint.checkpointer import Checkpointer
 from jaxlm.configs import base as base_config
 from jaxlm.core import config as config_lib
 from jaxlm.core import mesh as mesh_lib
 from jaxlm.core import platform, sharding, storage
 from jaxlm.core.errors import CheckpointError, ConfigError
+from jaxlm.core.tree import key_name
 from jaxlm.data.packing import BATCH_KEYS
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.engine.generate import generate
@@ -192,9 +193,9 @@ def check_placeable(setup) -> None:
 
 def device_params(setup, np_params):
   """numpy params -> arrays sharded like ``setup.abstract_state.params``, checked by name."""
-  want = {leaf_name(p): a for p, a in jax.tree_util.tree_flatten_with_path(
+  want = {key_name(p): a for p, a in jax.tree_util.tree_flatten_with_path(
       setup.abstract_state.params)[0]}
-  got = {leaf_name(p): a for p, a in jax.tree_util.tree_flatten_with_path(np_params)[0]}
+  got = {key_name(p): a for p, a in jax.tree_util.tree_flatten_with_path(np_params)[0]}
   if set(want) != set(got):
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     raise CheckpointError(f'converted parameters do not match the model: missing {missing[:3]}, '

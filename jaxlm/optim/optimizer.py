@@ -6,6 +6,7 @@ import numpy as np
 import optax
 
 from jaxlm.core.errors import ConfigError
+from jaxlm.core.tree import key_name
 
 
 def horizon(cfg) -> int:
@@ -69,15 +70,11 @@ def schedule(o, steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warm), decay], [warm])
 
 
-def _path_name(path) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
-
-
 def decay_mask(params, exclude: str):
   """True for parameters that get weight decay: all but those whose path has an excluded part."""
   words = [w.strip() for w in exclude.split(',') if w.strip()]
   return jax.tree_util.tree_map_with_path(
-      lambda p, _: not any(w in _path_name(p) for w in words), params)
+      lambda p, _: not any(w in key_name(p) for w in words), params)
 
 
 def make_optimizer(o, steps: int) -> optax.GradientTransformation:

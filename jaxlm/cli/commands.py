@@ -5,13 +5,13 @@ import math
 
 import jax
 
-from jaxlm.checkpoint.checkpointer import Checkpointer
+from jaxlm.checkpoint.checkpointer import restore_params
 from jaxlm.cli import plan as plan_lib
 from jaxlm.cli import targets
 from jaxlm.core import config as config_lib
 from jaxlm.core import mesh as mesh_lib
 from jaxlm.core import storage
-from jaxlm.core.errors import EXIT_OK, EXIT_PREEMPTED, CheckpointError, ConfigError
+from jaxlm.core.errors import EXIT_OK, EXIT_PREEMPTED, ConfigError
 from jaxlm.data.pipeline import make_pipeline
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.engine.build import Setup
@@ -61,12 +61,8 @@ def _saved_run(fv):
   runtime.initialize()
   cfg = fv.config if fv.config is not None else config_lib.load_saved(workdir)
   setup = Setup(cfg, mesh_lib.fit_to_host(cfg))
-  with Checkpointer(workdir, cfg.checkpoint, read_only=True) as ckpt:
-    step = fv.restore_step if fv.restore_step is not None else ckpt.latest_step()
-    if step is None:
-      raise CheckpointError(f"no checkpoint in '{ckpt.directory}' (train first)")
-    # Params only: eval and generate need no optimizer state (an HF import has none).
-    params, _ = ckpt.restore(step, setup.abstract_state, params_only=True)
+  # Params only: eval and generate need no optimizer state (an HF import has none).
+  params, step = restore_params(workdir, cfg.checkpoint, setup.abstract_state, fv.restore_step)
   return cfg, setup, params, step
 
 

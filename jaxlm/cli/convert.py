@@ -32,7 +32,7 @@ from jaxlm.checkpoint.checkpointer import Checkpointer
 from jaxlm.core import config as config_lib
 from jaxlm.core import mesh as mesh_lib
 from jaxlm.core import storage
-from jaxlm.core.tree import key_name
+from jaxlm.core.tree import misfits, shapes as tree_shapes
 from jaxlm.data import workdir_tokenizer
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.hf import weights as hf, tokenizer as hf_tokenizer, writer as hf_writer
@@ -113,9 +113,7 @@ def import_hf(hf_dir: str, workdir: str, data_path: str = '', param_dtype: str =
   config_lib.validate(cfg, need_data=False)
   setup = Setup(cfg)
   check_placeable(setup)
-  want = {key_name(p): a for p, a in jax.tree_util.tree_flatten_with_path(
-      setup.abstract_state.params)[0]}
-  leaves = _checked_leaves(tensors, cfg.model, want)
+  leaves = _checked_leaves(tensors, cfg.model, tree_shapes(setup.abstract_state.params))
   tokenizer_copy = workdir_tokenizer.plan(cfg, workdir, get_tokenizer(cfg.data)) \
       if cfg.data.tokenizer != 'byte' else None
   # Absolute: Orbax refuses a relative destination.
@@ -161,13 +159,13 @@ def _checked_leaves(tensors, m, want: dict) -> list:
   """[(path, hf.Leaf)] for every parameter, checked against the model's names and
   shapes before anything is written."""
   leaves = list(hf.param_leaves(tensors, m))
-  for path, leaf in leaves:
-    a = want.get('/'.join(path))
-    if a is None or leaf.shape != tuple(a.shape):
-      raise CheckpointError(f"converted parameter {'/'.join(path)} has shape {leaf.shape}, "
-                            f'the model expects '
-                            f'{"no such parameter" if a is None else tuple(a.shape)}')
-  missing = set(want) - {'/'.join(p) for p, _ in leaves}
+  got = {'/'.join(path): leaf.shape for path, leaf in leaves}
+  bad = misfits(want, got)
+  if bad:
+    name, shape, expected = bad[0]
+    raise CheckpointError(f'converted parameter {name} has shape {shape}, the model expects '
+                          f'{"no such parameter" if expected is None else expected}')
+  missing = set(want) - set(got)
   if missing:
     raise CheckpointError(f'converted parameters do not match the model: missing '
                           f'{sorted(missing)[:3]}')
@@ -197,14 +195,11 @@ def export_hf(workdir: str, out_dir: str, restore_step: int | None = None,
   if not 0 < vocab <= m.vocab_size:
     raise ConfigError(f'--vocab_size={vocab} must be in [1, model.vocab_size={m.vocab_size}]')
   with Checkpointer(workdir, cfg.checkpoint, read_only=True) as ckpt:
-    step = restore_step if restore_step is not None else ckpt.latest_step()
-    if step is None:
-      raise CheckpointError(f"no checkpoint in '{ckpt.directory}' (train first)")
+    step = ckpt.require_step(restore_step)
     step_dir = ckpt.step_dir(step)
   if jax.process_index() == 0:
-    shapes = {tuple(k.key for k in p): tuple(a.shape) for p, a in
-              jax.tree_util.tree_flatten_with_path(Setup(cfg, mesh_lib.fit_to_host(cfg))
-                                                   .abstract_state.params)[0]}
+    params = Setup(cfg, mesh_lib.fit_to_host(cfg)).abstract_state.params
+    shapes = {tuple(k.split('/')): s for k, s in tree_shapes(params).items()}
     with hf_writer.ShardedWriter(out_dir, limit) as out:
       for name, tensor in _hf_tensors(step_dir, m, vocab, shapes):
         out.add(name, tensor)

@@ -16,13 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxlm.checkpoint.checkpointer import Checkpointer
+from jaxlm.checkpoint.checkpointer import restore_params
 from jaxlm.configs import base as base_config
 from jaxlm.core import config as config_lib
 from jaxlm.core import mesh as mesh_lib
 from jaxlm.core import platform, sharding, storage
 from jaxlm.core.errors import CheckpointError, ConfigError
-from jaxlm.core.tree import key_name
+from jaxlm.core.tree import misfits, shapes
 from jaxlm.data.packing import BATCH_KEYS
 from jaxlm.data.tokenizers import get_tokenizer
 from jaxlm.engine.generate import generate
@@ -193,17 +193,16 @@ def check_placeable(setup) -> None:
 
 def device_params(setup, np_params):
   """numpy params -> arrays sharded like ``setup.abstract_state.params``, checked by name."""
-  want = {key_name(p): a for p, a in jax.tree_util.tree_flatten_with_path(
-      setup.abstract_state.params)[0]}
-  got = {key_name(p): a for p, a in jax.tree_util.tree_flatten_with_path(np_params)[0]}
-  if set(want) != set(got):
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+  want, got = shapes(setup.abstract_state.params), shapes(np_params)
+  bad = misfits(want, got)
+  missing, extra = sorted(set(want) - set(got)), sorted(k for k, _, w in bad if w is None)
+  if missing or extra:
     raise CheckpointError(f'converted parameters do not match the model: missing {missing[:3]}, '
                           f'unexpected {extra[:3]}')
-  for k, a in want.items():
-    if tuple(got[k].shape) != tuple(a.shape):
-      raise CheckpointError(f'converted parameter {k} has shape {tuple(got[k].shape)}, '
-                            f'the model expects {tuple(a.shape)}')
+  if bad:
+    k, shape, expected = bad[0]
+    raise CheckpointError(f'converted parameter {k} has shape {shape}, '
+                          f'the model expects {expected}')
   check_placeable(setup)
   return jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding),
                       np_params, setup.abstract_state.params)
@@ -248,11 +247,7 @@ def load(path: str, restore_step: int | None = None, mesh_overrides: dict | None
   setup = Setup(cfg, mesh)
   if hf_tensors is not None:
     return Loaded(cfg, setup, device_params(setup, hf.to_params(hf_tensors, cfg.model)), 0)
-  with Checkpointer(path, cfg.checkpoint, read_only=True) as ckpt:
-    step = restore_step if restore_step is not None else ckpt.latest_step()
-    if step is None:
-      raise CheckpointError(f"no checkpoint in '{ckpt.directory}' (train first)")
-    params, _ = ckpt.restore(step, setup.abstract_state, params_only=True)
+  params, step = restore_params(path, cfg.checkpoint, setup.abstract_state, restore_step)
   return Loaded(cfg, setup, params, step)
 
 

@@ -165,7 +165,7 @@ class Trainer:
   def _with_horizon(self, ckpt: Checkpointer):
     """The config with optim.decay_steps set to the horizon this run uses (saved in config.json)."""
     cfg = self.cfg.copy_and_resolve_references()
-    step = self.restore_step if self.restore_step is not None else ckpt.latest_step()
+    step = ckpt.pick_step(self.restore_step)
     saved = None
     if step and storage.path(self.workdir).joinpath('config.json').exists():
       old = config_lib.load_saved(self.workdir)
@@ -317,7 +317,7 @@ class Trainer:
         'rerun to resume from it')
 
   def _restore_or_init(self, setup: Setup, ckpt: Checkpointer, it) -> int:
-    step = self.restore_step if self.restore_step is not None else ckpt.latest_step()
+    step = ckpt.pick_step(self.restore_step)
     if step is None and self.cfg.train.init_from:
       self._state = setup.state_from_params(warm_start.params(setup, self.cfg))
       return 0

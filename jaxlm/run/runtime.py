@@ -22,6 +22,8 @@ import sys
 
 import jax
 
+from jaxlm.checkpoint import quiet
+
 log = logging.getLogger('jaxlm')
 _initialized = False
 
@@ -47,6 +49,7 @@ def setup_logging() -> None:
     log.propagate = False
   # Orbax and absl are chatty at INFO; keep the console for the user's run.
   logging.getLogger('absl').setLevel(logging.WARNING)
+  quiet.quiet_orbax_errors()  # a failed save is the one line the CLI prints
 
 
 def initialize(coordinator_address: str = '', num_processes: int = 0, process_id: int = -1,

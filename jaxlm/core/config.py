@@ -11,12 +11,17 @@ import ml_collections
 from jaxlm.core import storage
 from jaxlm.core.errors import ConfigError
 
+# jax's library attention kernels (jaxlm/model/kernels.py) and where each compiles natively;
+# only splash can split the sequence, and those in NO_WINDOW have no sliding window.
+LIBRARY_KERNELS = {'splash': 'tpu', 'pallas_gpu': 'gpu', 'cudnn': 'gpu'}
+NO_WINDOW = ('pallas_gpu',)
+
 CHOICES = {
     'model.norm': ('layernorm', 'rmsnorm'),
     'model.activation': ('gelu', 'gelu_exact', 'swiglu'),
     'model.position': ('learned', 'rope'),
     'model.rope_scaling': ('', 'llama3'),
-    'model.attention': ('xla', 'chunked', 'splash', 'pallas_gpu', 'cudnn'),
+    'model.attention': ('xla', 'chunked', *LIBRARY_KERNELS),
     'model.remat': ('none', 'full', 'dots', 'minimal'),
     'model.param_dtype': ('float32', 'bfloat16', 'float16'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
@@ -25,11 +30,6 @@ CHOICES = {
     'optim.schedule': ('cosine', 'linear', 'constant', 'wsd'),
     'optim.mu_dtype': ('', 'float32', 'bfloat16'),
 }
-
-# jax's library attention kernels (jaxlm/model/kernels.py) and where each compiles natively;
-# only splash can split the sequence, and those in NO_WINDOW have no sliding window.
-LIBRARY_KERNELS = {'splash': 'tpu', 'pallas_gpu': 'gpu', 'cudnn': 'gpu'}
-NO_WINDOW = ('pallas_gpu',)
 
 # Keys that may change when resuming a run in an existing workdir: they alter
 # how the run is observed or laid out, not what it computes. (train.steps and

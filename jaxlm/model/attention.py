@@ -21,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from jaxlm.core import platform
+from jaxlm.core.config import CHOICES, LIBRARY_KERNELS
 from jaxlm.core.sharding import constrain
 from jaxlm.model import kernels as fused
 from jaxlm.model.flash import flash_attention
@@ -74,7 +75,7 @@ def chunked_attention(q, k, v, m: MaskInfo, chunk: int = 512, window: int = 0) -
   return flash_attention(q, k, v, m, chunk, window)
 
 
-KERNELS = ('xla', 'chunked', *fused.KERNELS)
+KERNELS = CHOICES['model.attention']  # the list is written once, in jaxlm.core.config
 
 
 def _resolve(impl: str, decode: bool) -> tuple[str, bool]:
@@ -92,7 +93,7 @@ def _resolve(impl: str, decode: bool) -> tuple[str, bool]:
     if impl not in _warned:
       _warned.add(impl)
       log.warning("attention '%s' runs only on %s (this step is built for %s; %s=1 interprets "
-                  "Pallas kernels): using 'chunked' instead", impl, fused.PLATFORM[impl].upper(),
+                  "Pallas kernels): using 'chunked' instead", impl, LIBRARY_KERNELS[impl].upper(),
                   platform.current(), fused.INTERPRET_ENV)
     return 'chunked', False
   return impl, how == 'interpret'

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.core import platform
-from jaxlm.core.config import LIBRARY_KERNELS as PLATFORM  # kernel -> the platform it compiles for
 from jaxlm.core.platform import INTERPRET_ENV  # noqa: F401  (tests and bench set it through here)
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.core.sharding import constrain
+from jaxlm.model import head
 
 
 def token_losses(logits, targets, z_loss: float = 0.0):
@@ -83,9 +84,6 @@ def chunked_losses(head, x, targets, mask, z_loss: float = 0.0, chunk: int = 0,
   return total
 
 
-_NEG = -1e30  # logits of padding vocab rows (finite, as in Transformer.logits)
-
-
 def _vocab_split(n: int, a):
   """[..., vocab] -> [n, ..., vocab / n]: tile k holds vocab ids k, k + n, k + 2n, ...
 
@@ -102,9 +100,7 @@ def _tile_logits(xc, w, k, n_v, vocab_used, dtype):
   ids = jnp.arange(w.shape[-1], dtype=jnp.int32) * n_v + k
   logits = jax.lax.dot_general(xc.astype(dtype), w.astype(dtype), (((2,), (0,)), ((), ())))
   logits = constrain(logits.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))
-  if vocab_used:
-    logits = jnp.where(ids < vocab_used, logits, _NEG)
-  return logits, ids
+  return head.mask_padding(logits, ids, vocab_used), ids
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
@@ -213,12 +209,10 @@ def model_losses(model, params, x, targets, mask, z_loss: float = 0.0, count_mis
     # Unchunked positions: autodiff keeps the [batch, length, vocab] logits for the
     # backward pass rather than recomputing them (a second head matmul: ~10% of a
     # GPT-2 small step), as loss_chunk >= length asks.
-    head = lambda h: model.apply({'params': params}, h, method='logits')
-    return chunked_losses(head, x, targets, mask, z_loss, c.get('loss_chunk', 0), count_misses)
-  kernel = (params['embed']['embedding'].T if c.tie_embeddings else params['head']['kernel'])
-  vocab_used = c.vocab_used if 0 < c.vocab_used < c.vocab_size else 0
-  return head_losses(x, kernel, targets, mask, float(z_loss), n_pos,
-                     num_chunks(c.vocab_size, c.get('loss_vocab_chunk', 0)), vocab_used,
+    logits_of = lambda h: model.apply({'params': params}, h, method='logits')
+    return chunked_losses(logits_of, x, targets, mask, z_loss, c.get('loss_chunk', 0), count_misses)
+  return head_losses(x, head.kernel(params, c), targets, mask, float(z_loss), n_pos,
+                     num_chunks(c.vocab_size, c.get('loss_vocab_chunk', 0)), head.vocab_used(c),
                      jnp.dtype(c.dtype))
 
 

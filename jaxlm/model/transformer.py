@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxlm.core.sharding import constrain
-from jaxlm.model import pipeline
+from jaxlm.model import head, pipeline
 from jaxlm.model.attention import REMAT_NAMES, Attention, MaskInfo
 from jaxlm.model.layers import Dense, Mlp, Norm, dtype_of, param_init
 from jaxlm.model.moe import MoeMlp
@@ -25,7 +25,6 @@ _REMAT_POLICIES = {
 }
 
 ACT = ('act_batch', 'act_length', 'act_embed')
-_PAD_LOGIT = -1e30  # finite: softmax gives 0, and 0 * logit stays 0 (no inf * 0 NaNs)
 
 
 def is_moe_layer(cfg, i: int) -> bool:
@@ -216,11 +215,10 @@ class Transformer(nn.Module):
   def logits(self, x):
     """Hidden states [batch, length, embed] -> fp32 logits [batch, length, vocab]."""
     c = self.cfg
+    # The same weights as head.kernel, through the modules that own them.
     logits = self.embed.attend(x) if c.tie_embeddings else self.head(x)
     logits = constrain(logits.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))
-    if 0 < c.vocab_used < c.vocab_size:  # padding rows: never predicted, sampled or scored
-      logits = jnp.where(jnp.arange(c.vocab_size) < c.vocab_used, logits, _PAD_LOGIT)
-    return logits
+    return head.mask_padding(logits, jnp.arange(c.vocab_size), head.vocab_used(c))
 
 
 def _stages() -> int:

@@ -62,6 +62,12 @@ def _assert_matches_reference(fn, q, k, v, m, window, tol):
                                err_msg=f'd{name}')
 
 
+def test_every_configurable_library_kernel_has_an_implementation_and_a_platform():
+  # The kernel list is written once (jaxlm.core.config); kernels.py implements each.
+  assert set(kernels.KERNELS) == set(config_lib.LIBRARY_KERNELS)
+  assert attention.KERNELS == ('xla', 'chunked', *config_lib.LIBRARY_KERNELS)
+
+
 @pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('t,chunk,window', [(64, 16, 0), (60, 16, 11), (64, 64, 0)])
 def test_chunked_matches_reference(t, chunk, window, dtype):
